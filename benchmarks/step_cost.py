@@ -1,0 +1,258 @@
+"""Per-step cost of samopt's SAM against the plain base optimizer and pytorch_optimizer's SAM.
+
+Each method runs in its own worker process (its own heap and allocator state, as in
+a real run); one run interleaves them in time, round by round in rotating order,
+so the noise of a shared machine hits all of them alike. Reported: the median time
+per step and its ratio to SGD, and each method's peak memory over three steps in a
+fresh process (peak resident set on CPU, see ``measure_memory``;
+``torch.cuda.max_memory_allocated`` on CUDA) and its excess over SGD's.
+
+Workloads (from issue 2):
+  cnn  small CNN with BatchNorm, batch 128 at 32x32, 10 classes
+  mlp  MLP with 10.5M parameters, batch 32
+
+Usage::
+
+    python benchmarks/step_cost.py                      # both workloads, CPU
+    python benchmarks/step_cost.py --device cuda --rounds 20
+    python benchmarks/step_cost.py --workload mlp --steps 5 --rounds 3   # quick look
+
+Needs ``pip install pytorch-optimizer==4.1.0`` (the ``bench`` extra) for the peer column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import samopt
+
+#: Pause before each timed run, so the previous worker's OpenMP threads stop spinning.
+PAUSE_S = 0.2
+METHODS = ("sgd", "samopt-closure", "samopt-two-phase", "pytorch_optimizer")
+
+
+def make_model(workload: str) -> nn.Module:
+    if workload == "cnn":
+
+        def block(cin: int, cout: int, stride: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+        return nn.Sequential(
+            *block(3, 32, 1),
+            *block(32, 64, 2),
+            *block(64, 128, 2),
+            *block(128, 128, 2),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(128, 10),
+        )
+    if workload == "mlp":
+        return nn.Sequential(
+            nn.Linear(1024, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(),
+            nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 10),
+        )  # fmt: skip
+    raise ValueError(f"workload must be 'cnn' or 'mlp', got {workload!r}")
+
+
+def make_batch(workload: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    if workload == "cnn":
+        x = torch.randn(128, 3, 32, 32, generator=g)
+        y = torch.randint(0, 10, (128,), generator=g)
+    else:
+        x = torch.randn(32, 1024, generator=g)
+        y = torch.randint(0, 10, (32,), generator=g)
+    return x.to(device), y.to(device)
+
+
+def make_stepper(method: str, workload: str, device: torch.device) -> Callable[[], None]:
+    """A function that runs one full training step of ``method``."""
+    torch.manual_seed(0)
+    model = make_model(workload).to(device)
+    x, y = make_batch(workload, device)
+    kw = {"lr": 0.01, "momentum": 0.9}
+
+    def loss_backward() -> torch.Tensor:
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    if method == "sgd":
+        opt = torch.optim.SGD(model.parameters(), **kw)
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            loss_backward()
+            opt.step()
+
+        return step
+    if method == "samopt-closure":
+        sam = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.05, **kw)
+        return lambda: sam.step(loss_backward)
+    if method == "samopt-two-phase":
+        sam = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.05, **kw)
+
+        def step() -> None:
+            loss_backward()
+            sam.first_step(zero_grad=True)
+            loss_backward()
+            sam.second_step(zero_grad=True)
+
+        return step
+    if method == "pytorch_optimizer":
+        from pytorch_optimizer import SAM as PeerSAM
+
+        peer = PeerSAM(model.parameters(), torch.optim.SGD, rho=0.05, **kw)
+
+        def step() -> None:
+            loss_backward()
+            peer.first_step(zero_grad=True)
+            loss_backward()
+            peer.second_step(zero_grad=True)
+
+        return step
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_mib(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocations, or the resident set (VmHWM) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("VmHWM not found in /proc/self/status")
+
+
+def worker(conn: Connection, method: str, workload: str, device_name: str, threads: int) -> None:
+    """One method in its own process (own heap, like a real run): time ``n`` steps on request."""
+    torch.set_num_threads(threads)
+    device = torch.device(device_name)
+    step = make_stepper(method, workload, device)
+    for _ in range(3):  # warm-up: allocator, kernels, lazy optimizer state
+        step()
+    sync(device)
+    conn.send("ready")
+    while (n := conn.recv()) > 0:
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        sync(device)
+        conn.send((time.perf_counter() - t0) / n)
+    conn.send(peak_mib(device))
+
+
+def _spawn(methods: list[str], workload: str, device: str) -> dict[str, tuple[Connection, mp.Process]]:
+    ctx = mp.get_context("spawn")
+    workers = {}
+    for m in methods:
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=worker, args=(child, m, workload, device, torch.get_num_threads()))
+        proc.start()
+        workers[m] = (parent, proc)
+    for parent, _ in workers.values():
+        if parent.recv() != "ready":
+            raise RuntimeError("benchmark worker failed to start")
+    return workers
+
+
+def _finish(workers: dict[str, tuple[Connection, mp.Process]]) -> dict[str, float]:
+    peaks = {}
+    for m, (conn, proc) in workers.items():
+        conn.send(0)
+        peaks[m] = conn.recv()
+        proc.join()
+    return peaks
+
+
+def measure_time(methods: list[str], workload: str, device: str, steps: int, rounds: int) -> dict[str, list[float]]:
+    """Seconds per step of each method, one entry per round.
+
+    Each method runs in its own process; the rounds interleave them in time (one
+    process works while the others wait), rotating the order so that no method
+    follows itself, with a pause before each run so the previous worker's threads
+    are idle; machine noise thus hits all methods alike.
+    """
+    workers = _spawn(methods, workload, device)
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for r in range(rounds):
+        k = r % len(methods)
+        for m in methods[k:] + methods[:k]:  # rotate: no method ever runs twice in a row
+            time.sleep(PAUSE_S)
+            conn = workers[m][0]
+            conn.send(steps)
+            times[m].append(conn.recv())
+    _finish(workers)
+    return times
+
+
+def measure_memory(methods: list[str], workload: str, device: str) -> dict[str, float]:
+    """Peak memory in MiB of each method over its warm-up steps, each in a fresh process.
+
+    On CPU the workers run with glibc's mmap threshold fixed at 64 KiB, so every large
+    tensor is returned to the system when freed and the peak resident set tracks the
+    peak of live tensors (the default, adaptive threshold keeps freed blocks mapped,
+    which makes the peak depend on allocation history). Timing workers keep the default.
+    """
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    try:
+        return _finish(_spawn(methods, workload, device))
+    finally:
+        del os.environ["MALLOC_MMAP_THRESHOLD_"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", choices=("cnn", "mlp", "all"), default="all")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=10, help="steps per method per round")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    methods = args.methods.split(",")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; allowed: {', '.join(METHODS)}")
+    workloads = ["cnn", "mlp"] if args.workload == "all" else [args.workload]
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, device {args.device}, threads {threads}, samopt {samopt.__version__}")
+    results = {}
+    for wl in workloads:
+        n_params = sum(p.numel() for p in make_model(wl).parameters())
+        times = measure_time(methods, wl, args.device, args.steps, args.rounds)
+        mem = measure_memory(methods, wl, args.device)
+        med = {m: statistics.median(t) for m, t in times.items()}
+        print(f"\n### {wl}: {n_params / 1e6:.2f}M parameters ({args.rounds} rounds x {args.steps} steps)\n")
+        print("| method | ms/step (median) | x SGD | peak memory MiB | memory - SGD MiB |")
+        print("|---|---|---|---|---|")
+        for m in methods:
+            ratio = med[m] / med["sgd"] if "sgd" in med else float("nan")
+            extra = mem[m] - mem["sgd"] if "sgd" in mem else float("nan")
+            print(f"| {m} | {med[m] * 1e3:.2f} | {ratio:.2f} | {mem[m]:.0f} | {extra:+.0f} |")
+        results[wl] = {"params": n_params, "median_s": med, "all_s": times, "peak_mib": mem}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

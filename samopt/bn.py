@@ -1,0 +1,85 @@
+"""Keep module buffers (BatchNorm running statistics and the like) exactly as they were.
+
+SAM runs a second forward pass at the perturbed weights ``w + e``. In training
+mode that pass would update BatchNorm running statistics a second time, from
+activations of weights the model never takes. :class:`BufferGuard` undoes that
+without needing the model: while it is active, a global forward pre-hook
+(``torch.nn.modules.module.register_module_forward_pre_hook``) snapshots the
+buffers of every module that runs a forward in training mode, the first time it
+runs, and :meth:`BufferGuard.restore` copies them back in place. This covers
+``running_mean``/``running_var``, ``num_batches_tracked`` (so layers with
+``momentum=None``, a cumulative average, stay exact too), and any other buffer a
+training-mode forward mutates. Modules in eval mode do not change their buffers
+and are not copied.
+
+The hook is process-global while active: a module of another model that runs a
+training-mode forward inside the window is restored as well.
+
+Example::
+
+    guard = BufferGuard()
+    with guard:                      # or guard.start() ... guard.restore()
+        model(x_perturbed).sum().backward()
+    # every BatchNorm buffer is bit-identical to its value before the block
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["BufferGuard"]
+
+
+class BufferGuard:
+    """Snapshot buffers of modules that run in training mode while active; restore them on exit."""
+
+    def __init__(self) -> None:
+        self._saved: dict[nn.Module, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
+        self._handle: RemovableHandle | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether the guard is currently recording."""
+        return self._handle is not None
+
+    def start(self) -> None:
+        """Begin recording. Raises ``RuntimeError`` if already active."""
+        if self._handle is not None:
+            raise RuntimeError("BufferGuard.start(): the guard is already active")
+        self._saved = {}
+        self._handle = nn.modules.module.register_module_forward_pre_hook(self._snapshot)
+
+    def _snapshot(self, module: nn.Module, args: object) -> None:
+        if not module.training or module in self._saved:
+            return
+        self._saved[module] = [
+            (name, buf, buf.detach().clone()) for name, buf in module._buffers.items() if buf is not None
+        ]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Stop recording and copy every snapshot back into its original tensor (a no-op if inactive)."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        for module, saved in self._saved.items():
+            for name, buf, copy in saved:
+                buf.copy_(copy)
+                module._buffers[name] = buf
+        self._saved = {}
+
+    def __enter__(self) -> BufferGuard:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.restore()

@@ -1,0 +1,222 @@
+"""Pure multi-tensor kernels behind the SAM engine.
+
+Every function here works on plain lists of tensors: no optimizer, module or state.
+The engine (:class:`samopt.SAM`) does the bookkeeping and calls these, the way
+``torch.optim.SGD.step`` calls ``torch.optim.sgd.sgd``. Each kernel groups its
+inputs by device and dtype and runs ``torch._foreach_*`` ops on every group, so
+there is no Python loop over parameters on the hot path.
+
+The perturbation of SAM (Foret et al., "Sharpness-Aware Minimization for
+Efficiently Improving Generalization", ICLR 2021, arXiv:2010.01412) and of ASAM
+(Kwon et al., "ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant
+Learning of Deep Neural Networks", ICML 2021, arXiv:2102.11600) is written
+``e = rho * T^2 g / ||T g||`` with ``T = 1`` for SAM and ``T = |w| + eta``
+(elementwise) for ASAM. The norm is global over all tensors, so a caller with
+several parameter groups sums the squares of :func:`perturbation_norm` over the
+groups and passes each group's ``rho / total`` to :func:`perturb_`.
+
+Example::
+
+    import torch
+    from samopt import functional as F
+
+    params = [torch.randn(3, 2), torch.randn(2)]
+    grads = [torch.randn(3, 2), torch.randn(2)]
+    norm = F.perturbation_norm(params, grads)                 # ||g||
+    F.perturb_(params, grads, scale=0.05 / norm.item())       # w <- w + rho g / ||g||
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "CHUNK_NUMEL",
+    "clip_grads_",
+    "global_norm",
+    "perturb_",
+    "perturbation_norm",
+    "unscale_grads_",
+]
+
+#: Bound on the elements one temporary of the adaptive (ASAM) kernels covers, so
+#: that they never allocate a second parameter-sized buffer. A single tensor
+#: larger than this is processed on its own.
+CHUNK_NUMEL = 1 << 22
+
+
+def _buckets(*lists: Sequence[Tensor]) -> list[tuple[list[Tensor], ...]]:
+    """Split parallel tensor lists into groups that share device and dtype, keeping order."""
+    out: dict[tuple, tuple[list[Tensor], ...]] = defaultdict(lambda: tuple([] for _ in lists))
+    for items in zip(*lists, strict=True):
+        key = tuple((t.device, t.dtype) for t in items)
+        for bucket, t in zip(out[key], items, strict=True):
+            bucket.append(t)
+    return list(out.values())
+
+
+def _chunks(*lists: list[Tensor]) -> Iterator[tuple[list[Tensor], ...]]:
+    """Consecutive slices of parallel lists holding at most :data:`CHUNK_NUMEL` elements each."""
+    start, size = 0, 0
+    for i, t in enumerate(lists[0]):
+        if size and size + t.numel() > CHUNK_NUMEL:
+            yield tuple(lst[start:i] for lst in lists)
+            start, size = i, 0
+        size += t.numel()
+    if start < len(lists[0]):
+        yield tuple(lst[start:] for lst in lists)
+
+
+#: On CPU, contiguous fp32/fp64 tensors of at least this many elements get their squared
+#: norm from a BLAS dot product, which reads memory about twice as fast as
+#: ``_foreach_norm`` there; smaller ones stay in one ``_foreach_norm`` call, where the
+#: per-call overhead of a Python loop would dominate (``benchmarks/norm_kernels.py``).
+DOT_MIN_NUMEL = 1 << 15
+
+
+def _squared_norms(tensors: list[Tensor]) -> Tensor:
+    """Squared L2 norms of same-device, same-dtype ``tensors`` as one 1-D tensor (fp32 or wider)."""
+    t0 = tensors[0]
+    blas = t0.device.type == "cpu" and t0.dtype in (torch.float32, torch.float64)
+    large: list[Tensor] = []
+    small: list[Tensor] = []
+    for t in tensors:
+        (large if blas and t.numel() >= DOT_MIN_NUMEL and t.is_contiguous() else small).append(t)
+    out = []
+    if large:
+        out.append(torch.stack([torch.dot(t.view(-1), t.view(-1)) for t in large]))
+    if small:
+        acc = torch.promote_types(t0.dtype, torch.float32)
+        out.append(torch.stack(torch._foreach_norm(small, 2, dtype=acc)).square())
+    return torch.cat(out)
+
+
+def _sqrt_of_sum(parts: list[Tensor], device: torch.device) -> Tensor:
+    if not parts:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    dtype = torch.float64 if any(p.dtype == torch.float64 for p in parts) else torch.float32
+    return torch.cat([p.to(device=device, dtype=dtype) for p in parts]).sum().sqrt()
+
+
+def global_norm(tensors: Sequence[Tensor]) -> Tensor:
+    """L2 norm of all ``tensors`` taken together, as one scalar tensor.
+
+    The total norm :func:`torch.nn.utils.clip_grad_norm_` computes (up to rounding),
+    accumulated in fp32 or wider, on the device of the first tensor. An empty list
+    gives 0.
+
+    Example::
+
+        total = global_norm([p.grad for p in model.parameters() if p.grad is not None])
+    """
+    if not tensors:
+        return torch.zeros(())
+    return _sqrt_of_sum([_squared_norms(bucket) for (bucket,) in _buckets(tensors)], tensors[0].device)
+
+
+def perturbation_norm(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    *,
+    adaptive: bool = False,
+    eta: float = 0.01,
+) -> Tensor:
+    """``||T g||_2`` over all tensors: ``T = 1`` (SAM) or ``T = |w| + eta`` (ASAM).
+
+    This is the denominator of the SAM/ASAM perturbation ``e = rho T^2 g / ||T g||``
+    (Foret et al. 2021, arXiv:2010.01412; Kwon et al. 2021, arXiv:2102.11600).
+    The adaptive kernel works in chunks of at most :data:`CHUNK_NUMEL` elements.
+
+    Example::
+
+        n = perturbation_norm(params, grads, adaptive=True, eta=0.01)
+    """
+    if not adaptive:
+        return global_norm(grads)
+    if not params:
+        return torch.zeros(())
+    parts: list[Tensor] = []
+    for ps, gs in _buckets(params, grads):
+        for cp, cg in _chunks(ps, gs):
+            tg = torch._foreach_abs(cp)
+            torch._foreach_add_(tg, eta)
+            torch._foreach_mul_(tg, cg)
+            parts.append(_squared_norms(tg))
+    return _sqrt_of_sum(parts, params[0].device)
+
+
+@torch.no_grad()
+def perturb_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    *,
+    scale: float,
+    adaptive: bool = False,
+    eta: float = 0.01,
+) -> None:
+    """Add the SAM/ASAM perturbation to ``params`` in place: ``w <- w + scale * T^2 g``.
+
+    With ``scale = rho / perturbation_norm(...)`` this is the ascent step of SAM
+    (``T = 1``) or element-wise ASAM (``T = |w| + eta``, taken at ``w`` before the
+    update). SAM needs no temporary; ASAM needs one chunk-sized temporary.
+
+    Example::
+
+        n = perturbation_norm(params, grads).item()
+        if n > 0:
+            perturb_(params, grads, scale=rho / n)
+    """
+    for ps, gs in _buckets(params, grads):
+        if not adaptive:
+            torch._foreach_add_(ps, gs, alpha=scale)
+            continue
+        for cp, cg in _chunks(ps, gs):
+            t = torch._foreach_abs(cp)
+            torch._foreach_add_(t, eta)
+            torch._foreach_mul_(t, t)
+            torch._foreach_addcmul_(cp, t, cg, value=scale)
+
+
+@torch.no_grad()
+def clip_grads_(grads: Sequence[Tensor], total_norm: Tensor, max_norm: float) -> None:
+    """Scale ``grads`` in place so that their global norm is at most ``max_norm``.
+
+    The arithmetic of :func:`torch.nn.utils.clip_grad_norm_`:
+    ``coef = min(1, max_norm / (total_norm + 1e-6))``, applied to every gradient.
+
+    Example::
+
+        total = global_norm(grads)
+        clip_grads_(grads, total, max_norm=1.0)
+    """
+    coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    for (gs,) in _buckets(grads):
+        torch._foreach_mul_(gs, coef.to(gs[0].device))
+
+
+@torch.no_grad()
+def unscale_grads_(grads: Sequence[Tensor], inv_scale: float) -> Tensor:
+    """Multiply loss-scaled ``grads`` by ``inv_scale`` in place; return 1.0 if any was inf/NaN.
+
+    The same fused kernel (``torch._amp_foreach_non_finite_check_and_unscale_``) that
+    :class:`torch.amp.GradScaler` uses, without touching a scaler's per-optimizer
+    state, so SAM can unscale its first-pass gradients and still let the scaler
+    unscale the second pass. Returns a float32 scalar tensor (0.0 or 1.0).
+
+    Example::
+
+        found_inf = unscale_grads_(grads, 1.0 / scaler.get_scale())
+    """
+    device = grads[0].device if grads else torch.device("cpu")
+    found = torch.zeros((), dtype=torch.float32, device=device)
+    for (gs,) in _buckets(grads):
+        d = gs[0].device
+        found_d = torch.zeros((), dtype=torch.float32, device=d)
+        inv = torch.full((), inv_scale, dtype=torch.float32, device=d)
+        torch._amp_foreach_non_finite_check_and_unscale_(gs, found_d, inv)
+        found = torch.maximum(found, found_d.to(device))
+    return found

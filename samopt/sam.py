@@ -1,0 +1,416 @@
+"""The SAM engine: two passes, perturb and restore, BatchNorm, mixed precision, state.
+
+Every samopt method is a configuration of :class:`SAM`; the math it applies lives in
+:mod:`samopt.functional` and the BatchNorm bookkeeping in :mod:`samopt.bn`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from samopt import _validate
+from samopt import functional as F
+from samopt.bn import BufferGuard
+
+__all__ = ["SAM"]
+
+#: Hyperparameters SAM keeps in every parameter group, beside the base optimizer's.
+GROUP_KEYS = ("rho", "adaptive", "eta")
+#: Allowed values of ``bn``.
+BN_MODES = ("first", "both")
+#: Version of the ``"samopt"`` entry of :meth:`SAM.state_dict`.
+STATE_FORMAT = 1
+
+Closure = Callable[[], Any]
+
+
+def _check_group(index: int, group: dict[str, Any]) -> None:
+    for key in GROUP_KEYS:
+        if key not in group:
+            raise ValueError(f"param_groups[{index}] has no {key!r}: a SAM parameter group needs {GROUP_KEYS}")
+    _validate.nonnegative(f"param_groups[{index}]['rho']", group["rho"])
+    _validate.boolean(f"param_groups[{index}]['adaptive']", group["adaptive"])
+    _validate.nonnegative(f"param_groups[{index}]['eta']", group["eta"])
+
+
+def _enabled(scaler: torch.amp.GradScaler | None) -> torch.amp.GradScaler | None:
+    if scaler is None:
+        return None
+    if not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
+    return scaler if scaler.is_enabled() else None
+
+
+@dataclass
+class _Pending:
+    """What :meth:`SAM.first_step` did, for :meth:`SAM.second_step` to undo."""
+
+    params: list[Tensor] = field(default_factory=list)
+    backups: list[Tensor] = field(default_factory=list)
+    scaler: torch.amp.GradScaler | None = None
+    skip: bool = False
+
+
+class SAM(torch.optim.Optimizer):
+    r"""Sharpness-Aware Minimization around any torch optimizer.
+
+    Each update takes the gradient ``g`` at the weights ``w``, moves to
+    ``w + e`` with ``e = rho * g / ||g||`` (SAM, Foret et al., ICLR 2021,
+    arXiv:2010.01412) or ``e = rho * T^2 g / ||T g||`` with ``T = |w| + eta``
+    elementwise (ASAM, Kwon et al., ICML 2021, arXiv:2102.11600; ``adaptive=True``),
+    takes the gradient there, returns to ``w`` exactly and lets the base optimizer
+    step with that second gradient. The norm is global over every parameter that
+    has a gradient; parameters without ``.grad`` are skipped; a zero gradient gives
+    no perturbation.
+
+    Args:
+        params: parameters or parameter groups, as for any torch optimizer. A group
+            may carry its own ``rho``, ``adaptive`` and ``eta`` (e.g. no ASAM scaling
+            for biases and norm layers) and the base optimizer's own keys.
+        base_optimizer: the optimizer **class** that applies the update; it is built
+            over the same parameter groups with ``**base_kwargs``. ``opt.param_groups``
+            is its list, so an LR scheduler on either object drives both.
+        rho: perturbation radius (>= 0; 0 gives exactly the base optimizer). ASAM
+            usually wants a larger radius (0.5 to 2) than SAM (0.05 to 0.1).
+        adaptive: ASAM instead of SAM.
+        eta: ASAM's offset in ``T = |w| + eta``.
+        bn: ``"first"`` (default): buffers of modules that run in training mode
+            (BatchNorm running statistics, ``num_batches_tracked``) are updated by
+            the clean pass only; the perturbed pass leaves them bit-identical.
+            ``"both"``: both passes update them, as the official Sparse SAM code does.
+        max_grad_norm: if set, clip the descent gradient (the one taken at ``w + e``)
+            to this global L2 norm before the base step, with the arithmetic of
+            :func:`torch.nn.utils.clip_grad_norm_`. Clipping the ascent gradient would
+            do nothing: ``e`` is normalised to radius ``rho`` whatever its length.
+        **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ...).
+
+    Closure API (torch semantics: the closure computes the loss, calls
+    ``backward()`` and returns the loss; samopt zeroes gradients before each call
+    and returns the loss at ``w``)::
+
+        opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+
+        def closure():
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        loss = opt.step(closure)
+
+    Two-phase API (gradients at ``w`` in ``.grad`` for ``first_step``, at ``w + e``
+    for ``second_step``)::
+
+        F.cross_entropy(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+
+    Gradient accumulation: loop over the micro-batches inside the closure (or before
+    each of ``first_step``/``second_step``); both passes must see the same
+    micro-batches, and each micro-batch loss is divided by their number.
+
+    Mixed precision: bf16 autocast needs nothing. For fp16 with a
+    :class:`torch.amp.GradScaler`, the closure calls ``scaler.scale(loss).backward()``
+    and you pass the scaler to samopt instead of calling ``scaler.step``::
+
+        def closure():
+            with torch.autocast("cuda", dtype=torch.float16):
+                loss = F.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
+            return loss
+
+        opt.step(closure, scaler=scaler)      # or first_step(scaler=...)/second_step(scaler=...)
+        scaler.update()
+
+    samopt unscales each pass's gradients; an inf/NaN in either pass skips the whole
+    update, leaves the weights exactly at ``w`` and makes ``scaler.update()`` lower
+    the scale, as :class:`~torch.amp.GradScaler` does for a plain optimizer. Without
+    a scaler, a non-finite gradient raises ``RuntimeError`` naming the pass, with the
+    weights left at ``w``.
+
+    Memory: one parameter-sized buffer (a copy of ``w``, so that the return from
+    ``w + e`` is exact) beyond the base optimizer's state.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: type[torch.optim.Optimizer] = torch.optim.SGD,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        eta: float = 0.01,
+        bn: str = "first",
+        max_grad_norm: float | None = None,
+        **base_kwargs: Any,
+    ) -> None:
+        if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
+            raise TypeError(
+                "base_optimizer must be a torch.optim.Optimizer subclass such as torch.optim.SGD "
+                f"(the class, not an instance; its arguments go to SAM(..., **base_kwargs)); got {base_optimizer!r}"
+            )
+        if issubclass(base_optimizer, SAM):
+            raise TypeError(
+                f"base_optimizer must be a plain optimizer, not a samopt optimizer ({base_optimizer.__name__})"
+            )
+        clash = [k for k in GROUP_KEYS if k in inspect.signature(base_optimizer).parameters]
+        if clash:
+            raise TypeError(
+                f"base_optimizer {base_optimizer.__name__} has its own {clash} hyperparameter(s), "
+                f"which SAM's parameter groups use for {GROUP_KEYS}; pick another base optimizer"
+            )
+        defaults = {
+            "rho": _validate.nonnegative("rho", rho),
+            "adaptive": _validate.boolean("adaptive", adaptive),
+            "eta": _validate.nonnegative("eta", eta),
+        }
+        self.bn = _validate.choice("bn", bn, BN_MODES)
+        self.max_grad_norm = _validate.positive_or_none("max_grad_norm", max_grad_norm)
+        super().__init__(params, defaults)
+        for i, group in enumerate(self.param_groups):
+            _check_group(i, group)
+        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        self.defaults = {**self.base_optimizer.defaults, **defaults}
+        self._backups: dict[Tensor, Tensor] = {}
+        self._guard = BufferGuard() if self.bn == "first" else None
+        self._pending: _Pending | None = None
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to SAM and the base optimizer (SAM keys default to the constructor's)."""
+        if not hasattr(self, "base_optimizer"):  # called by Optimizer.__init__
+            super().add_param_group(param_group)
+            return
+        for key in GROUP_KEYS:
+            param_group.setdefault(key, self.defaults[key])
+        _check_group(len(self.param_groups), param_group)
+        self.base_optimizer.add_param_group(param_group)
+
+    # ------------------------------------------------------------------ passes
+
+    def _collect(self) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]:
+        """Each group with its parameters that have a gradient, and those gradients."""
+        out = []
+        for i, group in enumerate(self.param_groups):
+            params, grads = [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise TypeError(
+                        f"param_groups[{i}] has a sparse gradient; SAM needs dense gradients "
+                        "(e.g. nn.Embedding(..., sparse=False))"
+                    )
+                params.append(p)
+                grads.append(p.grad)
+            out.append((group, params, grads))
+        return out
+
+    def _backup(self, p: Tensor) -> Tensor:
+        b = self._backups.get(p)
+        if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
+            b = self._backups[p] = torch.empty_like(p)
+        return b
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = True, scaler: torch.amp.GradScaler | None = None) -> None:
+        """Move from ``w`` to ``w + e`` using the gradients at ``w`` in ``.grad``.
+
+        Args:
+            zero_grad: set the gradients to ``None`` afterwards, ready for the
+                perturbed backward.
+            scaler: the :class:`~torch.amp.GradScaler` whose scaled loss produced
+                the gradients; they are unscaled here. If they hold an inf/NaN the
+                weights stay at ``w``, the gradients are kept (so the overflow
+                reaches the scaler in :meth:`second_step`) and the update is skipped.
+        """
+        if self._pending is not None:
+            raise RuntimeError(
+                "first_step() called twice without second_step(): the weights are already at w + e; "
+                "call second_step() to finish the update or restore() to undo it"
+            )
+        scaler = _enabled(scaler)
+        collected = self._collect()
+        for i, (group, _, _) in enumerate(collected):
+            _check_group(i, group)
+        grads = [g for _, _, gs in collected for g in gs]
+        if not grads:
+            raise RuntimeError(
+                "no parameter has a gradient in the clean pass (at w): the closure, or your code "
+                "before first_step(), must call loss.backward()"
+            )
+        found_inf = False
+        if scaler is not None:
+            if any(g.dtype == torch.float16 for g in grads):
+                raise ValueError("Attempting to unscale FP16 gradients: keep fp32 parameters under fp16 autocast")
+            found_inf = bool(F.unscale_grads_(grads, 1.0 / scaler.get_scale()).item())
+        norms = [F.perturbation_norm(ps, gs, adaptive=g["adaptive"], eta=g["eta"]) for g, ps, gs in collected if ps]
+        total = F.global_norm(norms).item()
+        pending = _Pending(scaler=scaler)
+        if found_inf or not math.isfinite(total):
+            if scaler is None:
+                raise RuntimeError(
+                    f"non-finite gradient in the clean pass (at w): gradient norm {total}; the weights are "
+                    "unchanged. For fp16 pass a GradScaler (opt.step(closure, scaler=scaler))"
+                )
+            pending.skip = True
+        elif total > 0:
+            for group, params, group_grads in collected:
+                if not params or group["rho"] == 0:
+                    continue
+                backups = [self._backup(p) for p in params]
+                for ps, bs in F._buckets(params, backups):
+                    torch._foreach_copy_(bs, ps)
+                F.perturb_(
+                    params, group_grads, scale=group["rho"] / total, adaptive=group["adaptive"], eta=group["eta"]
+                )
+                pending.params += params
+                pending.backups += backups
+        self._pending = pending
+        if self._guard is not None:
+            self._guard.start()
+        if zero_grad and not pending.skip:
+            self.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Undo :meth:`first_step`: weights (and buffers, with ``bn="first"``) back to their values at ``w``.
+
+        Needed only when the perturbed pass of the two-phase API fails and no
+        :meth:`second_step` follows; :meth:`step` does it itself. A no-op when the
+        weights are not perturbed.
+        """
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        for ps, bs in F._buckets(pending.params, pending.backups):
+            torch._foreach_copy_(ps, bs)
+        if self._guard is not None:
+            self._guard.restore()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = True, scaler: torch.amp.GradScaler | None = None) -> None:
+        """Return to ``w`` exactly and step the base optimizer with the gradients at ``w + e``.
+
+        Args:
+            zero_grad: set the gradients to ``None`` after the update.
+            scaler: the same :class:`~torch.amp.GradScaler` given to :meth:`first_step`.
+                The gradients are unscaled through ``scaler.unscale_`` (so call only
+                ``scaler.update()`` afterwards, not ``scaler.step``); an inf/NaN in
+                this or the first pass skips the update.
+        """
+        pending = self._pending
+        if pending is None:
+            raise RuntimeError("second_step() called without a preceding first_step(): the weights are not perturbed")
+        self.restore()
+        scaler = _enabled(scaler)
+        if scaler is not pending.scaler:
+            raise ValueError(
+                "second_step() must get the same scaler as first_step() "
+                f"(first_step: {pending.scaler!r}, second_step: {scaler!r}); the update was not applied"
+            )
+        if scaler is not None:
+            scaler.unscale_(self)
+        grads = [g for _, _, gs in self._collect() for g in gs]
+        if not grads:
+            raise RuntimeError(
+                "no parameter has a gradient in the perturbed pass (at w + e): call loss.backward() "
+                "between first_step() and second_step()"
+            )
+        total = F.global_norm(grads)
+        total_f = total.item()
+        if pending.skip or not math.isfinite(total_f):
+            if scaler is None:
+                raise RuntimeError(
+                    f"non-finite gradient in the perturbed pass (at w + e): gradient norm {total_f}; the weights "
+                    "are restored to w and not updated. For fp16 pass a GradScaler (opt.step(closure, scaler=scaler))"
+                )
+        else:
+            if self.max_grad_norm is not None:
+                F.clip_grads_(grads, total, self.max_grad_norm)
+            self.base_optimizer.step()
+        # An LR scheduler attached to this object watches step(); the two-phase API never calls it.
+        self._opt_called = True
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    def step(self, closure: Closure | None = None, scaler: torch.amp.GradScaler | None = None) -> Any:
+        """One SAM update: the closure at ``w``, :meth:`first_step`, the closure at ``w + e``, :meth:`second_step`.
+
+        Gradients are zeroed before each closure call. Returns the closure's loss at
+        ``w``. If the closure raises at ``w + e`` (``KeyboardInterrupt`` included) the
+        weights and buffers are restored to ``w`` before the exception propagates.
+        With a ``scaler`` whose first pass overflows, the second closure call is
+        skipped along with the update.
+        """
+        if closure is None:
+            raise ValueError(
+                "SAM.step() needs a closure that computes the loss, calls loss.backward() and returns the loss: "
+                "opt.step(closure); or use opt.first_step() / opt.second_step()"
+            )
+        if not callable(closure):
+            raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        if self._pending is not None:
+            raise RuntimeError("step() called between first_step() and second_step(); call second_step() first")
+        self.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            loss = closure()
+        if loss is None:
+            raise TypeError(
+                "the closure returned None: it must compute the loss, call loss.backward() and return the loss"
+            )
+        self.first_step(zero_grad=True, scaler=scaler)
+        try:
+            if not self._pending.skip:  # type: ignore[union-attr]
+                with torch.enable_grad():
+                    closure()
+        except BaseException:
+            self.restore()
+            raise
+        self.second_step(zero_grad=False, scaler=scaler)
+        return loss
+
+    # ------------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict (moments, step counts, param groups with ``rho``,
+        ``adaptive``, ``eta``) plus a ``"samopt"`` entry."""
+        if self._pending is not None:
+            raise RuntimeError(
+                "state_dict() called between first_step() and second_step(): the weights are at w + e; "
+                "call second_step() or restore() first"
+            )
+        state = self.base_optimizer.state_dict()
+        state["samopt"] = {"format": STATE_FORMAT}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a dict from :meth:`state_dict`; the base optimizer's state comes back with it."""
+        if self._pending is not None:
+            raise RuntimeError("load_state_dict() called between first_step() and second_step(); call restore() first")
+        if not isinstance(state_dict, dict) or "samopt" not in state_dict:
+            raise ValueError(
+                "not a samopt state_dict (it has no 'samopt' entry); a plain optimizer's state goes to "
+                "opt.base_optimizer.load_state_dict()"
+            )
+        meta = state_dict["samopt"]
+        if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
+            raise ValueError(f"unsupported samopt state_dict format {meta!r}; this samopt reads format {STATE_FORMAT}")
+        for i, group in enumerate(state_dict["param_groups"]):
+            _check_group(i, group)
+        self.base_optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != "samopt"})
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(bn={self.bn!r}, max_grad_norm={self.max_grad_norm}, "
+            f"base_optimizer={self.base_optimizer!r})"
+        )

@@ -1,0 +1,52 @@
+"""Small models and fixed synthetic batches for unit tests of shapes and math."""
+
+import torch
+from torch import nn
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def bn_net(momentum: float | None = 0.1) -> nn.Sequential:
+    """A small conv net with BatchNorm (2d and 1d) in the middle, deterministic weights."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4, momentum=momentum),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 8),
+        nn.BatchNorm1d(8, momentum=momentum),
+        nn.ReLU(),
+        nn.Linear(8, 3),
+    )
+
+
+def image_batch(seed: int = 0, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    g = seeded(seed)
+    return torch.randn(n, 3, 6, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def mlp(dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(dtype)
+
+
+def vector_batch(seed: int = 0, n: int = 8, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    g = seeded(seed)
+    return torch.randn(n, 5, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
+
+
+def weights(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def buffers(model: nn.Module) -> list[torch.Tensor]:
+    return [b.detach().clone() for b in model.buffers()]
+
+
+def assert_equal_tensors(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.dtype == y.dtype and torch.equal(x, y), (x, y)

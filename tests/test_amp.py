@@ -1,0 +1,192 @@
+"""Mixed precision: fp16 with a GradScaler (closure and two-phase), bf16 without, non-finite gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_equal_tensors, mlp, vector_batch, weights
+
+import samopt
+
+OVERFLOW = 1e30  # times the scale, more than fp16 can hold in the backward
+
+
+def make(scale=2.0**16, growth_interval=2000):
+    model = mlp()
+    opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=growth_interval)
+    return model, opt, scaler
+
+
+def fp16_closure(model, scaler, x, y, overflow_on_call=None, calls=None):
+    calls = [] if calls is None else calls
+
+    def closure():
+        calls.append(1)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(model(x), y)
+        factor = OVERFLOW if len(calls) == overflow_on_call else 1.0
+        scaler.scale(loss * factor).backward()
+        return loss
+
+    return closure
+
+
+@pytest.mark.parametrize("overflow_pass", [1, 2])
+def test_fp16_overflow_in_either_pass_skips_the_update_and_lowers_the_scale(overflow_pass):
+    x, y = vector_batch()
+    model, opt, scaler = make()
+    w0 = weights(model)
+    calls = []
+    opt.step(fp16_closure(model, scaler, x, y, overflow_on_call=overflow_pass, calls=calls), scaler=scaler)
+    scaler.update()
+    assert_equal_tensors(weights(model), w0)
+    assert scaler.get_scale() == 2.0**15
+    assert len(calls) == overflow_pass  # an overflow at w skips the pass at w + e as well
+    assert opt.state == {} or all("momentum_buffer" not in s for s in opt.state.values())
+    # the next, clean iteration updates normally with the lowered scale
+    opt.step(fp16_closure(model, scaler, x, y), scaler=scaler)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**15
+    assert not torch.equal(model[0].weight, w0[0])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("overflow_pass", [1, 2])
+def test_fp16_two_phase_recipe(overflow_pass):
+    x, y = vector_batch()
+    model, opt, scaler = make()
+    w0 = weights(model)
+    for p in (1, 2):
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss * (OVERFLOW if p == overflow_pass else 1.0)).backward()
+        if p == 1:
+            opt.first_step(zero_grad=True, scaler=scaler)
+        else:
+            opt.second_step(zero_grad=True, scaler=scaler)
+    scaler.update()
+    assert_equal_tensors(weights(model), w0)
+    assert scaler.get_scale() == 2.0**15
+
+
+@pytest.mark.parametrize("api", ["closure", "two-phase"])
+def test_loss_scaling_in_fp32_is_exact_and_grows_the_scale_like_gradscaler(api):
+    """Scaling by a power of two is exact in fp32, so scaled and unscaled SAM agree bit for bit."""
+    x, y = vector_batch()
+    model, opt, scaler = make(scale=2.0**10, growth_interval=2)
+    ref_model = mlp()
+    ref = samopt.SAM(ref_model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    scales = []
+    for _ in range(4):
+
+        def closure():
+            loss = F.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
+            return loss
+
+        if api == "closure":
+            opt.step(closure, scaler=scaler)
+        else:
+            closure()
+            opt.first_step(scaler=scaler)
+            closure()
+            opt.second_step(scaler=scaler)
+        scaler.update()
+        scales.append(scaler.get_scale())
+
+        def ref_closure():
+            loss = F.cross_entropy(ref_model(x), y)
+            loss.backward()
+            return loss
+
+        ref.step(ref_closure)
+    assert_equal_tensors(weights(model), weights(ref_model))
+    assert scales == [2.0**10, 2.0**11, 2.0**11, 2.0**12]  # growth every 2 clean iterations
+
+
+def test_disabled_scaler_is_no_scaler():
+    x, y = vector_batch()
+    a, b = mlp(), mlp()
+    opt_a = samopt.SAM(a.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    opt_b = samopt.SAM(b.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    off = torch.amp.GradScaler("cpu", enabled=False)
+    for model, opt, scaler in ((a, opt_a, off), (b, opt_b, None)):
+
+        def closure(model=model):
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure, scaler=scaler)
+    assert_equal_tensors(weights(a), weights(b))
+
+
+def test_bf16_autocast_needs_no_scaler():
+    x, y = vector_batch(n=64)
+    fp32, bf16 = mlp(), mlp()
+    w0 = torch.cat([p.detach().reshape(-1) for p in fp32.parameters()])
+    for model, dtype in ((fp32, None), (bf16, torch.bfloat16)):
+        opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+
+        def closure(model=model, dtype=dtype):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    d32 = torch.cat([p.detach().reshape(-1) for p in fp32.parameters()]) - w0
+    d16 = torch.cat([p.detach().reshape(-1) for p in bf16.parameters()]) - w0
+    assert all(p.dtype == torch.float32 for p in bf16.parameters())
+    assert torch.nn.functional.cosine_similarity(d32, d16, dim=0) > 0.99
+
+
+@pytest.mark.parametrize("bad_pass, name", [(1, r"clean pass \(at w\)"), (2, r"perturbed pass \(at w \+ e\)")])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_non_finite_gradient_without_scaler_raises_naming_the_pass(bad_pass, name, value):
+    x, y = vector_batch()
+    model = mlp()
+    opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    w0 = weights(model)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        loss = F.cross_entropy(model(x), y) * (value if len(calls) == bad_pass else 1.0)
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match=f"non-finite gradient in the {name}"):
+        opt.step(closure)
+    assert_equal_tensors(weights(model), w0)
+    opt.state_dict()  # not stuck in the perturbed state
+
+
+def test_fp16_parameters_cannot_be_unscaled():
+    model = mlp(torch.float16)
+    opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    x, y = vector_batch(dtype=torch.float16)
+    scaler.scale(F.cross_entropy(model(x).float(), y)).backward()
+    with pytest.raises(ValueError, match=r"Attempting to unscale FP16 gradients"):
+        opt.first_step(scaler=scaler)
+
+
+def test_second_step_needs_the_scaler_of_first_step():
+    x, y = vector_batch()
+    model, opt, scaler = make()
+    w0 = weights(model)
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    opt.first_step(scaler=scaler)
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    with pytest.raises(ValueError, match=r"second_step\(\) must get the same scaler as first_step\(\)"):
+        opt.second_step()
+    assert_equal_tensors(weights(model), w0)
+
+
+def test_scaler_must_be_a_gradscaler():
+    model, opt, _ = make()
+    x, y = vector_batch()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(TypeError, match=r"scaler must be a torch.amp.GradScaler or None, got int"):
+        opt.first_step(scaler=3)

@@ -1,0 +1,176 @@
+"""state_dict, bit-exact resume, param groups shared with the base optimizer, LR schedulers."""
+
+import io
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_equal_tensors, bn_net, buffers, image_batch, mlp, vector_batch, weights
+
+import samopt
+
+BASES = {
+    "sgd-momentum": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": True}),
+    "adamw": (torch.optim.AdamW, {"lr": 1e-3, "weight_decay": 0.01}),
+}
+
+
+def build(base, kw, adaptive=False):
+    model = bn_net()
+    opt = samopt.SAM(model.parameters(), base, rho=0.5 if adaptive else 0.05, adaptive=adaptive, **kw)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+    return model, opt, sched
+
+
+def train(model, opt, sched, steps, start):
+    for i in range(start, start + steps):
+        x, y = image_batch(seed=i)
+
+        def closure(x=x, y=y):
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        sched.step()
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("base", BASES)
+def test_resume_is_bit_exact(base, adaptive):
+    cls, kw = BASES[base]
+    model, opt, sched = build(cls, kw, adaptive)
+    train(model, opt, sched, 6, 0)
+
+    model2, opt2, sched2 = build(cls, kw, adaptive)
+    train(model2, opt2, sched2, 3, 0)
+    blob = io.BytesIO()
+    torch.save({"model": model2.state_dict(), "opt": opt2.state_dict(), "sched": sched2.state_dict()}, blob)
+    blob.seek(0)
+    saved = torch.load(blob, weights_only=True)
+
+    model3, opt3, sched3 = build(cls, kw, adaptive)  # a fresh process would build exactly this
+    model3.load_state_dict(saved["model"])
+    opt3.load_state_dict(saved["opt"])
+    sched3.load_state_dict(saved["sched"])
+    train(model3, opt3, sched3, 3, 3)
+
+    assert_equal_tensors(weights(model3), weights(model))
+    assert_equal_tensors(buffers(model3), buffers(model))
+    assert opt3.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
+def test_state_dict_holds_the_base_optimizer_state():
+    x, y = vector_batch()
+    model = mlp()
+    opt = samopt.SAM(model.parameters(), torch.optim.AdamW, rho=0.1, lr=1e-3)
+
+    def closure():
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    sd = opt.state_dict()
+    assert sd["samopt"] == {"format": 1}
+    assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert sd["param_groups"][0]["rho"] == 0.1 and sd["param_groups"][0]["adaptive"] is False
+    assert sd["param_groups"][0]["eta"] == 0.01 and sd["param_groups"][0]["lr"] == 1e-3
+    assert opt.state is opt.base_optimizer.state
+    fresh = samopt.SAM(mlp().parameters(), torch.optim.AdamW, rho=0.1, lr=1e-3)
+    fresh.load_state_dict(sd)
+    assert fresh.param_groups is fresh.base_optimizer.param_groups
+    assert fresh.state is fresh.base_optimizer.state
+    assert torch.equal(fresh.state[fresh.param_groups[0]["params"][0]]["exp_avg"], sd["state"][0]["exp_avg"])
+
+
+def test_load_state_dict_rejects_foreign_and_corrupt_dicts():
+    model = mlp()
+    opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    plain = torch.optim.SGD(mlp().parameters(), lr=0.1).state_dict()
+    with pytest.raises(ValueError, match=r"not a samopt state_dict.*opt.base_optimizer.load_state_dict"):
+        opt.load_state_dict(plain)
+    sd = opt.state_dict()
+    sd["samopt"] = {"format": 99}
+    with pytest.raises(ValueError, match=r"unsupported samopt state_dict format.*reads format 1"):
+        opt.load_state_dict(sd)
+    sd = opt.state_dict()
+    sd["param_groups"][0]["rho"] = -1.0
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['rho'\] must be a finite real number >= 0"):
+        opt.load_state_dict(sd)
+    sd = opt.state_dict()
+    del sd["param_groups"][0]["adaptive"]
+    with pytest.raises(ValueError, match=r"param_groups\[0\] has no 'adaptive'"):
+        opt.load_state_dict(sd)
+
+
+def test_state_dict_refuses_the_perturbed_state():
+    x, y = vector_batch()
+    model = mlp()
+    opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    F.cross_entropy(model(x), y).backward()
+    sd = opt.state_dict()
+    opt.first_step()
+    with pytest.raises(RuntimeError, match=r"state_dict\(\) called between first_step\(\) and second_step"):
+        opt.state_dict()
+    with pytest.raises(RuntimeError, match=r"load_state_dict\(\) called between first_step\(\) and second_step"):
+        opt.load_state_dict(sd)
+    opt.restore()
+    opt.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("attach_to", ["sam", "base"])
+def test_lr_scheduler_on_either_object_drives_both(attach_to):
+    x, y = vector_batch()
+    model = mlp()
+    opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=1.0)
+    sched = torch.optim.lr_scheduler.StepLR(opt if attach_to == "sam" else opt.base_optimizer, 1, gamma=0.5)
+    for _ in range(3):
+        F.cross_entropy(model(x), y).backward()
+        opt.first_step()
+        F.cross_entropy(model(x), y).backward()
+        opt.second_step()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "lr_scheduler.step() before optimizer.step()" warning
+            sched.step()
+    assert opt.param_groups[0]["lr"] == opt.base_optimizer.param_groups[0]["lr"] == 0.125
+    assert opt.param_groups is opt.base_optimizer.param_groups
+
+
+def test_param_groups_carry_their_own_rho_and_adaptive():
+    model = mlp()
+    decay, no_decay = [model[0].weight, model[2].weight], [model[0].bias, model[2].bias]
+    opt = samopt.SAM(
+        [{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "adaptive": False, "rho": 0.0}],
+        torch.optim.SGD,
+        rho=1.0,
+        adaptive=True,
+        lr=0.1,
+    )
+    g0, g1 = opt.param_groups
+    assert (g0["rho"], g0["adaptive"], g0["eta"], g0["weight_decay"]) == (1.0, True, 0.01, 5e-4)
+    assert (g1["rho"], g1["adaptive"], g1["weight_decay"]) == (0.0, False, 0.0)
+    x, y = vector_batch()
+    F.cross_entropy(model(x), y).backward()
+    w = [p.detach().clone() for p in decay]
+    biases = [b.detach().clone() for b in no_decay]
+    t_g = [(p.abs() + 0.01) * p.grad for p in decay] + [b.grad for b in no_decay]  # T = 1 where not adaptive
+    norm = torch.sqrt(sum(t.pow(2).sum() for t in t_g))
+    expected = [w0 + 1.0 * (w0.abs() + 0.01) ** 2 * p.grad / norm for w0, p in zip(w, decay, strict=True)]
+    opt.first_step()
+    assert_equal_tensors([b.detach() for b in no_decay], biases)  # rho = 0 in that group: not perturbed
+    for p, e in zip(decay, expected, strict=True):
+        torch.testing.assert_close(p.detach(), e)
+
+
+def test_add_param_group_reaches_the_base_optimizer():
+    model = mlp()
+    opt = samopt.SAM([model[0].weight], torch.optim.SGD, rho=0.2, lr=0.1)
+    opt.add_param_group({"params": [model[2].weight], "lr": 0.01, "rho": 0.0})
+    assert len(opt.base_optimizer.param_groups) == 2
+    g = opt.param_groups[1]
+    assert (g["rho"], g["adaptive"], g["eta"], g["lr"], g["momentum"]) == (0.0, False, 0.01, 0.01, 0)
+    with pytest.raises(ValueError, match=r"param_groups\[2\]\['eta'\] must be a finite real number >= 0"):
+        opt.add_param_group({"params": [model[2].bias], "eta": float("nan")})
+    assert len(opt.param_groups) == 2
