@@ -4,9 +4,11 @@ SAM runs a second forward pass at the perturbed weights ``w + e``. In training
 mode that pass would update BatchNorm running statistics a second time, from
 activations of weights the model never takes. :class:`BufferGuard` undoes that
 without needing the model: while it is active, a global forward pre-hook
-(``torch.nn.modules.module.register_module_forward_pre_hook``) snapshots the
-buffers of every module that runs a forward in training mode, the first time it
-runs, and :meth:`BufferGuard.restore` copies them back in place. This covers
+(``torch.nn.modules.module.register_module_forward_pre_hook``) snapshots, the first
+time a module runs, the buffers of it and of all its submodules that are in training
+mode (the whole subtree at once, so a ``torch.compile``'d model, whose inner modules
+run no hooks, is covered too), and :meth:`BufferGuard.restore` copies them back in
+place. This covers
 ``running_mean``/``running_var``, ``num_batches_tracked`` (so layers with
 ``momentum=None``, a cumulative average, stay exact too), and any other buffer a
 training-mode forward mutates. Modules in eval mode do not change their buffers
@@ -35,7 +37,8 @@ __all__ = ["BufferGuard"]
 
 
 class BufferGuard:
-    """Snapshot buffers of modules that run in training mode while active; restore them on exit."""
+    """Snapshot the buffers of modules (and their submodules) that run in training mode while active;
+    restore them on exit."""
 
     def __init__(self) -> None:
         self._saved: dict[nn.Module, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
@@ -54,11 +57,17 @@ class BufferGuard:
         self._handle = nn.modules.module.register_module_forward_pre_hook(self._snapshot)
 
     def _snapshot(self, module: nn.Module, args: object) -> None:
-        if not module.training or module in self._saved:
+        if module in self._saved:
             return
-        self._saved[module] = [
-            (name, buf, buf.detach().clone()) for name, buf in module._buffers.items() if buf is not None
-        ]
+        # The whole subtree at once: inside a torch.compile'd module the submodules' own
+        # hooks never fire, but the call of the outer module still does.
+        for m in module.modules():
+            if m not in self._saved:
+                self._saved[m] = (
+                    [(name, b, b.detach().clone()) for name, b in m._buffers.items() if b is not None]
+                    if m.training
+                    else []
+                )
 
     @torch.no_grad()
     def restore(self) -> None:

@@ -1,6 +1,7 @@
 """BatchNorm and other module buffers across the perturbed pass."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -131,8 +132,9 @@ def test_buffer_guard_snapshots_training_modules_once_and_restores_in_place():
         assert guard.active
         model(x)
         model(x)  # a module that runs twice is snapshotted once, before its first run
-        assert set(guard._saved) == {m for m in model.modules() if m.training}
-        assert model[5] not in guard._saved
+        assert set(guard._saved) == set(model.modules())  # the whole tree, on the outer call
+        copied = {m for m, snapshot in guard._saved.items() if snapshot}
+        assert copied == {model[1]}  # the eval-mode BatchNorm1d is not copied
         assert not torch.equal(model[1].running_mean, before[0])
     assert not guard.active and global_pre_hooks() == 0
     assert_equal_tensors(buffers(model), before)
@@ -158,3 +160,30 @@ def test_buffer_guard_restores_reassigned_buffers_and_refuses_double_start():
     m(torch.ones(1))
     guard.restore()
     assert m.count is original and m.count.item() == 0.0
+
+
+@pytest.mark.parametrize("style", ["torch.compile(model)", "model.compile()"])
+def test_bn_first_holds_for_compiled_models(style):
+    """Inside a compiled module the submodules run no hooks; the outer call must cover them."""
+    x, y = image_batch()
+    model = bn_net()
+    if style == "model.compile()":
+        model.compile(backend="aot_eager")
+        compiled = model
+    else:
+        compiled = torch.compile(model, backend="aot_eager")
+    opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1)
+    for step in range(2):
+        after_clean_pass = []
+
+        def closure(after_clean_pass=after_clean_pass):
+            after_clean_pass.append(buffers(model))  # on the second call: the state after pass 1
+            loss = F.cross_entropy(compiled(x), y)
+            loss.backward()
+            return loss
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "global hooks fire an extra time for OptimizedModule"
+            opt.step(closure)
+        assert_equal_tensors(buffers(model), after_clean_pass[1])
+        assert model[1].num_batches_tracked.item() == step + 1
