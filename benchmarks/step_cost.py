@@ -14,6 +14,7 @@ Workloads (from issue 2):
 Usage::
 
     python benchmarks/step_cost.py                      # both workloads, CPU
+    python benchmarks/step_cost.py --allocator glibc    # glibc's default malloc settings
     python benchmarks/step_cost.py --device cuda --rounds 20
     python benchmarks/step_cost.py --workload mlp --steps 5 --rounds 3   # quick look
 
@@ -28,7 +29,8 @@ import multiprocessing as mp
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from multiprocessing.connection import Connection
 
 import torch
@@ -37,6 +39,16 @@ from torch import nn
 
 import samopt
 
+#: glibc malloc settings of the timing workers. "caching" keeps freed memory mapped,
+#: as PyTorch's CUDA caching allocator (and jemalloc/tcmalloc) do, so that every step
+#: does not page-fault its gradients and activations back in; glibc's defaults return
+#: large blocks to the system and make CPU step times swing by tens of percent with
+#: the allocation history of the process. Tensors above glibc's 32 MiB mmap maximum
+#: are still mapped per allocation.
+ALLOCATORS = {
+    "caching": {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)},
+    "glibc": {},
+}
 #: Pause before each timed run, so the previous worker's OpenMP threads stop spinning.
 PAUSE_S = 0.2
 METHODS = ("sgd", "samopt-closure", "samopt-two-phase", "pytorch_optimizer")
@@ -160,14 +172,32 @@ def worker(conn: Connection, method: str, workload: str, device_name: str, threa
     conn.send(peak_mib(device))
 
 
-def _spawn(methods: list[str], workload: str, device: str) -> dict[str, tuple[Connection, mp.Process]]:
+@contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the processes started inside the block."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
+
+
+def _spawn(
+    methods: list[str], workload: str, device: str, env: dict[str, str]
+) -> dict[str, tuple[Connection, mp.Process]]:
     ctx = mp.get_context("spawn")
     workers = {}
-    for m in methods:
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=worker, args=(child, m, workload, device, torch.get_num_threads()))
-        proc.start()
-        workers[m] = (parent, proc)
+    with environment(env):  # glibc reads MALLOC_* when a worker starts
+        for m in methods:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=worker, args=(child, m, workload, device, torch.get_num_threads()))
+            proc.start()
+            workers[m] = (parent, proc)
     for parent, _ in workers.values():
         if parent.recv() != "ready":
             raise RuntimeError("benchmark worker failed to start")
@@ -183,15 +213,18 @@ def _finish(workers: dict[str, tuple[Connection, mp.Process]]) -> dict[str, floa
     return peaks
 
 
-def measure_time(methods: list[str], workload: str, device: str, steps: int, rounds: int) -> dict[str, list[float]]:
+def measure_time(
+    methods: list[str], workload: str, device: str, steps: int, rounds: int, allocator: str
+) -> dict[str, list[float]]:
     """Seconds per step of each method, one entry per round.
 
     Each method runs in its own process; the rounds interleave them in time (one
     process works while the others wait), rotating the order so that no method
     follows itself, with a pause before each run so the previous worker's threads
-    are idle; machine noise thus hits all methods alike.
+    are idle; machine noise thus hits all methods alike. ``allocator`` is a key of
+    :data:`ALLOCATORS`.
     """
-    workers = _spawn(methods, workload, device)
+    workers = _spawn(methods, workload, device, ALLOCATORS[allocator])
     times: dict[str, list[float]] = {m: [] for m in methods}
     for r in range(rounds):
         k = r % len(methods)
@@ -212,11 +245,7 @@ def measure_memory(methods: list[str], workload: str, device: str) -> dict[str, 
     peak of live tensors (the default, adaptive threshold keeps freed blocks mapped,
     which makes the peak depend on allocation history). Timing workers keep the default.
     """
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    try:
-        return _finish(_spawn(methods, workload, device))
-    finally:
-        del os.environ["MALLOC_MMAP_THRESHOLD_"]
+    return _finish(_spawn(methods, workload, device, {"MALLOC_MMAP_THRESHOLD_": "65536"}))
 
 
 def main() -> None:
@@ -226,6 +255,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="steps per method per round")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
+    parser.add_argument(
+        "--allocator", choices=sorted(ALLOCATORS), default="caching", help="malloc settings of the timing workers"
+    )
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     methods = args.methods.split(",")
@@ -234,11 +266,14 @@ def main() -> None:
         parser.error(f"--methods: unknown {unknown}; allowed: {', '.join(METHODS)}")
     workloads = ["cnn", "mlp"] if args.workload == "all" else [args.workload]
     threads = torch.get_num_threads()
-    print(f"torch {torch.__version__}, device {args.device}, threads {threads}, samopt {samopt.__version__}")
+    print(
+        f"torch {torch.__version__}, device {args.device}, threads {threads}, samopt {samopt.__version__}, "
+        f"allocator {args.allocator}"
+    )
     results = {}
     for wl in workloads:
         n_params = sum(p.numel() for p in make_model(wl).parameters())
-        times = measure_time(methods, wl, args.device, args.steps, args.rounds)
+        times = measure_time(methods, wl, args.device, args.steps, args.rounds, args.allocator)
         mem = measure_memory(methods, wl, args.device)
         med = {m: statistics.median(t) for m, t in times.items()}
         print(f"\n### {wl}: {n_params / 1e6:.2f}M parameters ({args.rounds} rounds x {args.steps} steps)\n")

@@ -261,23 +261,31 @@ class SAM(torch.optim.Optimizer):
                     "unchanged. For fp16 pass a GradScaler (opt.step(closure, scaler=scaler))"
                 )
             pending.skip = True
-        elif total > 0:
-            for group, params, group_grads in collected:
-                if not params or group["rho"] == 0:
-                    continue
-                backups = [self._backup(p) for p in params]
-                for ps, bs in F._buckets(params, backups):
-                    torch._foreach_copy_(bs, ps)
-                F.perturb_(
-                    params, group_grads, scale=group["rho"] / total, adaptive=group["adaptive"], eta=group["eta"]
-                )
-                pending.params += params
-                pending.backups += backups
         self._pending = pending
+        if not pending.skip and total > 0:
+            try:
+                self._perturb(collected, total, pending)
+            except BaseException:
+                self.restore()
+                raise
         if self._guard is not None:
             self._guard.start()
         if zero_grad and not pending.skip:
             self.zero_grad(set_to_none=True)
+
+    def _perturb(
+        self, collected: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]], total: float, pending: _Pending
+    ) -> None:
+        """Back up ``w`` and move each group to ``w + e``; ``total`` is the global ``||T g||``."""
+        for group, params, grads in collected:
+            if not params or group["rho"] == 0:
+                continue
+            backups = [self._backup(p) for p in params]
+            for ps, bs in F._buckets(params, backups):
+                torch._foreach_copy_(bs, ps)
+            pending.params += params  # registered before they move, so restore() can always undo
+            pending.backups += backups
+            F.perturb_(params, grads, scale=group["rho"] / total, adaptive=group["adaptive"], eta=group["eta"])
 
     @torch.no_grad()
     def restore(self) -> None:

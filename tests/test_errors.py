@@ -148,3 +148,25 @@ def test_max_grad_norm_clips_the_descent_gradient_like_clip_grad_norm():
         ref.second_step()
     for a, b in zip(weights(model), weights(ref_model), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_failure_while_perturbing_leaves_the_weights_at_w(monkeypatch):
+    x, y = vector_batch()
+    model = mlp()
+    opt = samopt.SAM([{"params": model[0].parameters()}, {"params": model[2].parameters()}], torch.optim.SGD, lr=0.1)
+    real = samopt.sam.F.perturb_
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second group: the first one has already moved
+            raise MemoryError("out of memory")
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(samopt.sam.F, "perturb_", failing)
+    F.cross_entropy(model(x), y).backward()
+    w0 = weights(model)
+    with pytest.raises(MemoryError):
+        opt.first_step()
+    assert_equal_tensors(weights(model), w0)
+    opt.state_dict()  # not left in the perturbed state
