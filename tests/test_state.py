@@ -174,3 +174,57 @@ def test_add_param_group_reaches_the_base_optimizer():
     with pytest.raises(ValueError, match=r"param_groups\[2\]\['eta'\] must be a finite real number >= 0"):
         opt.add_param_group({"params": [model[2].bias], "eta": float("nan")})
     assert len(opt.param_groups) == 2
+
+
+def test_resume_is_bit_exact_on_the_blas_norm_path():
+    """Layers large enough for the CPU dot-product norm (functional.DOT_MIN_NUMEL) resume exactly too."""
+
+    def build_big():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 3))
+        assert model[0].weight.numel() >= samopt.functional.DOT_MIN_NUMEL
+        return model, samopt.SAM(model.parameters(), torch.optim.AdamW, rho=0.1, lr=1e-3)
+
+    def train_big(model, opt, start, steps):
+        for i in range(start, start + steps):
+            g = torch.Generator().manual_seed(i)
+            x, y = torch.randn(16, 256, generator=g), torch.randint(0, 3, (16,), generator=g)
+
+            def closure(x=x, y=y):
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+
+    model, opt = build_big()
+    train_big(model, opt, 0, 4)
+    half, half_opt = build_big()
+    train_big(half, half_opt, 0, 2)
+    blob = io.BytesIO()
+    torch.save({"model": half.state_dict(), "opt": half_opt.state_dict()}, blob)
+    blob.seek(0)
+    saved = torch.load(blob, weights_only=True)
+    resumed, resumed_opt = build_big()
+    resumed.load_state_dict(saved["model"])
+    resumed_opt.load_state_dict(saved["opt"])
+    train_big(resumed, resumed_opt, 2, 2)
+    assert_equal_tensors(weights(resumed), weights(model))
+
+
+def test_samopt_keeps_one_parameter_sized_buffer():
+    """The only tensors samopt itself holds: one backup of each perturbed parameter."""
+    x, y = vector_batch()
+    model = mlp()
+    opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    for _ in range(3):
+
+        def closure():
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    held = sum(b.numel() * b.element_size() for b in opt._backups.values())
+    assert held == sum(p.numel() * p.element_size() for p in model.parameters())
+    assert opt.state == {}  # plain SGD without momentum keeps nothing, and samopt adds nothing to it
