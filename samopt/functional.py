@@ -157,28 +157,42 @@ def perturb_(
     scale: float,
     adaptive: bool = False,
     eta: float = 0.01,
+    out: Sequence[Tensor] | None = None,
 ) -> None:
-    """Add the SAM/ASAM perturbation to ``params`` in place: ``w <- w + scale * T^2 g``.
+    """Write the SAM/ASAM-perturbed weights ``w + scale * T^2 g`` into ``out`` (default: ``params``, in place).
 
     With ``scale = rho / perturbation_norm(...)`` this is the ascent step of SAM
-    (``T = 1``) or element-wise ASAM (``T = |w| + eta``, taken at ``w`` before the
-    update). SAM needs no temporary; ASAM needs one chunk-sized temporary.
+    (``T = 1``) or element-wise ASAM (``T = |w| + eta``, taken at ``w``). In place,
+    SAM needs no temporary and runs as one multi-tensor op per device and dtype;
+    ASAM needs one chunk-sized temporary. With ``out`` the weights are only read and
+    each result is written straight into its ``out`` tensor (same shapes, devices
+    and dtypes), with no temporary for SAM.
 
     Example::
 
         n = perturbation_norm(params, grads).item()
         if n > 0:
-            perturb_(params, grads, scale=rho / n)
+            perturb_(params, grads, scale=rho / n)                  # w <- w + e
+            perturb_(params, grads, scale=rho / n, out=buffers)     # buffers <- w + e, w untouched
     """
-    for ps, gs in _buckets(params, grads):
+    dests = params if out is None else out
+    for ps, gs, ds in _buckets(params, grads, dests):
         if not adaptive:
-            torch._foreach_add_(ps, gs, alpha=scale)
+            if out is None:
+                torch._foreach_add_(ps, gs, alpha=scale)
+            else:
+                for p, g, d in zip(ps, gs, ds, strict=True):
+                    torch.add(p, g, alpha=scale, out=d)
             continue
-        for cp, cg in _chunks(ps, gs):
+        for cp, cg, cd in _chunks(ps, gs, ds):
             t = torch._foreach_abs(cp)
             torch._foreach_add_(t, eta)
             torch._foreach_mul_(t, t)
-            torch._foreach_addcmul_(cp, t, cg, value=scale)
+            if out is None:
+                torch._foreach_addcmul_(cp, t, cg, value=scale)
+            else:
+                for p, ti, g, d in zip(cp, t, cg, cd, strict=True):
+                    torch.addcmul(p, ti, g, value=scale, out=d)
 
 
 @torch.no_grad()

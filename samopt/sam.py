@@ -48,12 +48,28 @@ def _enabled(scaler: torch.amp.GradScaler | None) -> torch.amp.GradScaler | None
     return scaler if scaler.is_enabled() else None
 
 
+def _owns_storage(p: Tensor) -> bool:
+    """Whether ``p`` is a plain tensor that is all of its storage, so its data can be swapped.
+
+    Not so for views into a flat buffer (FSDP with ``use_orig_params``, DeepSpeed,
+    cuDNN's flattened RNN weights), tensor subclasses (``DTensor``, FSDP's
+    ``FlatParameter``) and empty tensors: those are perturbed in place.
+    """
+    return (
+        type(p) in (torch.nn.Parameter, torch.Tensor)
+        and p.numel() > 0
+        and p.storage_offset() == 0
+        and p.untyped_storage().nbytes() == p.numel() * p.element_size()
+    )
+
+
 @dataclass
 class _Pending:
     """What :meth:`SAM.first_step` did, for :meth:`SAM.second_step` to undo."""
 
-    params: list[Tensor] = field(default_factory=list)
-    backups: list[Tensor] = field(default_factory=list)
+    swapped: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (parameter, its own data at w)
+    params: list[Tensor] = field(default_factory=list)  # perturbed in place ...
+    backups: list[Tensor] = field(default_factory=list)  # ... and their copies of w
     scaler: torch.amp.GradScaler | None = None
     skip: bool = False
 
@@ -89,6 +105,16 @@ class SAM(torch.optim.Optimizer):
             to this global L2 norm before the base step, with the arithmetic of
             :func:`torch.nn.utils.clip_grad_norm_`. Clipping the ascent gradient would
             do nothing: ``e`` is normalised to radius ``rho`` whatever its length.
+        perturb_in_place: how the parameters get to ``w + e``. ``False`` (default):
+            ``w + e`` is written into a buffer and each parameter's ``.data`` points
+            at it during the perturbed pass; the parameter's own storage keeps ``w``
+            untouched and is pointed back at afterwards (no copy back). ``True``:
+            ``w`` is copied to the buffer and ``w + e`` written into the parameter's
+            own storage, then ``w`` is copied back; use it where something pins the
+            parameters' storage (CUDA graphs, e.g. ``torch.compile(mode="reduce-overhead")``).
+            Parameters that are views into a shared buffer (FSDP, DeepSpeed, cuDNN
+            RNN weights) or tensor subclasses (``DTensor``) are always perturbed in place.
+            Both ways return to ``w`` bit for bit.
         **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ...).
 
     Closure API (torch semantics: the closure computes the loss, calls
@@ -135,8 +161,8 @@ class SAM(torch.optim.Optimizer):
     a scaler, a non-finite gradient raises ``RuntimeError`` naming the pass, with the
     weights left at ``w``.
 
-    Memory: one parameter-sized buffer (a copy of ``w``, so that the return from
-    ``w + e`` is exact) beyond the base optimizer's state.
+    Memory: one parameter-sized buffer beyond the base optimizer's state (holding
+    ``w + e``, or a copy of ``w`` with ``perturb_in_place=True``).
     """
 
     def __init__(
@@ -148,6 +174,8 @@ class SAM(torch.optim.Optimizer):
         eta: float = 0.01,
         bn: str = "first",
         max_grad_norm: float | None = None,
+        *,
+        perturb_in_place: bool = False,
         **base_kwargs: Any,
     ) -> None:
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
@@ -172,6 +200,7 @@ class SAM(torch.optim.Optimizer):
         }
         self.bn = _validate.choice("bn", bn, BN_MODES)
         self.max_grad_norm = _validate.positive_or_none("max_grad_norm", max_grad_norm)
+        self.perturb_in_place = _validate.boolean("perturb_in_place", perturb_in_place)
         super().__init__(params, defaults)
         for i, group in enumerate(self.param_groups):
             _check_group(i, group)
@@ -179,7 +208,7 @@ class SAM(torch.optim.Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         self.defaults = {**self.base_optimizer.defaults, **defaults}
-        self._backups: dict[Tensor, Tensor] = {}
+        self._buffers: dict[Tensor, Tensor] = {}
         self._guard = BufferGuard() if self.bn == "first" else None
         self._pending: _Pending | None = None
 
@@ -213,10 +242,11 @@ class SAM(torch.optim.Optimizer):
             out.append((group, params, grads))
         return out
 
-    def _backup(self, p: Tensor) -> Tensor:
-        b = self._backups.get(p)
-        if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
-            b = self._backups[p] = torch.empty_like(p)
+    def _buffer(self, p: Tensor) -> Tensor:
+        """The parameter-sized buffer of ``p`` (kept across steps; remade if ``p`` changed)."""
+        b = self._buffers.get(p)
+        if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device or b.stride() != p.stride():
+            b = self._buffers[p] = torch.empty_like(p)
         return b
 
     @torch.no_grad()
@@ -276,16 +306,29 @@ class SAM(torch.optim.Optimizer):
     def _perturb(
         self, collected: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]], total: float, pending: _Pending
     ) -> None:
-        """Back up ``w`` and move each group to ``w + e``; ``total`` is the global ``||T g||``."""
+        """Move each group to ``w + e`` (``total`` is the global ``||T g||``), recording how to return."""
         for group, params, grads in collected:
             if not params or group["rho"] == 0:
                 continue
-            backups = [self._backup(p) for p in params]
-            for ps, bs in F._buckets(params, backups):
-                torch._foreach_copy_(bs, ps)
-            pending.params += params  # registered before they move, so restore() can always undo
-            pending.backups += backups
-            F.perturb_(params, grads, scale=group["rho"] / total, adaptive=group["adaptive"], eta=group["eta"])
+            kw = {"scale": group["rho"] / total, "adaptive": group["adaptive"], "eta": group["eta"]}
+            swap = [not self.perturb_in_place and _owns_storage(p) for p in params]
+            in_place = [(p, g) for p, g, s in zip(params, grads, swap, strict=True) if not s]
+            if in_place:
+                ps, gs = [p for p, _ in in_place], [g for _, g in in_place]
+                backups = [self._buffer(p) for p in ps]
+                for pb, bb in F._buckets(ps, backups):
+                    torch._foreach_copy_(bb, pb)
+                pending.params += ps  # registered before they move, so restore() can always undo
+                pending.backups += backups
+                F.perturb_(ps, gs, **kw)
+            if len(in_place) < len(params):
+                ps = [p for p, s in zip(params, swap, strict=True) if s]
+                gs = [g for g, s in zip(grads, swap, strict=True) if s]
+                bufs = [self._buffer(p) for p in ps]
+                F.perturb_(ps, gs, out=bufs, **kw)
+                for p, b in zip(ps, bufs, strict=True):
+                    pending.swapped.append((p, p.data))
+                    p.data = b
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -298,6 +341,8 @@ class SAM(torch.optim.Optimizer):
         pending, self._pending = self._pending, None
         if pending is None:
             return
+        for p, w in pending.swapped:
+            p.data = w
         for ps, bs in F._buckets(pending.params, pending.backups):
             torch._foreach_copy_(ps, bs)
         if self._guard is not None:
@@ -317,7 +362,14 @@ class SAM(torch.optim.Optimizer):
         pending = self._pending
         if pending is None:
             raise RuntimeError("second_step() called without a preceding first_step(): the weights are not perturbed")
+        moved = [p for p, _ in pending.swapped if p.data_ptr() != self._buffers[p].data_ptr()]
         self.restore()
+        if moved:
+            raise RuntimeError(
+                f"{len(moved)} parameter(s) had their .data replaced by something else during the perturbed pass "
+                "(a wrapper that manages parameter storage?); they are back at w and no update was applied. "
+                "Construct SAM with perturb_in_place=True"
+            )
         scaler = _enabled(scaler)
         if scaler is not pending.scaler:
             raise ValueError(

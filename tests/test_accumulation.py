@@ -22,11 +22,12 @@ def accumulate(model, x, y):
     return total
 
 
+@pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("adaptive", [False, True])
 @pytest.mark.parametrize("api", ["closure", "two-phase"])
-def test_four_micro_batches_equal_the_full_batch(api, adaptive):
+def test_four_micro_batches_equal_the_full_batch(api, adaptive, in_place):
     full, micro = mlp(), mlp()
-    kw = dict(rho=0.5 if adaptive else 0.05, adaptive=adaptive, lr=0.1, momentum=0.9)
+    kw = dict(rho=0.5 if adaptive else 0.05, adaptive=adaptive, perturb_in_place=in_place, lr=0.1, momentum=0.9)
     opt_full = samopt.SAM(full.parameters(), torch.optim.SGD, **kw)
     opt_micro = samopt.SAM(micro.parameters(), torch.optim.SGD, **kw)
     for step in range(3):

@@ -10,9 +10,9 @@ import samopt
 OVERFLOW = 1e30  # times the scale, more than fp16 can hold in the backward
 
 
-def make(scale=2.0**16, growth_interval=2000):
+def make(scale=2.0**16, growth_interval=2000, in_place=False):
     model = mlp()
-    opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.05, perturb_in_place=in_place, lr=0.1, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=growth_interval)
     return model, opt, scaler
 
@@ -31,10 +31,11 @@ def fp16_closure(model, scaler, x, y, overflow_on_call=None, calls=None):
     return closure
 
 
+@pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("overflow_pass", [1, 2])
-def test_fp16_overflow_in_either_pass_skips_the_update_and_lowers_the_scale(overflow_pass):
+def test_fp16_overflow_in_either_pass_skips_the_update_and_lowers_the_scale(overflow_pass, in_place):
     x, y = vector_batch()
-    model, opt, scaler = make()
+    model, opt, scaler = make(in_place=in_place)
     w0 = weights(model)
     calls = []
     opt.step(fp16_closure(model, scaler, x, y, overflow_on_call=overflow_pass, calls=calls), scaler=scaler)
@@ -51,10 +52,11 @@ def test_fp16_overflow_in_either_pass_skips_the_update_and_lowers_the_scale(over
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("overflow_pass", [1, 2])
-def test_fp16_two_phase_recipe(overflow_pass):
+def test_fp16_two_phase_recipe(overflow_pass, in_place):
     x, y = vector_batch()
-    model, opt, scaler = make()
+    model, opt, scaler = make(in_place=in_place)
     w0 = weights(model)
     for p in (1, 2):
         with torch.autocast("cpu", dtype=torch.float16):

@@ -74,10 +74,12 @@ def test_bn_first_differs_from_bn_both():
     assert not torch.equal(a[1].running_mean, b[1].running_mean)
 
 
-def test_interrupt_in_the_perturbed_pass_restores_weights_and_buffers():
+@pytest.mark.parametrize("in_place", [False, True])
+def test_interrupt_in_the_perturbed_pass_restores_weights_and_buffers(in_place):
     x, y = image_batch()
     model = bn_net()
-    opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1)
+    storages = [p.data_ptr() for p in model.parameters()]
+    opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.5, perturb_in_place=in_place, lr=0.1)
     calls = []
 
     def closure():
@@ -95,6 +97,7 @@ def test_interrupt_in_the_perturbed_pass_restores_weights_and_buffers():
     with pytest.raises(KeyboardInterrupt):
         opt.step(closure)
     assert_equal_tensors(weights(model), w0)
+    assert [p.data_ptr() for p in model.parameters()] == storages
     assert_equal_tensors(buffers(model), expected_buffers)
     assert global_pre_hooks() == 0
     opt.state_dict()  # not left in the perturbed state

@@ -69,14 +69,14 @@ def adamw_reference(steps, *, lr, betas, eps, wd, **sam):
     return W, b
 
 
-def samopt_run(steps, base, groups, api, **kw):
+def samopt_run(steps, base, groups, api, in_place, **kw):
     x, y, W, b = problem()
     model = nn.Linear(D, K).double()
     with torch.no_grad():
         model.weight.copy_(W)
         model.bias.copy_(b)
     params = [{"params": [model.weight], **groups[0]}, {"params": [model.bias], **groups[1]}]
-    opt = samopt.SAM(params, base, **kw)
+    opt = samopt.SAM(params, base, perturb_in_place=in_place, **kw)
 
     def loss_backward():
         loss = F.mse_loss(model(x), y)
@@ -109,33 +109,38 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("api", ["closure", "two-phase"])
 @pytest.mark.parametrize("case", CASES)
-def test_sgd_base_matches_hand_reference(case, api):
+def test_sgd_base_matches_hand_reference(case, api, in_place):
     gw, gb, sam = CASES[case]
     W_ref, b_ref = sgd_reference(3, lr=0.1, momentum=0.9, wd=1e-3, **sam)
-    W, b = samopt_run(3, torch.optim.SGD, (gw, gb), api, rho=0.1, lr=0.1, momentum=0.9, weight_decay=1e-3)
+    kw = dict(rho=0.1, lr=0.1, momentum=0.9, weight_decay=1e-3)
+    W, b = samopt_run(3, torch.optim.SGD, (gw, gb), api, in_place, **kw)
     torch.testing.assert_close(W, W_ref, rtol=0, atol=1e-13)
     torch.testing.assert_close(b, b_ref, rtol=0, atol=1e-13)
 
 
+@pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("api", ["closure", "two-phase"])
 @pytest.mark.parametrize("case", CASES)
-def test_adamw_base_matches_hand_reference(case, api):
+def test_adamw_base_matches_hand_reference(case, api, in_place):
     gw, gb, sam = CASES[case]
     W_ref, b_ref = adamw_reference(3, lr=0.01, betas=(0.9, 0.999), eps=1e-8, wd=0.05, **sam)
-    W, b = samopt_run(3, torch.optim.AdamW, (gw, gb), api, rho=0.1, lr=0.01, weight_decay=0.05)
+    W, b = samopt_run(3, torch.optim.AdamW, (gw, gb), api, in_place, rho=0.1, lr=0.01, weight_decay=0.05)
     torch.testing.assert_close(W, W_ref, rtol=0, atol=1e-13)
     torch.testing.assert_close(b, b_ref, rtol=0, atol=1e-13)
 
 
-def test_first_step_moves_to_w_plus_e_and_second_step_returns_exactly():
+@pytest.mark.parametrize("in_place", [False, True])
+def test_first_step_moves_to_w_plus_e_and_second_step_returns_exactly(in_place):
     x, y, W, b = problem()
     model = nn.Linear(D, K).double()
     with torch.no_grad():
         model.weight.copy_(W)
         model.bias.copy_(b)
-    opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.2, lr=0.0)
+    storage = model.weight.data_ptr()
+    opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.2, perturb_in_place=in_place, lr=0.0)
     F.mse_loss(model(x), y).backward()
     opt.first_step()
     eW, eb = perturbation(W, b, *grads(W, b, x, y), rho_W=0.2, rho_b=0.2, adaptive_W=False, adaptive_b=False, eta=0)
@@ -143,9 +148,12 @@ def test_first_step_moves_to_w_plus_e_and_second_step_returns_exactly():
     torch.testing.assert_close(model.bias.detach(), b + eb, rtol=0, atol=1e-15)
     assert math.isclose(math.sqrt(eW.pow(2).sum() + eb.pow(2).sum()), 0.2, rel_tol=1e-12)
     assert model.weight.grad is None  # zero_grad=True
+    # default: w + e lives in samopt's buffer and the parameter's own storage still holds w
+    assert (model.weight.data_ptr() == storage) is in_place
     F.mse_loss(model(x), y).backward()
-    opt.second_step()  # lr = 0: the weights must be w again, bit for bit
+    opt.second_step()  # lr = 0: the weights must be w again, bit for bit, in their own storage
     assert torch.equal(model.weight.detach(), W) and torch.equal(model.bias.detach(), b)
+    assert model.weight.data_ptr() == storage
 
 
 @pytest.mark.parametrize("base", [torch.optim.SGD, torch.optim.AdamW])

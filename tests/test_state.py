@@ -16,9 +16,10 @@ BASES = {
 }
 
 
-def build(base, kw, adaptive=False):
+def build(base, kw, adaptive=False, in_place=False):
     model = bn_net()
-    opt = samopt.SAM(model.parameters(), base, rho=0.5 if adaptive else 0.05, adaptive=adaptive, **kw)
+    rho = 0.5 if adaptive else 0.05
+    opt = samopt.SAM(model.parameters(), base, rho=rho, adaptive=adaptive, perturb_in_place=in_place, **kw)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
     return model, opt, sched
 
@@ -36,21 +37,22 @@ def train(model, opt, sched, steps, start):
         sched.step()
 
 
+@pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("adaptive", [False, True])
 @pytest.mark.parametrize("base", BASES)
-def test_resume_is_bit_exact(base, adaptive):
+def test_resume_is_bit_exact(base, adaptive, in_place):
     cls, kw = BASES[base]
-    model, opt, sched = build(cls, kw, adaptive)
+    model, opt, sched = build(cls, kw, adaptive, in_place)
     train(model, opt, sched, 6, 0)
 
-    model2, opt2, sched2 = build(cls, kw, adaptive)
+    model2, opt2, sched2 = build(cls, kw, adaptive, in_place)
     train(model2, opt2, sched2, 3, 0)
     blob = io.BytesIO()
     torch.save({"model": model2.state_dict(), "opt": opt2.state_dict(), "sched": sched2.state_dict()}, blob)
     blob.seek(0)
     saved = torch.load(blob, weights_only=True)
 
-    model3, opt3, sched3 = build(cls, kw, adaptive)  # a fresh process would build exactly this
+    model3, opt3, sched3 = build(cls, kw, adaptive, in_place)  # a fresh process would build exactly this
     model3.load_state_dict(saved["model"])
     opt3.load_state_dict(saved["opt"])
     sched3.load_state_dict(saved["sched"])
@@ -212,11 +214,12 @@ def test_resume_is_bit_exact_on_the_blas_norm_path():
     assert_equal_tensors(weights(resumed), weights(model))
 
 
-def test_samopt_keeps_one_parameter_sized_buffer():
-    """The only tensors samopt itself holds: one backup of each perturbed parameter."""
+@pytest.mark.parametrize("in_place", [False, True])
+def test_samopt_keeps_one_parameter_sized_buffer(in_place):
+    """The only tensors samopt itself holds: one buffer per perturbed parameter (w + e, or a copy of w)."""
     x, y = vector_batch()
     model = mlp()
-    opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.1, perturb_in_place=in_place, lr=0.1)
     for _ in range(3):
 
         def closure():
@@ -225,6 +228,6 @@ def test_samopt_keeps_one_parameter_sized_buffer():
             return loss
 
         opt.step(closure)
-    held = sum(b.numel() * b.element_size() for b in opt._backups.values())
+    held = sum(b.numel() * b.element_size() for b in opt._buffers.values())
     assert held == sum(p.numel() * p.element_size() for p in model.parameters())
     assert opt.state == {}  # plain SGD without momentum keeps nothing, and samopt adds nothing to it
