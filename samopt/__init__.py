@@ -4,12 +4,15 @@ One engine, :class:`samopt.SAM`, over any torch optimizer: SAM and ASAM with exa
 restore, BatchNorm-safe second pass, fp16/bf16 mixed precision, gradient
 accumulation, clipping and bit-exact resume. The math lives in
 :mod:`samopt.functional`, the BatchNorm bookkeeping in :mod:`samopt.bn`.
+Sparse SAM's perturbation masks are in :mod:`samopt.masks` (``SAM(..., mask=)``),
+with :class:`SSAMF` and :class:`SSAMD` as ready-made configurations.
 """
 
-from samopt import functional
+from samopt import functional, masks
 from samopt.bn import BufferGuard
 from samopt.sam import SAM
+from samopt.ssam import SSAMD, SSAMF
 
 __version__ = "0.1.0"
 
-__all__ = ["SAM", "BufferGuard", "__version__", "functional"]
+__all__ = ["SAM", "SSAMD", "SSAMF", "BufferGuard", "__version__", "functional", "masks"]

@@ -40,3 +40,25 @@ def choice(name: str, value: object, allowed: Iterable[str]) -> str:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
     return value  # type: ignore[return-value]
+
+
+def unit_interval(name: str, value: object, *, include_one: bool) -> float:
+    """Return ``value`` as a float if it lies in [0, 1] (or [0, 1) without ``include_one``), else raise."""
+    interval = "[0, 1]" if include_one else "[0, 1)"
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number in {interval}, got {value!r} ({type(value).__name__})")
+    if not (0 <= value <= 1) or (value == 1 and not include_one):
+        raise ValueError(f"{name} must be a real number in {interval}, got {value!r}")
+    return float(value)
+
+
+def positive_int(name: str, value: object, *, allow_none: bool = False) -> int | None:
+    """Return ``value`` if it is an int >= 1 (or None when ``allow_none``), else raise."""
+    what = f"{'None or ' if allow_none else ''}an integer >= 1"
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be {what}, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return value

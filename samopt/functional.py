@@ -124,29 +124,49 @@ def perturbation_norm(
     *,
     adaptive: bool = False,
     eta: float = 0.01,
+    masks: Sequence[Tensor] | None = None,
 ) -> Tensor:
-    """``||T g||_2`` over all tensors: ``T = 1`` (SAM) or ``T = |w| + eta`` (ASAM).
+    """``||m T g||_2`` over all tensors: ``T = 1`` (SAM) or ``T = |w| + eta`` (ASAM); ``m = 1`` by default.
 
     This is the denominator of the SAM/ASAM perturbation ``e = rho T^2 g / ||T g||``
     (Foret et al. 2021, arXiv:2010.01412; Kwon et al. 2021, arXiv:2102.11600).
-    The adaptive kernel works in chunks of at most :data:`CHUNK_NUMEL` elements.
+    With boolean ``masks`` (one per tensor) it is the norm of the masked direction,
+    which Sparse SAM's ``renormalize=True`` divides by (Mi et al., NeurIPS 2022,
+    arXiv:2210.05177). The adaptive and masked kernels work in chunks of at most
+    :data:`CHUNK_NUMEL` elements.
 
     Example::
 
         n = perturbation_norm(params, grads, adaptive=True, eta=0.01)
+        n_masked = perturbation_norm(params, grads, masks=[g.abs() > 0.1 for g in grads])
     """
-    if not adaptive:
+    if not adaptive and masks is None:
         return global_norm(grads)
     if not params:
         return torch.zeros(())
+    ms = masks if masks is not None else [None] * len(params)
     parts: list[Tensor] = []
-    for ps, gs in _buckets(params, grads):
-        for cp, cg in _chunks(ps, gs):
-            tg = torch._foreach_abs(cp)
-            torch._foreach_add_(tg, eta)
-            torch._foreach_mul_(tg, cg)
-            parts.append(_squared_norms(tg))
+    for bp, bg, bm in _buckets_with_masks(params, grads, ms):
+        for cp, cg, cm in _chunks(bp, bg, bm):
+            if not adaptive:  # masked SAM
+                t = torch._foreach_mul(cg, cm)
+            else:
+                t = torch._foreach_abs(cp)
+                torch._foreach_add_(t, eta)
+                torch._foreach_mul_(t, cg)
+                if cm[0] is not None:
+                    torch._foreach_mul_(t, cm)
+            parts.append(_squared_norms(t))
     return _sqrt_of_sum(parts, params[0].device)
+
+
+def _buckets_with_masks(
+    params: Sequence[Tensor], grads: Sequence[Tensor], masks: Sequence[Tensor | None], *more: Sequence[Tensor]
+) -> list[tuple[list, ...]]:
+    """:func:`_buckets` over parameters, gradients, optional masks (all or none ``None``) and more lists."""
+    if masks[0] is None:
+        return [(bp, bg, [None] * len(bp), *rest) for bp, bg, *rest in _buckets(params, grads, *more)]
+    return _buckets(params, grads, masks, *more)
 
 
 @torch.no_grad()
@@ -157,16 +177,18 @@ def perturb_(
     scale: float,
     adaptive: bool = False,
     eta: float = 0.01,
+    masks: Sequence[Tensor] | None = None,
     out: Sequence[Tensor] | None = None,
 ) -> None:
-    """Write the SAM/ASAM-perturbed weights ``w + scale * T^2 g`` into ``out`` (default: ``params``, in place).
+    """Write the perturbed weights ``w + scale * m * T^2 g`` into ``out`` (default: ``params``, in place).
 
     With ``scale = rho / perturbation_norm(...)`` this is the ascent step of SAM
-    (``T = 1``) or element-wise ASAM (``T = |w| + eta``, taken at ``w``). In place,
-    SAM needs no temporary and runs as one multi-tensor op per device and dtype;
-    ASAM needs one chunk-sized temporary. With ``out`` the weights are only read and
-    each result is written straight into its ``out`` tensor (same shapes, devices
-    and dtypes), with no temporary for SAM.
+    (``T = 1``) or element-wise ASAM (``T = |w| + eta``, taken at ``w``); boolean
+    ``masks`` (one per tensor) restrict it to the chosen entries, as in Sparse SAM
+    (Mi et al., NeurIPS 2022, arXiv:2210.05177). In place, unmasked SAM needs no
+    temporary and runs as one multi-tensor op per device and dtype; ASAM needs one
+    chunk-sized temporary. With ``out`` the weights are only read and each result is
+    written straight into its ``out`` tensor (same shapes, devices and dtypes).
 
     Example::
 
@@ -174,20 +196,32 @@ def perturb_(
         if n > 0:
             perturb_(params, grads, scale=rho / n)                  # w <- w + e
             perturb_(params, grads, scale=rho / n, out=buffers)     # buffers <- w + e, w untouched
+            perturb_(params, grads, scale=rho / n, masks=masks)     # w <- w + m * e
     """
     dests = params if out is None else out
-    for ps, gs, ds in _buckets(params, grads, dests):
-        if not adaptive:
+    ms = masks if masks is not None else [None] * len(params)
+    for ps, gs, bm, ds in _buckets_with_masks(params, grads, ms, dests):
+        masked = bm[0] is not None
+        if not adaptive and not masked:
             if out is None:
                 torch._foreach_add_(ps, gs, alpha=scale)
             else:
                 for p, g, d in zip(ps, gs, ds, strict=True):
                     torch.add(p, g, alpha=scale, out=d)
             continue
-        for cp, cg, cd in _chunks(ps, gs, ds):
+        if not adaptive:
+            if out is None:
+                torch._foreach_addcmul_(ps, gs, bm, value=scale)
+            else:
+                for p, g, m, d in zip(ps, gs, bm, ds, strict=True):
+                    torch.addcmul(p, g, m, value=scale, out=d)
+            continue
+        for cp, cg, cm, cd in _chunks(ps, gs, bm, ds):
             t = torch._foreach_abs(cp)
             torch._foreach_add_(t, eta)
             torch._foreach_mul_(t, t)
+            if masked:
+                torch._foreach_mul_(t, cm)
             if out is None:
                 torch._foreach_addcmul_(cp, t, cg, value=scale)
             else:

@@ -18,6 +18,7 @@ from torch import Tensor
 from samopt import _validate
 from samopt import functional as F
 from samopt.bn import BufferGuard
+from samopt.masks import Mask
 
 __all__ = ["SAM"]
 
@@ -63,6 +64,10 @@ def _owns_storage(p: Tensor) -> bool:
     )
 
 
+#: One group's parameters, gradients and (for a partly masked part) their bool masks.
+_Part = tuple[dict[str, Any], list[Tensor], list[Tensor], "list[Tensor] | None"]
+
+
 @dataclass
 class _Pending:
     """What :meth:`SAM.first_step` did, for :meth:`SAM.second_step` to undo."""
@@ -105,6 +110,10 @@ class SAM(torch.optim.Optimizer):
             to this global L2 norm before the base step, with the arithmetic of
             :func:`torch.nn.utils.clip_grad_norm_`. Clipping the ascent gradient would
             do nothing: ``e`` is normalised to radius ``rho`` whatever its length.
+        mask: a :mod:`samopt.masks` mask (Sparse SAM): only its live entries are
+            perturbed, ``e = m * rho * T^2 g / ||T g||`` with the full gradient's
+            norm (or ``||m T g||`` if the mask has ``renormalize=True``). Parameters
+            whose mask is all off are not touched at all. ``None``: dense SAM.
         perturb_in_place: how the parameters get to ``w + e``. ``False`` (default):
             ``w + e`` is written into a buffer and each parameter's ``.data`` points
             at it during the perturbed pass; the parameter's own storage keeps ``w``
@@ -175,6 +184,7 @@ class SAM(torch.optim.Optimizer):
         bn: str = "first",
         max_grad_norm: float | None = None,
         *,
+        mask: Mask | None = None,
         perturb_in_place: bool = False,
         **base_kwargs: Any,
     ) -> None:
@@ -201,6 +211,9 @@ class SAM(torch.optim.Optimizer):
         self.bn = _validate.choice("bn", bn, BN_MODES)
         self.max_grad_norm = _validate.positive_or_none("max_grad_norm", max_grad_norm)
         self.perturb_in_place = _validate.boolean("perturb_in_place", perturb_in_place)
+        if mask is not None and not isinstance(mask, Mask):
+            raise TypeError(f"mask must be a samopt.masks.Mask (e.g. RandomMask(sparsity=0.5)) or None, got {mask!r}")
+        self.mask = mask
         super().__init__(params, defaults)
         for i, group in enumerate(self.param_groups):
             _check_group(i, group)
@@ -211,6 +224,7 @@ class SAM(torch.optim.Optimizer):
         self._buffers: dict[Tensor, Tensor] = {}
         self._guard = BufferGuard() if self.bn == "first" else None
         self._pending: _Pending | None = None
+        self._bind_mask()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to SAM and the base optimizer (SAM keys default to the constructor's)."""
@@ -221,6 +235,21 @@ class SAM(torch.optim.Optimizer):
             param_group.setdefault(key, self.defaults[key])
         _check_group(len(self.param_groups), param_group)
         self.base_optimizer.add_param_group(param_group)
+        self._bind_mask()
+
+    def _all_params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _bind_mask(self) -> None:
+        """(Re)attach the mask to every parameter; a new group makes it recompute at the next step."""
+        if self.mask is not None:
+            params = self._all_params()
+            self.mask.bind(params)
+            self._mask_index = {p: i for i, p in enumerate(params)}
+
+    def mask_density(self) -> float:
+        """Fraction of parameter entries the perturbation reaches (1.0 without a mask)."""
+        return 1.0 if self.mask is None else self.mask.density()
 
     # ------------------------------------------------------------------ passes
 
@@ -294,7 +323,16 @@ class SAM(torch.optim.Optimizer):
         self._pending = pending
         if not pending.skip and total > 0:
             try:
-                self._perturb(collected, total, pending)
+                parts = self._apply_mask(collected)
+                if self.mask is not None and self.mask.renormalize:
+                    norms = [
+                        F.perturbation_norm(ps, gs, adaptive=g["adaptive"], eta=g["eta"], masks=ms)
+                        for g, ps, gs, ms in parts
+                        if ps
+                    ]
+                    total = F.global_norm(norms).item()
+                if total > 0:
+                    self._perturb(parts, total, pending)
             except BaseException:
                 self.restore()
                 raise
@@ -303,32 +341,54 @@ class SAM(torch.optim.Optimizer):
         if zero_grad and not pending.skip:
             self.zero_grad(set_to_none=True)
 
-    def _perturb(
-        self, collected: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]], total: float, pending: _Pending
-    ) -> None:
-        """Move each group to ``w + e`` (``total`` is the global ``||T g||``), recording how to return."""
+    def _apply_mask(self, collected: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]) -> list[_Part]:
+        """Update the mask if due and split each group into unmasked and masked parts (all-off ones dropped)."""
+        if self.mask is None:
+            return [(group, params, grads, None) for group, params, grads in collected]
+        self.mask.maybe_update([p.grad for p in self._all_params()])
+        parts: list[_Part] = []
         for group, params, grads in collected:
+            full: tuple[list[Tensor], list[Tensor]] = ([], [])
+            some: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
+            for p, g in zip(params, grads, strict=True):
+                i = self._mask_index[p]
+                live = self.mask.live[i]
+                if live == p.numel():
+                    full[0].append(p)
+                    full[1].append(g)
+                elif live:
+                    some[0].append(p)
+                    some[1].append(g)
+                    some[2].append(self.mask.mask_of(i))
+            parts += [(group, *full, None), (group, *some)]
+        return parts
+
+    def _perturb(self, parts: list[_Part], total: float, pending: _Pending) -> None:
+        """Move each part to ``w + e`` (``total`` is the global ``||T g||``), recording how to return."""
+        for group, params, grads, masks in parts:
             if not params or group["rho"] == 0:
                 continue
             kw = {"scale": group["rho"] / total, "adaptive": group["adaptive"], "eta": group["eta"]}
             swap = [not self.perturb_in_place and _owns_storage(p) for p in params]
-            in_place = [(p, g) for p, g, s in zip(params, grads, swap, strict=True) if not s]
-            if in_place:
-                ps, gs = [p for p, _ in in_place], [g for _, g in in_place]
-                backups = [self._buffer(p) for p in ps]
-                for pb, bb in F._buckets(ps, backups):
-                    torch._foreach_copy_(bb, pb)
-                pending.params += ps  # registered before they move, so restore() can always undo
-                pending.backups += backups
-                F.perturb_(ps, gs, **kw)
-            if len(in_place) < len(params):
-                ps = [p for p, s in zip(params, swap, strict=True) if s]
-                gs = [g for g, s in zip(grads, swap, strict=True) if s]
+            ms = masks if masks is not None else [None] * len(params)
+            for moved in (False, True):
+                sel = [i for i, s in enumerate(swap) if s == moved]
+                if not sel:
+                    continue
+                ps, gs = [params[i] for i in sel], [grads[i] for i in sel]
+                sel_masks = None if masks is None else [ms[i] for i in sel]
                 bufs = [self._buffer(p) for p in ps]
-                F.perturb_(ps, gs, out=bufs, **kw)
-                for p, b in zip(ps, bufs, strict=True):
-                    pending.swapped.append((p, p.data))
-                    p.data = b
+                if not moved:
+                    for pb, bb in F._buckets(ps, bufs):
+                        torch._foreach_copy_(bb, pb)
+                    pending.params += ps  # registered before they move, so restore() can always undo
+                    pending.backups += bufs
+                    F.perturb_(ps, gs, masks=sel_masks, **kw)
+                else:
+                    F.perturb_(ps, gs, masks=sel_masks, out=bufs, **kw)
+                    for p, b in zip(ps, bufs, strict=True):
+                        pending.swapped.append((p, p.data))
+                        p.data = b
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -396,6 +456,8 @@ class SAM(torch.optim.Optimizer):
             if self.max_grad_norm is not None:
                 F.clip_grads_(grads, total, self.max_grad_norm)
             self.base_optimizer.step()
+            if self.mask is not None:
+                self.mask.advance()
         # An LR scheduler attached to this object watches step(); the two-phase API never calls it.
         self._opt_called = True
         if zero_grad:
@@ -449,6 +511,8 @@ class SAM(torch.optim.Optimizer):
             )
         state = self.base_optimizer.state_dict()
         state["samopt"] = {"format": STATE_FORMAT}
+        if self.mask is not None:
+            state["samopt"]["mask"] = self.mask.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -465,12 +529,20 @@ class SAM(torch.optim.Optimizer):
             raise ValueError(f"unsupported samopt state_dict format {meta!r}; this samopt reads format {STATE_FORMAT}")
         for i, group in enumerate(state_dict["param_groups"]):
             _check_group(i, group)
+        if (self.mask is None) != ("mask" not in meta):
+            has = "has none" if self.mask is None else "has one"
+            raise ValueError(
+                f"the state_dict's mask entry does not match this optimizer, which {has}; "
+                "construct the optimizer with the same mask= kind"
+            )
+        if self.mask is not None:
+            self.mask.load_state_dict(meta["mask"])
         self.base_optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != "samopt"})
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(bn={self.bn!r}, max_grad_norm={self.max_grad_norm}, "
+            f"{type(self).__name__}(bn={self.bn!r}, max_grad_norm={self.max_grad_norm}, mask={self.mask!r}, "
             f"base_optimizer={self.base_optimizer!r})"
         )

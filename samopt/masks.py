@@ -1,0 +1,568 @@
+"""Sparse perturbation masks: which entries of SAM's perturbation are applied.
+
+Sparse SAM (Mi et al., "Make Sharpness-Aware Minimization Stronger: A Sparsified
+Perturbation Approach", NeurIPS 2022, arXiv:2210.05177) perturbs only a subset of
+the weights: ``e = m * rho * g / ||g||`` with a binary mask ``m`` and the norm of the
+full gradient. A mask object plugs into the one engine through ``SAM(..., mask=)``:
+
+- :class:`FisherMask` (SSAM-F): the entries with the largest empirical Fisher
+  information, recomputed every ``update_interval`` steps;
+- :class:`DynamicSparseMask` (SSAM-D): a random start, then drop/grow as in dynamic
+  sparse training, with a cosine-decayed drop rate;
+- :class:`RandomMask`: a uniformly random mask, the baseline.
+
+``sparsity`` is the fraction of entries NOT perturbed, in [0, 1). Selection is one
+global top-k over every parameter of the optimizer, keeping exactly
+``floor(N * (1 - sparsity))`` of the ``N`` entries (computed on the decimal value of
+``sparsity``, so ``N = 10, sparsity = 0.7`` keeps 3). ``granularity="tensor"`` turns
+whole parameter tensors on or off instead (the structured masks of the journal
+extension, arXiv:2306.17504). Masks are bool tensors on each parameter's device.
+
+Example::
+
+    mask = samopt.masks.RandomMask(sparsity=0.5, seed=0)
+    opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.1, mask=mask, lr=0.05)
+    ...
+    opt.mask_density()   # 0.5 (up to the floor)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from fractions import Fraction
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from samopt import _validate
+from samopt.per_sample import chunk_size_for, per_sample_grads
+
+__all__ = [
+    "GRANULARITIES",
+    "DynamicSparseMask",
+    "FisherMask",
+    "Mask",
+    "RandomMask",
+    "keep_count",
+    "select_top",
+]
+
+#: Allowed values of ``granularity``.
+GRANULARITIES = ("element", "tensor")
+#: Version of a mask's :meth:`Mask.state_dict`.
+MASK_FORMAT = 1
+#: Memory bound for one chunk of per-example gradients in :class:`FisherMask`.
+FISHER_CHUNK_BYTES = 256 << 20
+
+
+def keep_count(numel: int, sparsity: float) -> int:
+    """``floor(numel * (1 - sparsity))``, exact on the decimal value of ``sparsity``.
+
+    Example::
+
+        keep_count(10, 0.7)   # 3 (float arithmetic would give floor(2.9999999999999996) = 2)
+    """
+    return math.floor(numel * (1 - Fraction(repr(float(sparsity)))))
+
+
+def select_top(
+    scores: Sequence[Tensor], k: int, *, granularity: str = "element", eligible: Sequence[Tensor] | None = None
+) -> list[Tensor]:
+    """Bool masks marking the ``k`` highest-scoring entries across all ``scores`` together.
+
+    One global ranking over every tensor (not per tensor), as Sparse SAM's mask
+    selection. ``granularity="tensor"`` ranks whole tensors by their mean score
+    and takes them greedily, in that order, whenever they still fit in the budget
+    of ``k`` entries (so at most ``k`` are selected). ``eligible`` (bool masks)
+    restricts the choice; ``k`` must not exceed the eligible count. Scores must not
+    be NaN; ties are broken by :func:`torch.topk`.
+
+    Example::
+
+        masks = select_top([fisher_w, fisher_b], k=100)
+    """
+    device = scores[0].device
+    if granularity == "tensor":
+        means = torch.stack([s.float().mean() if s.numel() else s.new_zeros((), dtype=torch.float32) for s in scores])
+        ok = [True] * len(scores) if eligible is None else [bool(e.all()) for e in eligible]
+        order = torch.argsort(means.to(device), descending=True, stable=True).tolist()
+        chosen = [False] * len(scores)
+        budget = k
+        for i in order:
+            if ok[i] and 0 < scores[i].numel() <= budget:
+                chosen[i] = True
+                budget -= scores[i].numel()
+        return [torch.full_like(s, c, dtype=torch.bool) for s, c in zip(scores, chosen, strict=True)]
+    flat = torch.cat([s.detach().reshape(-1).to(device=device, dtype=torch.float32) for s in scores])
+    if not 0 <= k <= flat.numel():
+        raise ValueError(f"k must be in [0, {flat.numel()}] (the number of entries), got {k}")
+    if eligible is not None:
+        elig = torch.cat([e.reshape(-1).to(device) for e in eligible])
+        available = int(elig.sum())
+        if k > available:
+            raise ValueError(f"cannot select {k} entries among {available} eligible ones")
+        flat = flat.masked_fill(~elig, -math.inf)
+    chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=device)
+    if k > 0:
+        chosen[torch.topk(flat, k, sorted=False).indices] = True
+    out, start = [], 0
+    for s in scores:
+        out.append(chosen[start : start + s.numel()].view(s.shape).to(s.device))
+        start += s.numel()
+    return out
+
+
+class Mask:
+    """Base class of perturbation masks: bookkeeping, schedule and state.
+
+    Subclasses implement :meth:`compute` (new masks from the current weights and
+    gradients). The engine calls :meth:`bind` once with every parameter of the
+    optimizer, :meth:`maybe_update` in each ``first_step`` before perturbing, and
+    :meth:`advance` after each applied update.
+
+    Args:
+        sparsity: fraction of entries NOT perturbed, in [0, 1). 0 perturbs every
+            entry, which is SAM bit for bit.
+        granularity: ``"element"`` (the paper) or ``"tensor"`` (whole tensors).
+        renormalize: ``False`` (default, as the official code): ``e = m * rho * g / ||g||``
+            with the full gradient's norm, so ``||e|| <= rho``. ``True``: divide by
+            ``||m * g||`` instead, so the masked perturbation has norm ``rho``.
+        update_interval: recompute the mask every this many applied updates (the
+            first mask is computed at the first step); ``None``: never recompute.
+        seed: seed of the mask's own random generator (random masks, sampled
+            labels); ``None`` takes ``torch.initial_seed()``. Its state is in
+            :meth:`state_dict`, so a resumed run draws the same masks.
+    """
+
+    def __init__(
+        self,
+        sparsity: float,
+        *,
+        granularity: str = "element",
+        renormalize: bool = False,
+        update_interval: int | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.sparsity = _validate.unit_interval("sparsity", sparsity, include_one=False)
+        self.granularity = _validate.choice("granularity", granularity, GRANULARITIES)
+        self.renormalize = _validate.boolean("renormalize", renormalize)
+        self.update_interval = _validate.positive_int("update_interval", update_interval, allow_none=True)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be None or an int, got {seed!r}")
+        self.seed = torch.initial_seed() if seed is None else seed
+        self.steps = 0  # applied updates so far
+        self.last_update: int | None = None  # value of ``steps`` at the last mask computation
+        self.masks: list[Tensor] | None = None
+        self.live: list[int] = []  # live entries of each mask
+        self.params: list[Tensor] | None = None
+        self.generator: torch.Generator | None = None
+
+    # ---------------------------------------------------------------- engine hooks
+
+    def bind(self, params: Sequence[Tensor]) -> None:
+        """Attach to the optimizer's parameters (all of them, in param-group order)."""
+        if self.params is not None and any(a is not b for a, b in zip(self.params, params, strict=False)):
+            raise ValueError("this mask is already bound to another optimizer; create one mask per optimizer")
+        self.params = list(params)
+        if not self.params:
+            raise ValueError("a mask needs at least one parameter")
+        self.generator = torch.Generator(device=self.params[0].device)
+        self.generator.manual_seed(self.seed)
+        self._set(None)
+        self.last_update = None
+
+    def due(self) -> bool:
+        """Whether :meth:`maybe_update` will compute a new mask now."""
+        if self.masks is None:
+            return True
+        if self.update_interval is None or self.last_update == self.steps:
+            return False
+        return self.steps % self.update_interval == 0
+
+    def maybe_update(self, grads: Sequence[Tensor | None]) -> bool:
+        """Compute new masks if :meth:`due`; ``grads`` are the gradients at ``w`` (``None``: no gradient)."""
+        if not self.due():
+            return False
+        params = self._bound()
+        if keep_count(self.numel, self.sparsity) == self.numel:
+            masks = [torch.ones_like(p, dtype=torch.bool) for p in params]  # sparsity 0: nothing to rank
+        else:
+            masks = self.compute(params, grads)
+        self._set([m.to(device=p.device, dtype=torch.bool) for m, p in zip(masks, params, strict=True)])
+        self.last_update = self.steps
+        return True
+
+    def _set(self, masks: list[Tensor] | None) -> None:
+        self.masks = masks
+        self.live = [] if masks is None else [int(m.sum()) for m in masks]
+
+    def advance(self) -> None:
+        """Count one applied update."""
+        self.steps += 1
+
+    def compute(self, params: list[Tensor], grads: Sequence[Tensor | None]) -> list[Tensor]:
+        """New masks for ``params`` (one bool tensor each). Implemented by subclasses."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def numel(self) -> int:
+        """Number of maskable entries (all parameters of the optimizer)."""
+        return sum(p.numel() for p in self._bound())
+
+    def mask_of(self, index: int) -> Tensor:
+        """The bool mask of the ``index``-th bound parameter."""
+        if self.masks is None:
+            raise RuntimeError("no mask yet: it is computed at the first first_step()")
+        return self.masks[index]
+
+    def density(self) -> float:
+        """Fraction of entries perturbed (live) under the current masks."""
+        if self.masks is None:
+            raise RuntimeError("no mask yet: it is computed at the first first_step()")
+        return sum(self.live) / self.numel
+
+    def _bound(self) -> list[Tensor]:
+        if self.params is None:
+            raise RuntimeError(f"{type(self).__name__} is not attached to an optimizer: pass it as SAM(..., mask=)")
+        return self.params
+
+    def _rand(self, params: Sequence[Tensor]) -> list[Tensor]:
+        """Uniform scores in [0, 1) from the mask's generator, one tensor per parameter."""
+        dev = self.generator.device  # type: ignore[union-attr]
+        flat = torch.rand(sum(p.numel() for p in params), generator=self.generator, device=dev)
+        return list(flat.split([p.numel() for p in params]))
+
+    # -------------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Masks, schedule position and generator state."""
+        self._bound()
+        return {
+            "format": MASK_FORMAT,
+            "kind": type(self).__name__,
+            "steps": self.steps,
+            "last_update": self.last_update,
+            "masks": None if self.masks is None else [m.clone() for m in self.masks],
+            "generator": self.generator.get_state(),  # type: ignore[union-attr]
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load what :meth:`state_dict` returned (from a mask of the same kind over the same parameters)."""
+        params = self._bound()
+        if not isinstance(state, dict) or state.get("format") != MASK_FORMAT:
+            raise ValueError(f"unsupported mask state {state.get('format') if isinstance(state, dict) else state!r}")
+        if state.get("kind") != type(self).__name__:
+            raise ValueError(f"mask state is from a {state.get('kind')}, not a {type(self).__name__}")
+        masks = state["masks"]
+        if masks is not None:
+            if len(masks) != len(params) or any(m.shape != p.shape for m, p in zip(masks, params, strict=False)):
+                raise ValueError("mask state does not match the optimizer's parameters (count or shapes differ)")
+            masks = [m.to(device=p.device, dtype=torch.bool).clone() for m, p in zip(masks, params, strict=True)]
+        self._set(masks)
+        self.steps, self.last_update = int(state["steps"]), state["last_update"]
+        self.generator.set_state(state["generator"])  # type: ignore[union-attr]
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(sparsity={self.sparsity}, granularity={self.granularity!r}, "
+            f"renormalize={self.renormalize}, update_interval={self.update_interval})"
+        )
+
+
+class RandomMask(Mask):
+    """A uniformly random mask with exactly ``floor(N * (1 - sparsity))`` live entries.
+
+    The control for Sparse SAM's informed masks (Mi et al., NeurIPS 2022,
+    arXiv:2210.05177): same budget, no information. Drawn at the first step and,
+    with ``update_interval``, redrawn every that many updates.
+
+    Example::
+
+        opt = samopt.SAM(params, torch.optim.SGD, rho=0.1, mask=samopt.masks.RandomMask(0.5, seed=0), lr=0.05)
+    """
+
+    def compute(self, params: list[Tensor], grads: Sequence[Tensor | None]) -> list[Tensor]:
+        scores = [s.view(p.shape) for s, p in zip(self._rand(params), params, strict=True)]
+        return select_top(scores, keep_count(self.numel, self.sparsity), granularity=self.granularity)
+
+
+#: Allowed values of :class:`FisherMask`'s ``fisher_labels``.
+FISHER_LABELS = ("true", "sampled")
+
+
+class FisherMask(Mask):
+    """SSAM-F: perturb the entries with the largest empirical Fisher information.
+
+    The score of each weight is ``sum_i (d loss_fn(model(x_i), y_i) / dw)^2`` over
+    ``num_samples`` training examples (Mi et al., NeurIPS 2022, arXiv:2210.05177),
+    and the mask keeps the global top ``floor(N * (1 - sparsity))``. Per-example
+    gradients are vectorised (:func:`samopt.per_sample.per_sample_grads`) in chunks
+    of at most ``chunk_size`` examples. The pass leaves the model's gradients,
+    train/eval mode, buffers (BatchNorm running statistics) and the global RNG
+    exactly as they were; it runs in the model's current mode, so in training mode
+    BatchNorm normalises each example by its own statistics, as the official
+    batch-1 loop does.
+
+    Differences from the official code, each deliberate: the first mask is computed
+    before the first step (not all-zero, which leaves step 1 unperturbed), the
+    interval counts optimizer steps (not epochs) and the new mask applies at once,
+    no leftover gradient leaks into the first sample's score, and BatchNorm
+    statistics are not disturbed.
+
+    Args:
+        model: the module whose parameters the optimizer holds.
+        fisher_data: an iterable of ``(inputs, targets)`` batches (e.g. the training
+            DataLoader). Examples are taken in order across batches; the iterator
+            is resumed at the next update and re-created when exhausted.
+        loss_fn: ``loss_fn(outputs, targets)``, e.g. :func:`torch.nn.functional.cross_entropy`.
+        sparsity, granularity, renormalize, update_interval, seed: see :class:`Mask`.
+        num_samples: examples per Fisher estimate (>= 1).
+        fisher_labels: ``"true"`` (empirical Fisher, the paper and official code)
+            or ``"sampled"`` (labels drawn from the model's predictive distribution,
+            ``softmax(outputs)``, by the Gumbel-max trick with the mask's generator:
+            the true Fisher; classification logits only).
+        chunk_size: examples per vectorised call; ``None`` bounds each chunk's
+            gradients to 256 MiB.
+
+    Example::
+
+        mask = samopt.masks.FisherMask(model, train_loader, F.cross_entropy, sparsity=0.5,
+                                       num_samples=128, update_interval=390)
+        opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.1, mask=mask, lr=0.05, momentum=0.9)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        fisher_data: Iterable[Any],
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        sparsity: float = 0.5,
+        *,
+        num_samples: int = 128,
+        update_interval: int | None = 390,
+        fisher_labels: str = "true",
+        granularity: str = "element",
+        renormalize: bool = False,
+        chunk_size: int | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(
+            sparsity, granularity=granularity, renormalize=renormalize, update_interval=update_interval, seed=seed
+        )
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(fisher_data, Iterable):
+            raise TypeError(f"fisher_data must be an iterable of (inputs, targets) batches, got {fisher_data!r}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable as loss_fn(outputs, targets), got {loss_fn!r}")
+        self.model, self.fisher_data, self.loss_fn = model, fisher_data, loss_fn
+        self.num_samples = _validate.positive_int("num_samples", num_samples)
+        self.fisher_labels = _validate.choice("fisher_labels", fisher_labels, FISHER_LABELS)
+        self.chunk_size = _validate.positive_int("chunk_size", chunk_size, allow_none=True)
+        self._iter: Iterator[Any] | None = None
+        self._carry: tuple[Tensor, Tensor] | None = None  # unused rest of the last batch
+        self.position = 0  # examples consumed from the current pass over fisher_data
+        self._skip = 0  # examples to skip when the iterator is re-created after load_state_dict
+        self._names: list[str] = []
+
+    def bind(self, params: Sequence[Tensor]) -> None:
+        super().bind(params)
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        missing = [i for i, p in enumerate(self.params) if id(p) not in names]  # type: ignore[arg-type]
+        if missing:
+            raise ValueError(
+                f"FisherMask: {len(missing)} optimizer parameter(s) (indices {missing[:5]}) are not parameters of "
+                "the model given as model=; the Fisher information is taken over model.named_parameters()"
+            )
+        self._names = [names[id(p)] for p in self.params]  # type: ignore[union-attr]
+
+    # ---------------------------------------------------------------------- data
+
+    def _batch(self) -> tuple[Tensor, Tensor]:
+        """The next ``(inputs, targets)`` batch, re-creating the iterator after a full pass."""
+        for restarted in (False, True):
+            if self._iter is None:
+                self._iter = iter(self.fisher_data)
+                self.position = 0
+            try:
+                batch = next(self._iter)
+            except StopIteration:
+                self._iter = None
+                if restarted:
+                    break
+                continue
+            if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and all(torch.is_tensor(t) for t in batch)):
+                kind = type(batch).__name__
+                raise TypeError(f"fisher_data must yield (inputs, targets) pairs of tensors, got a {kind}")
+            if batch[0].shape[0] != batch[1].shape[0]:
+                raise ValueError(
+                    f"fisher_data yielded {batch[0].shape[0]} inputs with {batch[1].shape[0]} targets in one batch"
+                )
+            return batch[0], batch[1]
+        raise ValueError("fisher_data yielded no batches: it needs at least one (inputs, targets) batch")
+
+    def samples(self, n: int) -> tuple[Tensor, Tensor]:
+        """The next ``n`` examples of ``fisher_data``, in order across batches."""
+        xs, ys, have = [], [], 0
+        while have < n:
+            if self._carry is not None:
+                x, y = self._carry
+                self._carry = None
+            else:
+                x, y = self._batch()
+                if self._skip:  # fast-forward to where a saved run stopped
+                    drop = min(self._skip, x.shape[0])
+                    self._skip -= drop
+                    self.position += drop
+                    x, y = x[drop:], y[drop:]
+            take = min(n - have, x.shape[0])
+            if take < x.shape[0]:
+                self._carry = (x[take:], y[take:])
+            xs.append(x[:take])
+            ys.append(y[:take])
+            have += take
+            self.position += take
+        return torch.cat(xs), torch.cat(ys)
+
+    # ------------------------------------------------------------------- scores
+
+    def scores(self, params: Sequence[Tensor]) -> list[Tensor]:
+        """The Fisher score of every entry of ``params``, from the next ``num_samples`` examples."""
+        x, y = self.samples(self.num_samples)
+        device = params[0].device
+        x, y = x.to(device), y.to(device)
+        chunk = self.chunk_size or min(self.num_samples, chunk_size_for(params, FISHER_CHUNK_BYTES))
+        seed = int(torch.randint(1 << 62, (), generator=self.generator, device=self.generator.device))  # type: ignore[union-attr]
+        devices = [device.index or 0] if device.type == "cuda" else []
+        acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        # dropout and label sampling draw from a private stream; the global RNG is left as it was
+        with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+            torch.manual_seed(seed)
+            target = _sample_label if self.fisher_labels == "sampled" else None
+            for grads in per_sample_grads(self.model, self._names, x, y, self.loss_fn, chunk_size=chunk, label=target):
+                for a, g in zip(acc, grads, strict=True):
+                    a.add_(g.float().square().sum(0))
+        return acc
+
+    def compute(self, params: list[Tensor], grads: Sequence[Tensor | None]) -> list[Tensor]:
+        return select_top(self.scores(params), keep_count(self.numel, self.sparsity), granularity=self.granularity)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._iter, self._carry = None, None
+        self._skip = int(state["position"])
+
+
+def _sample_label(logits: Tensor) -> Tensor:
+    """A class drawn from ``softmax(logits)`` (Gumbel-max), from the current RNG stream."""
+    u = torch.rand_like(logits, dtype=torch.float32).clamp_min(torch.finfo(torch.float32).tiny)
+    return (logits.detach().float() - torch.log(-torch.log(u))).argmax(-1)
+
+
+#: Allowed values of :class:`DynamicSparseMask`'s ``drop`` and ``grow``.
+DROP_SCORES = ("gradient", "weight", "random")
+GROW_SCORES = ("random", "gradient")
+
+
+class DynamicSparseMask(Mask):
+    """SSAM-D: a random mask evolved by drop and grow, as in dynamic sparse training.
+
+    Starts from a random mask with exactly ``K = floor(N * (1 - sparsity))`` live
+    entries. Every ``update_interval`` steps ``t``, with drop rate
+    ``dr = drop_rate * (1 + cos(pi * min(t, total_steps) / total_steps)) / 2``
+    (Mi et al., NeurIPS 2022, arXiv:2210.05177), it keeps the
+    ``floor(N * (1 - sparsity) * (1 - dr))`` live entries with the largest drop
+    score and grows entries among those that were dead, by the grow score, until
+    exactly ``K`` are live again (if too few were dead, just-dropped entries
+    regrow, best grow score first). Runs on the parameters' device. With
+    ``granularity="tensor"`` whole tensors are kept (by mean drop score) and grown
+    (by mean grow score) greedily within the same budgets, so the live count can
+    fall below ``K``.
+
+    Differences from the official code: the live count stays exactly ``K`` (it
+    loses entries to rounding there), nothing is copied to the CPU, and the
+    ``"weight"`` score is ``|w|`` at ``w`` (there, ``|w + e|``).
+
+    Args:
+        sparsity, granularity, renormalize, update_interval, seed: see :class:`Mask`.
+        drop_rate: the initial drop rate ``alpha``, in [0, 1].
+        drop: drop score, ``"gradient"`` (``|g|`` at ``w``: drop the flattest),
+            ``"weight"`` (``|w|``) or ``"random"``.
+        grow: grow score, ``"random"`` or ``"gradient"`` (``|g|``).
+        total_steps: length of the cosine schedule of the drop rate, in steps.
+
+    Example::
+
+        mask = samopt.masks.DynamicSparseMask(0.5, update_interval=390, total_steps=78000)
+        opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.1, mask=mask, lr=0.05)
+    """
+
+    def __init__(
+        self,
+        sparsity: float = 0.5,
+        *,
+        total_steps: int,
+        drop_rate: float = 0.5,
+        drop: str = "gradient",
+        grow: str = "random",
+        update_interval: int | None = 390,
+        granularity: str = "element",
+        renormalize: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(
+            sparsity, granularity=granularity, renormalize=renormalize, update_interval=update_interval, seed=seed
+        )
+        self.total_steps = _validate.positive_int("total_steps", total_steps)
+        self.drop_rate = _validate.unit_interval("drop_rate", drop_rate, include_one=True)
+        self.drop = _validate.choice("drop", drop, DROP_SCORES)
+        self.grow = _validate.choice("grow", grow, GROW_SCORES)
+
+    def drop_rate_at(self, step: int) -> float:
+        """The cosine-decayed drop rate at ``step`` (0 once ``total_steps`` is reached)."""
+        t = min(step, self.total_steps)
+        return self.drop_rate * (1 + math.cos(math.pi * t / self.total_steps)) / 2
+
+    def _score(self, kind: str, params: list[Tensor], grads: Sequence[Tensor | None]) -> list[Tensor]:
+        if kind == "random":
+            return [s.view(p.shape) for s, p in zip(self._rand(params), params, strict=True)]
+        if kind == "weight":
+            return [p.detach().abs() for p in params]
+        return [torch.zeros_like(p) if g is None else g.detach().abs() for p, g in zip(params, grads, strict=True)]
+
+    def compute(self, params: list[Tensor], grads: Sequence[Tensor | None]) -> list[Tensor]:
+        budget = keep_count(self.numel, self.sparsity)
+        if self.masks is None:  # the initial random mask
+            return select_top(self._score("random", params, grads), budget, granularity=self.granularity)
+        live = self.masks
+        dr = Fraction(self.drop_rate_at(self.steps))
+        keep = math.floor(self.numel * (1 - Fraction(repr(self.sparsity))) * (1 - dr))
+        kept = select_top(self._score(self.drop, params, grads), keep, granularity=self.granularity, eligible=live)
+        kept_n = sum(int(m.sum()) for m in kept)
+        grow_scores = self._score(self.grow, params, grads)
+        dead = [~m for m in live]
+        dead_n = sum(int(m.sum()) for m in dead)
+        need = budget - kept_n
+        if self.granularity == "tensor":
+            dead_n = sum(m.numel() for m in dead if bool(m.all()) and m.numel())
+        grown = select_top(grow_scores, min(need, dead_n), granularity=self.granularity, eligible=dead)
+        new = [k | g for k, g in zip(kept, grown, strict=True)]
+        need -= sum(int(g.sum()) for g in grown)
+        if need > 0 and self.granularity == "element":  # too few were dead: regrow just-dropped entries
+            dropped = [m & ~k for m, k in zip(live, kept, strict=True)]
+            regrown = select_top(grow_scores, need, eligible=dropped)
+            new = [n | r for n, r in zip(new, regrown, strict=True)]
+        return new
+
+    def __repr__(self) -> str:
+        return (
+            f"{super().__repr__()[:-1]}, drop_rate={self.drop_rate}, drop={self.drop!r}, grow={self.grow!r}, "
+            f"total_steps={self.total_steps})"
+        )
