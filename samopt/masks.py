@@ -301,7 +301,7 @@ class FisherMask(Mask):
     ``num_samples`` training examples (Mi et al., NeurIPS 2022, arXiv:2210.05177),
     and the mask keeps the global top ``floor(N * (1 - sparsity))``. Per-example
     gradients are vectorised (:func:`samopt.per_sample.per_sample_grads`) in chunks
-    of at most ``chunk_size`` examples. The pass leaves the model's gradients,
+    of at most ``chunk_size`` examples (see ``vectorize``). The pass leaves the model's gradients,
     train/eval mode, buffers (BatchNorm running statistics) and the global RNG
     exactly as they were; it runs in the model's current mode, so in training mode
     BatchNorm normalises each example by its own statistics, as the official
@@ -325,8 +325,12 @@ class FisherMask(Mask):
             or ``"sampled"`` (labels drawn from the model's predictive distribution,
             ``softmax(outputs)``, by the Gumbel-max trick with the mask's generator:
             the true Fisher; classification logits only).
-        chunk_size: examples per vectorised call; ``None`` bounds each chunk's
-            gradients to 256 MiB.
+        chunk_size: examples per chunk of per-example gradients; ``None`` bounds
+            each chunk's gradients to 256 MiB.
+        vectorize: ``True``: ``torch.func.vmap`` over each chunk; ``False``: a loop
+            of batch-1 ``torch.autograd.grad`` calls (same results, same guarantees);
+            ``None`` (default): vectorise on CUDA, loop on CPU, where
+            ``benchmarks/fisher_cost.py`` measured the loop faster.
 
     Example::
 
@@ -348,6 +352,7 @@ class FisherMask(Mask):
         granularity: str = "element",
         renormalize: bool = False,
         chunk_size: int | None = None,
+        vectorize: bool | None = None,
         seed: int | None = None,
     ) -> None:
         super().__init__(
@@ -363,6 +368,7 @@ class FisherMask(Mask):
         self.num_samples = _validate.positive_int("num_samples", num_samples)
         self.fisher_labels = _validate.choice("fisher_labels", fisher_labels, FISHER_LABELS)
         self.chunk_size = _validate.positive_int("chunk_size", chunk_size, allow_none=True)
+        self.vectorize = None if vectorize is None else _validate.boolean("vectorize", vectorize)
         self._iter: Iterator[Any] | None = None
         self._carry: tuple[Tensor, Tensor] | None = None  # unused rest of the last batch
         self.position = 0  # examples consumed from the current pass over fisher_data
@@ -443,9 +449,13 @@ class FisherMask(Mask):
         with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
             torch.manual_seed(seed)
             target = _sample_label if self.fisher_labels == "sampled" else None
-            for grads in per_sample_grads(self.model, self._names, x, y, self.loss_fn, chunk_size=chunk, label=target):
+            vectorize = device.type == "cuda" if self.vectorize is None else self.vectorize
+            for grads in per_sample_grads(
+                self.model, self._names, x, y, self.loss_fn, chunk_size=chunk, label=target, vectorize=vectorize
+            ):
                 for a, g in zip(acc, grads, strict=True):
-                    a.add_(g.float().square().sum(0))
+                    for gi in g.float():  # one fused pass per example, no chunk-sized temporary
+                        a.addcmul_(gi, gi)
         return acc
 
     def compute(self, params: list[Tensor], grads: Sequence[Tensor | None]) -> list[Tensor]:

@@ -44,7 +44,7 @@ def per_sample_grads(
     *,
     chunk_size: int,
     label: Callable[[Tensor], Tensor] | None = None,
-    randomness: str = "different",
+    vectorize: bool = True,
 ) -> Iterator[list[Tensor]]:
     """Gradients of ``loss_fn(model(x_i[None]), y_i[None])`` for every example, ``chunk_size`` at a time.
 
@@ -52,18 +52,23 @@ def per_sample_grads(
         model: the module, used in its current train/eval mode. In training mode,
             BatchNorm normalises each example by its own statistics (as a batch-1
             pass does) and updates per-example copies of its running statistics,
-            which are discarded.
+            which are discarded; dropout draws independent masks per example.
         names: the ``model.named_parameters()`` names to differentiate; the others
             are held constant.
         inputs, targets: the examples, stacked along dimension 0.
         loss_fn: ``loss_fn(output, target)`` for a batch of one, a scalar.
-        chunk_size: examples per vectorised call; bounds memory (each call holds
-            ``chunk_size`` copies of the differentiated parameters' gradients).
+        chunk_size: examples per vectorised call and yielded chunk; bounds memory
+            (each chunk holds ``chunk_size`` copies of the differentiated
+            parameters' gradients). The loop (``vectorize=False``) yields one
+            example at a time.
         label: if given, the loss of each example uses ``label(output)`` (computed
             from that example's output, e.g. a label sampled from the model's
             prediction) instead of its target.
-        randomness: :func:`torch.func.vmap`'s ``randomness`` (dropout in training
-            mode): ``"different"`` draws independent masks per example, like a loop.
+        vectorize: ``True``: one ``vmap(grad(...))`` call per chunk (fast where
+            batch-1 passes leave the device idle, as on GPUs). ``False``: a loop of
+            batch-1 ``torch.autograd.grad`` calls, still through ``functional_call``
+            (on a CPU, where a batch-1 pass already keeps the cores busy, this is the
+            faster one: see ``benchmarks/fisher_cost.py``).
 
     Yields:
         For each chunk, one tensor per name, of shape ``(examples in chunk, *param.shape)``.
@@ -73,7 +78,6 @@ def per_sample_grads(
     missing = wanted - all_params.keys()
     if missing:
         raise ValueError(f"names {sorted(missing)} are not parameters of the model")
-    diff = {n: all_params[n].detach() for n in names}
     const = {n: p.detach() for n, p in all_params.items() if n not in wanted}
     buffers = dict(model.named_buffers())
 
@@ -81,11 +85,20 @@ def per_sample_grads(
         out = functional_call(model, ({**p, **const}, b), (x.unsqueeze(0),))
         return loss_fn(out, y.unsqueeze(0) if label is None else label(out))
 
-    per_example = vmap(grad(loss_one), in_dims=(None, 0, 0, 0), randomness=randomness)
     with torch.enable_grad():
-        for start in range(0, inputs.shape[0], chunk_size):
-            x, y = inputs[start : start + chunk_size], targets[start : start + chunk_size]
-            # each example gets its own copy of the buffers, so in-place updates stay private
-            b = {n: t.unsqueeze(0).expand(x.shape[0], *t.shape).clone() for n, t in buffers.items()}
-            g = per_example(diff, b, x, y)
-            yield [g[n] for n in names]
+        if vectorize:
+            diff = {n: all_params[n].detach() for n in names}
+            per_example = vmap(grad(loss_one), in_dims=(None, 0, 0, 0), randomness="different")
+            for start in range(0, inputs.shape[0], chunk_size):
+                x, y = inputs[start : start + chunk_size], targets[start : start + chunk_size]
+                # each example gets its own copy of the buffers, so in-place updates stay private
+                b = {n: t.unsqueeze(0).expand(x.shape[0], *t.shape).clone() for n, t in buffers.items()}
+                g = per_example(diff, b, x, y)
+                yield [g[n] for n in names]
+            return
+        diff = {n: all_params[n].detach().requires_grad_(True) for n in names}
+        leaves = [diff[n] for n in names]
+        for x, y in zip(inputs, targets, strict=True):
+            b = {n: t.clone() for n, t in buffers.items()}
+            gs = torch.autograd.grad(loss_one(diff, b, x, y), leaves, allow_unused=True, materialize_grads=True)
+            yield [g.unsqueeze(0) for g in gs]

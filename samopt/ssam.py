@@ -53,6 +53,7 @@ class SSAMF(SAM):
         granularity: str = "element",
         renormalize: bool = False,
         chunk_size: int | None = None,
+        vectorize: bool | None = None,
         seed: int | None = None,
         **kwargs: Any,
     ) -> None:
@@ -67,6 +68,7 @@ class SSAMF(SAM):
             granularity=granularity,
             renormalize=renormalize,
             chunk_size=chunk_size,
+            vectorize=vectorize,
             seed=seed,
         )
         super().__init__(params, base_optimizer, rho=rho, mask=mask, **kwargs)

@@ -231,10 +231,14 @@ def test_a_parameter_whose_mask_is_all_off_is_not_touched():
 # ------------------------------------------------------------------- Fisher
 
 
-def test_fisher_scores_and_mask_equal_a_per_sample_loop_and_the_step_perturbs_exactly_the_top_k():
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_fisher_scores_and_mask_equal_a_per_sample_loop_and_the_step_perturbs_exactly_the_top_k(vectorize):
     model = conv_net()
     batches = fisher_batches(n_batches=8, size=3)
-    mask = FisherMask(model, batches, F.cross_entropy, sparsity=0.7, num_samples=7, update_interval=1, chunk_size=3)
+    mask = FisherMask(
+        model, batches, F.cross_entropy, sparsity=0.7, num_samples=7, update_interval=1, chunk_size=3,
+        vectorize=vectorize,
+    )  # fmt: skip
     opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.1, mask=mask, lr=0.1)
     x, y = image_batch(seed=5, n=8)
     for step, start in enumerate((0, 7)):  # the second update continues where the first stopped
@@ -271,7 +275,8 @@ def test_fisher_data_wraps_around_when_exhausted():
     torch.testing.assert_close(xs[2], all_x[2:6], rtol=0, atol=0)
 
 
-def test_fisher_pass_leaves_buffers_mode_gradients_and_rng_untouched():
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_fisher_pass_leaves_buffers_mode_gradients_and_rng_untouched(vectorize):
     model = conv_net(dropout=0.5)
     model[1].eval()  # a mixed-mode model: the pass must keep every module's own flag
     x, y = image_batch(n=8)
@@ -281,7 +286,7 @@ def test_fisher_pass_leaves_buffers_mode_gradients_and_rng_untouched():
     grads = [p.grad.clone() for p in model.parameters()]
     bufs = [b.clone() for b in model.buffers()]
     modes = [m.training for m in model.modules()]
-    mask = FisherMask(model, fisher_batches(), F.cross_entropy, num_samples=9, chunk_size=4)
+    mask = FisherMask(model, fisher_batches(), F.cross_entropy, num_samples=9, chunk_size=4, vectorize=vectorize)
     samopt.SAM(model.parameters(), torch.optim.SGD, mask=mask, lr=0.1)
     rng = torch.get_rng_state()
     scores = mask.scores(list(model.parameters()))
@@ -292,13 +297,16 @@ def test_fisher_pass_leaves_buffers_mode_gradients_and_rng_untouched():
     assert all(bool((s >= 0).all()) for s in scores) and sum(float(s.sum()) for s in scores) > 0
 
 
-def test_sampled_fisher_labels_follow_the_model_prediction():
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_sampled_fisher_labels_follow_the_model_prediction(vectorize):
     # a model this confident predicts one class for sure: sampled labels = its argmax, not the true labels
     model = conv_net()
     with torch.no_grad():
         model[-1].bias.copy_(torch.tensor([0.0, 300.0, 0.0]))
     batches = fisher_batches()
-    sampled = FisherMask(model, batches, F.cross_entropy, num_samples=6, fisher_labels="sampled", seed=0)
+    sampled = FisherMask(
+        model, batches, F.cross_entropy, num_samples=6, fisher_labels="sampled", seed=0, vectorize=vectorize
+    )
     samopt.SAM(model.parameters(), torch.optim.SGD, mask=sampled, lr=0.1)
     xs, ys = cat_samples(batches, 0, 6)
     assert (ys != 1).any()
