@@ -1,0 +1,1 @@
+"""The samopt application: data, models and training helpers built on the library."""
