@@ -164,7 +164,7 @@ def _buckets_with_masks(
     params: Sequence[Tensor], grads: Sequence[Tensor], masks: Sequence[Tensor | None], *more: Sequence[Tensor]
 ) -> list[tuple[list, ...]]:
     """:func:`_buckets` over parameters, gradients, optional masks (all or none ``None``) and more lists."""
-    if masks[0] is None:
+    if not masks or masks[0] is None:
         return [(bp, bg, [None] * len(bp), *rest) for bp, bg, *rest in _buckets(params, grads, *more)]
     return _buckets(params, grads, masks, *more)
 

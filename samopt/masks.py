@@ -29,6 +29,7 @@ Example::
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from fractions import Fraction
 from typing import Any
@@ -57,14 +58,16 @@ MASK_FORMAT = 1
 FISHER_CHUNK_BYTES = 256 << 20
 
 
-def keep_count(numel: int, sparsity: float) -> int:
-    """``floor(numel * (1 - sparsity))``, exact on the decimal value of ``sparsity``.
+def keep_count(numel: int, sparsity: float, factor: float = 1.0) -> int:
+    """``floor(numel * (1 - sparsity) * factor)``, exact on the decimal value of ``sparsity``.
+
+    (``factor`` is taken exactly as the binary float it is.)
 
     Example::
 
         keep_count(10, 0.7)   # 3 (float arithmetic would give floor(2.9999999999999996) = 2)
     """
-    return math.floor(numel * (1 - Fraction(repr(float(sparsity)))))
+    return math.floor(numel * (1 - Fraction(repr(float(sparsity)))) * Fraction(factor))
 
 
 def select_top(
@@ -84,8 +87,13 @@ def select_top(
         masks = select_top([fisher_w, fisher_b], k=100)
     """
     device = scores[0].device
+    total = sum(s.numel() for s in scores)
+    if not 0 <= k <= total:
+        raise ValueError(f"k must be in [0, {total}] (the number of entries), got {k}")
     if granularity == "tensor":
-        means = torch.stack([s.float().mean() if s.numel() else s.new_zeros((), dtype=torch.float32) for s in scores])
+        means = torch.stack(
+            [s.float().mean().to(device) if s.numel() else torch.zeros((), device=device) for s in scores]
+        )
         ok = [True] * len(scores) if eligible is None else [bool(e.all()) for e in eligible]
         order = torch.argsort(means.to(device), descending=True, stable=True).tolist()
         chosen = [False] * len(scores)
@@ -96,8 +104,6 @@ def select_top(
                 budget -= scores[i].numel()
         return [torch.full_like(s, c, dtype=torch.bool) for s, c in zip(scores, chosen, strict=True)]
     flat = torch.cat([s.detach().reshape(-1).to(device=device, dtype=torch.float32) for s in scores])
-    if not 0 <= k <= flat.numel():
-        raise ValueError(f"k must be in [0, {flat.numel()}] (the number of entries), got {k}")
     if eligible is not None:
         elig = torch.cat([e.reshape(-1).to(device) for e in eligible])
         available = int(elig.sum())
@@ -158,28 +164,34 @@ class Mask:
         self.live: list[int] = []  # live entries of each mask
         self.params: list[Tensor] | None = None
         self.generator: torch.Generator | None = None
+        self._owner: weakref.ref | None = None
 
     # ---------------------------------------------------------------- engine hooks
 
-    def bind(self, params: Sequence[Tensor]) -> None:
-        """Attach to the optimizer's parameters (all of them, in param-group order)."""
-        if self.params is not None and any(a is not b for a, b in zip(self.params, params, strict=False)):
+    def bind(self, params: Sequence[Tensor], owner: object) -> None:
+        """Attach to the parameters (all of them, in param-group order) of the optimizer ``owner``.
+
+        Binding again (the optimizer got a new parameter group) drops the masks, so
+        the next step computes new ones over all parameters; the generator goes on
+        from where it was.
+        """
+        if self._owner is not None and self._owner() is not None and self._owner() is not owner:
             raise ValueError("this mask is already bound to another optimizer; create one mask per optimizer")
-        self.params = list(params)
-        if not self.params:
+        params = list(params)
+        if not params:
             raise ValueError("a mask needs at least one parameter")
-        self.generator = torch.Generator(device=self.params[0].device)
-        self.generator.manual_seed(self.seed)
+        if self.generator is None:
+            self.generator = torch.Generator(device=params[0].device)
+            self.generator.manual_seed(self.seed)
+        self._owner, self.params = weakref.ref(owner), params
         self._set(None)
-        self.last_update = None
 
     def due(self) -> bool:
-        """Whether :meth:`maybe_update` will compute a new mask now."""
-        if self.masks is None:
+        """Whether :meth:`maybe_update` will compute a new mask now: there is none yet, or
+        ``update_interval`` applied updates have passed since the last one."""
+        if self.masks is None or self.last_update is None:
             return True
-        if self.update_interval is None or self.last_update == self.steps:
-            return False
-        return self.steps % self.update_interval == 0
+        return self.update_interval is not None and self.steps - self.last_update >= self.update_interval
 
     def maybe_update(self, grads: Sequence[Tensor | None]) -> bool:
         """Compute new masks if :meth:`due`; ``grads`` are the gradients at ``w`` (``None``: no gradient)."""
@@ -231,10 +243,10 @@ class Mask:
         return self.params
 
     def _rand(self, params: Sequence[Tensor]) -> list[Tensor]:
-        """Uniform scores in [0, 1) from the mask's generator, one tensor per parameter."""
+        """Uniform scores in [0, 1) from the mask's generator, shaped like each parameter."""
         dev = self.generator.device  # type: ignore[union-attr]
         flat = torch.rand(sum(p.numel() for p in params), generator=self.generator, device=dev)
-        return list(flat.split([p.numel() for p in params]))
+        return [s.view(p.shape) for s, p in zip(flat.split([p.numel() for p in params]), params, strict=True)]
 
     # -------------------------------------------------------------------- state
 
@@ -250,18 +262,32 @@ class Mask:
             "generator": self.generator.get_state(),  # type: ignore[union-attr]
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Load what :meth:`state_dict` returned (from a mask of the same kind over the same parameters)."""
+    def check_state(self, state: object) -> None:
+        """Raise ``ValueError`` unless ``state`` is a :meth:`state_dict` this mask can load."""
         params = self._bound()
-        if not isinstance(state, dict) or state.get("format") != MASK_FORMAT:
-            raise ValueError(f"unsupported mask state {state.get('format') if isinstance(state, dict) else state!r}")
+        fmt = state.get("format") if isinstance(state, dict) else None
+        if not isinstance(state, dict) or fmt != MASK_FORMAT:
+            raise ValueError(f"unsupported mask state format {fmt!r}; this samopt reads mask format {MASK_FORMAT}")
         if state.get("kind") != type(self).__name__:
             raise ValueError(f"mask state is from a {state.get('kind')}, not a {type(self).__name__}")
         masks = state["masks"]
+        if masks is not None and (
+            len(masks) != len(params) or any(m.shape != p.shape for m, p in zip(masks, params, strict=False))
+        ):
+            raise ValueError("mask state does not match the optimizer's parameters (count or shapes differ)")
+        gen = state["generator"]
+        if not torch.is_tensor(gen) or gen.shape != self.generator.get_state().shape:  # type: ignore[union-attr]
+            raise ValueError(
+                f"the mask's saved generator state does not fit its generator on {self.generator.device} "  # type: ignore[union-attr]
+                "(saved on another device type?)"
+            )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load what :meth:`state_dict` returned (from a mask of the same kind over the same parameters)."""
+        self.check_state(state)
+        masks = state["masks"]
         if masks is not None:
-            if len(masks) != len(params) or any(m.shape != p.shape for m, p in zip(masks, params, strict=False)):
-                raise ValueError("mask state does not match the optimizer's parameters (count or shapes differ)")
-            masks = [m.to(device=p.device, dtype=torch.bool).clone() for m, p in zip(masks, params, strict=True)]
+            masks = [m.to(device=p.device, dtype=torch.bool).clone() for m, p in zip(masks, self._bound(), strict=True)]
         self._set(masks)
         self.steps, self.last_update = int(state["steps"]), state["last_update"]
         self.generator.set_state(state["generator"])  # type: ignore[union-attr]
@@ -286,8 +312,7 @@ class RandomMask(Mask):
     """
 
     def compute(self, params: list[Tensor], grads: Sequence[Tensor | None]) -> list[Tensor]:
-        scores = [s.view(p.shape) for s, p in zip(self._rand(params), params, strict=True)]
-        return select_top(scores, keep_count(self.numel, self.sparsity), granularity=self.granularity)
+        return select_top(self._rand(params), keep_count(self.numel, self.sparsity), granularity=self.granularity)
 
 
 #: Allowed values of :class:`FisherMask`'s ``fisher_labels``.
@@ -315,9 +340,14 @@ class FisherMask(Mask):
 
     Args:
         model: the module whose parameters the optimizer holds.
-        fisher_data: an iterable of ``(inputs, targets)`` batches (e.g. the training
-            DataLoader). Examples are taken in order across batches; the iterator
-            is resumed at the next update and re-created when exhausted.
+        fisher_data: a re-iterable of ``(inputs, targets)`` batches, e.g. a DataLoader
+            over the training set (its own, not the training loop's if that one has
+            ``persistent_workers=True``, whose single iterator the two would share).
+            Examples are taken in order across batches; the iterator is resumed at
+            the next update and re-created when exhausted. Its shuffling and
+            augmentation draw from the mask's private random stream, so the global
+            RNG is untouched and a resumed run (which fast-forwards to the saved
+            position) sees the same examples if the data order is reproducible.
         loss_fn: ``loss_fn(outputs, targets)``, e.g. :func:`torch.nn.functional.cross_entropy`.
         sparsity, granularity, renormalize, update_interval, seed: see :class:`Mask`.
         num_samples: examples per Fisher estimate (>= 1).
@@ -375,8 +405,8 @@ class FisherMask(Mask):
         self._skip = 0  # examples to skip when the iterator is re-created after load_state_dict
         self._names: list[str] = []
 
-    def bind(self, params: Sequence[Tensor]) -> None:
-        super().bind(params)
+    def bind(self, params: Sequence[Tensor], owner: object) -> None:
+        super().bind(params, owner)
         names = {id(p): n for n, p in self.model.named_parameters()}
         missing = [i for i, p in enumerate(self.params) if id(p) not in names]  # type: ignore[arg-type]
         if missing:
@@ -404,12 +434,16 @@ class FisherMask(Mask):
             if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and all(torch.is_tensor(t) for t in batch)):
                 kind = type(batch).__name__
                 raise TypeError(f"fisher_data must yield (inputs, targets) pairs of tensors, got a {kind}")
-            if batch[0].shape[0] != batch[1].shape[0]:
+            if batch[0].shape[0] != batch[1].shape[0] or batch[0].shape[0] == 0:
                 raise ValueError(
-                    f"fisher_data yielded {batch[0].shape[0]} inputs with {batch[1].shape[0]} targets in one batch"
+                    f"fisher_data yielded a batch of {batch[0].shape[0]} inputs and {batch[1].shape[0]} targets; "
+                    "each batch needs as many targets as inputs, and at least one"
                 )
             return batch[0], batch[1]
-        raise ValueError("fisher_data yielded no batches: it needs at least one (inputs, targets) batch")
+        raise ValueError(
+            "fisher_data yielded no batches: it needs at least one (inputs, targets) batch, and must be "
+            "re-iterable (a DataLoader or a list, not a one-shot iterator) to serve more than one pass"
+        )
 
     def samples(self, n: int) -> tuple[Tensor, Tensor]:
         """The next ``n`` examples of ``fisher_data``, in order across batches."""
@@ -438,23 +472,29 @@ class FisherMask(Mask):
 
     def scores(self, params: Sequence[Tensor]) -> list[Tensor]:
         """The Fisher score of every entry of ``params``, from the next ``num_samples`` examples."""
-        x, y = self.samples(self.num_samples)
         device = params[0].device
-        x, y = x.to(device), y.to(device)
         chunk = self.chunk_size or min(self.num_samples, chunk_size_for(params, FISHER_CHUNK_BYTES))
         seed = int(torch.randint(1 << 62, (), generator=self.generator, device=self.generator.device))  # type: ignore[union-attr]
-        devices = [device.index or 0] if device.type == "cuda" else []
+        cuda = (
+            [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        )
         acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-        # dropout and label sampling draw from a private stream; the global RNG is left as it was
-        with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
-            torch.manual_seed(seed)
+        # data shuffling and augmentation, dropout and label sampling draw from a private
+        # stream seeded by the mask's generator; the global RNG is left as it was
+        with torch.random.fork_rng(devices=cuda):
+            torch.default_generator.manual_seed(seed)
+            if cuda:
+                torch.cuda.default_generators[cuda[0]].manual_seed(seed)
+            x, y = self.samples(self.num_samples)
+            x, y = x.to(device), y.to(device)
             target = _sample_label if self.fisher_labels == "sampled" else None
             vectorize = device.type == "cuda" if self.vectorize is None else self.vectorize
             for grads in per_sample_grads(
                 self.model, self._names, x, y, self.loss_fn, chunk_size=chunk, label=target, vectorize=vectorize
             ):
                 for a, g in zip(acc, grads, strict=True):
-                    for gi in g.float():  # one fused pass per example, no chunk-sized temporary
+                    for gi in g:  # one fused pass per example
+                        gi = gi.float()
                         a.addcmul_(gi, gi)
         return acc
 
@@ -462,12 +502,13 @@ class FisherMask(Mask):
         return select_top(self.scores(params), keep_count(self.numel, self.sparsity), granularity=self.granularity)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "position": self.position}
+        # examples of the current pass consumed, counting those still to be skipped after a load
+        return {**super().state_dict(), "position": self.position + self._skip}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self._iter, self._carry = None, None
-        self._skip = int(state["position"])
+        self.position, self._skip = 0, int(state["position"])
 
 
 def _sample_label(logits: Tensor) -> Tensor:
@@ -542,7 +583,7 @@ class DynamicSparseMask(Mask):
 
     def _score(self, kind: str, params: list[Tensor], grads: Sequence[Tensor | None]) -> list[Tensor]:
         if kind == "random":
-            return [s.view(p.shape) for s, p in zip(self._rand(params), params, strict=True)]
+            return self._rand(params)
         if kind == "weight":
             return [p.detach().abs() for p in params]
         return [torch.zeros_like(p) if g is None else g.detach().abs() for p, g in zip(params, grads, strict=True)]
@@ -552,8 +593,7 @@ class DynamicSparseMask(Mask):
         if self.masks is None:  # the initial random mask
             return select_top(self._score("random", params, grads), budget, granularity=self.granularity)
         live = self.masks
-        dr = Fraction(self.drop_rate_at(self.steps))
-        keep = math.floor(self.numel * (1 - Fraction(repr(self.sparsity))) * (1 - dr))
+        keep = keep_count(self.numel, self.sparsity, 1 - self.drop_rate_at(self.steps))
         kept = select_top(self._score(self.drop, params, grads), keep, granularity=self.granularity, eligible=live)
         kept_n = sum(int(m.sum()) for m in kept)
         grow_scores = self._score(self.grow, params, grads)

@@ -244,7 +244,7 @@ class SAM(torch.optim.Optimizer):
         """(Re)attach the mask to every parameter; a new group makes it recompute at the next step."""
         if self.mask is not None:
             params = self._all_params()
-            self.mask.bind(params)
+            self.mask.bind(params, owner=self)
             self._mask_index = {p: i for i, p in enumerate(params)}
 
     def mask_density(self) -> float:
@@ -321,10 +321,10 @@ class SAM(torch.optim.Optimizer):
                 )
             pending.skip = True
         self._pending = pending
-        if not pending.skip and total > 0:
+        if not pending.skip:
             try:
                 parts = self._apply_mask(collected)
-                if self.mask is not None and self.mask.renormalize:
+                if self.mask is not None and self.mask.renormalize and total > 0:
                     norms = [
                         F.perturbation_norm(ps, gs, adaptive=g["adaptive"], eta=g["eta"], masks=ms)
                         for g, ps, gs, ms in parts
@@ -536,8 +536,10 @@ class SAM(torch.optim.Optimizer):
                 "construct the optimizer with the same mask= kind"
             )
         if self.mask is not None:
-            self.mask.load_state_dict(meta["mask"])
+            self.mask.check_state(meta["mask"])
         self.base_optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != "samopt"})
+        if self.mask is not None:
+            self.mask.load_state_dict(meta["mask"])
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
 

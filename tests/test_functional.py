@@ -141,3 +141,9 @@ def test_perturbation_has_radius_rho_in_its_metric(shapes, rho, seed, adaptive):
     t = [(x.abs() + 0.01) if adaptive else torch.ones_like(x) for x in w]
     radius = math.sqrt(sum(float((((p - x) / ti) ** 2).sum()) for p, x, ti in zip(ps, w, t, strict=True)))
     assert radius == pytest.approx(rho, rel=1e-9)
+
+
+def test_kernels_accept_empty_lists():
+    F.perturb_([], [], scale=1.0)
+    F.perturb_([], [], scale=1.0, adaptive=True, masks=[])
+    assert float(F.perturbation_norm([], [], masks=[])) == 0.0

@@ -277,16 +277,17 @@ def test_fisher_data_wraps_around_when_exhausted():
 
 @pytest.mark.parametrize("vectorize", [True, False])
 def test_fisher_pass_leaves_buffers_mode_gradients_and_rng_untouched(vectorize):
-    model = conv_net(dropout=0.5)
+    model = conv_net(dropout=0.5)  # dropout in training mode draws random numbers
     model[1].eval()  # a mixed-mode model: the pass must keep every module's own flag
     x, y = image_batch(n=8)
     F.cross_entropy(model(x), y).backward()
-    model[1].train()
-    model[3].eval()
     grads = [p.grad.clone() for p in model.parameters()]
     bufs = [b.clone() for b in model.buffers()]
     modes = [m.training for m in model.modules()]
-    mask = FisherMask(model, fisher_batches(), F.cross_entropy, num_samples=9, chunk_size=4, vectorize=vectorize)
+    xs, ys = cat_samples(fisher_batches(), 0, 18)
+    shuffled = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xs, ys), batch_size=4, shuffle=True)
+    mask = FisherMask(model, shuffled, F.cross_entropy, num_samples=9, chunk_size=4, fisher_labels="sampled",
+                      vectorize=vectorize, seed=0)  # fmt: skip
     samopt.SAM(model.parameters(), torch.optim.SGD, mask=mask, lr=0.1)
     rng = torch.get_rng_state()
     scores = mask.scores(list(model.parameters()))
@@ -370,9 +371,9 @@ def flat(ts):
 
 @pytest.mark.parametrize("grow", ["random", "gradient"])
 def test_dynamic_mask_drops_the_smallest_gradients_and_keeps_the_live_count_exact(grow):
-    total, alpha = 10, 0.5
+    total, alpha = 50, 0.5
     mask = DynamicSparseMask(0.5, total_steps=total, drop_rate=alpha, grow=grow, update_interval=1, seed=0)
-    log = run_dynamic(mask, 14)
+    log = run_dynamic(mask, 54)
     budget = keep_count(66, 0.5)
     assert int(flat(log[0][2]).sum()) == budget  # the random start
     for t, (old, g, new) in enumerate(log[1:], start=1):
@@ -387,7 +388,7 @@ def test_dynamic_mask_drops_the_smallest_gradients_and_keeps_the_live_count_exac
             assert float(g[dropped].max()) <= float(g[kept].min())
         if grow == "gradient" and grown.any() and (~old & ~new).any():
             assert float(g[grown].min()) >= float(g[~old & ~new].max())
-    assert [int((flat(o) & ~flat(n)).sum()) for o, _, n in log[11:]] == [0, 0, 0]  # past total_steps: dr = 0
+    assert [int((flat(o) & ~flat(n)).sum()) for o, _, n in log[50:]] == [0, 0, 0, 0]  # from total_steps on: dr = 0
 
 
 def test_dynamic_mask_regrows_dropped_entries_when_too_few_were_dead():
@@ -428,7 +429,8 @@ def make_masks(model):
     return {
         "random": RandomMask(0.5, update_interval=3, seed=1),
         "dynamic": DynamicSparseMask(0.5, total_steps=8, update_interval=3, seed=1),
-        "fisher": FisherMask(model, fisher_batches(size=3), F.cross_entropy, num_samples=4, update_interval=3),
+        # 12 examples, 5 per update: the third update (step 6, after the resume) wraps around
+        "fisher": FisherMask(model, fisher_batches(n_batches=4), F.cross_entropy, num_samples=5, update_interval=3),
     }
 
 
@@ -470,15 +472,19 @@ def test_resume_is_bit_exact_with_masks(kind):
     _train(model, opt, 8, 0)  # mask updates at steps 0, 3, 6
     straight = weights(model) + list(opt.mask.masks)
 
+    def reload(model, opt):
+        blob = io.BytesIO()
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, blob)
+        blob.seek(0)
+        saved = torch.load(blob)
+        model, opt = fresh()
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        return model, opt
+
     model, opt = fresh()
     _train(model, opt, 4, 0)
-    blob = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, blob)
-    blob.seek(0)
-    saved = torch.load(blob)
-    model, opt = fresh()
-    model.load_state_dict(saved["model"])
-    opt.load_state_dict(saved["opt"])
+    model, opt = reload(*reload(model, opt))  # saving right after a load keeps the data position too
     _train(model, opt, 4, 4)
     assert_equal_tensors(weights(model) + list(opt.mask.masks), straight)
 
@@ -587,9 +593,11 @@ def test_fisher_mask_refuses_parameters_outside_the_model():
 def test_a_mask_serves_one_optimizer():
     a, b = mlp(), mlp()
     mask = RandomMask(0.5)
-    samopt.SAM(a.parameters(), mask=mask, lr=0.1)
-    with pytest.raises(ValueError, match="already bound to another optimizer"):
-        samopt.SAM(b.parameters(), mask=mask, lr=0.1)
+    first = samopt.SAM(a.parameters(), mask=mask, lr=0.1)
+    for params in (b.parameters(), a.parameters()):  # other parameters, or the same ones
+        with pytest.raises(ValueError, match="already bound to another optimizer"):
+            samopt.SAM(params, mask=mask, lr=0.1)
+    assert mask.params == list(first.base_optimizer.param_groups[0]["params"])
 
 
 def test_mask_density_before_the_first_step_and_without_a_mask():
@@ -611,3 +619,70 @@ def test_state_dicts_with_and_without_masks_do_not_mix():
     dyn = samopt.SAM(model.parameters(), mask=DynamicSparseMask(0.5, total_steps=5), lr=0.1)
     with pytest.raises(ValueError, match="mask state is from a RandomMask, not a DynamicSparseMask"):
         dyn.load_state_dict(masked.state_dict())
+
+
+def test_an_overflow_skip_does_not_count_and_the_due_mask_update_is_retried():
+    model = mlp()
+    mask = RandomMask(0.5, update_interval=1, seed=0)
+    opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.1, mask=mask, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    x, y = vector_batch()
+
+    def closure(factor):
+        def run():
+            loss = F.cross_entropy(model(x), y)
+            scaler.scale(loss * factor).backward()
+            return loss
+
+        return run
+
+    opt.step(closure(1.0), scaler=scaler)
+    scaler.update()
+    first = [m.clone() for m in mask.masks]
+    assert (mask.steps, mask.last_update) == (1, 0)
+    with torch.autocast("cpu", dtype=torch.float16):
+        opt.step(closure(float("inf")), scaler=scaler)  # skipped: no update, no new mask, no count
+    scaler.update()
+    assert (mask.steps, mask.last_update) == (1, 0)
+    assert_equal_tensors(mask.masks, first)
+    opt.step(closure(1.0), scaler=scaler)
+    assert (mask.steps, mask.last_update) == (2, 1)
+    assert any(not torch.equal(a, b) for a, b in zip(mask.masks, first, strict=True))
+
+
+def test_a_zero_gradient_step_still_computes_the_mask():
+    model = mlp()
+    mask = RandomMask(0.5, seed=0)
+    opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.1, mask=mask, lr=0.1)
+    x, _ = vector_batch()
+    w = weights(model)
+    (model(x).sum() * 0.0).backward()
+    opt.first_step()
+    assert opt.mask_density() == 0.5
+    assert_equal_tensors(weights(model), w)
+    (model(x).sum() * 0.0).backward()
+    opt.second_step()
+
+
+def test_add_param_group_recomputes_the_mask_over_all_parameters_from_the_same_stream():
+    model = mlp()
+    x, y = vector_batch()
+    mask = RandomMask(0.5, seed=0)
+    opt = samopt.SAM(model[0].parameters(), torch.optim.SGD, rho=0.1, mask=mask, lr=0.1)
+    opt.step(lambda: _loss(model, x, y))
+    first = flat(mask.masks).clone()
+    opt.add_param_group({"params": model[2].parameters()})
+    assert mask.masks is None and len(mask.params) == 4
+    opt.step(lambda: _loss(model, x, y))
+    assert sum(mask.live) == keep_count(66, 0.5)
+    # the generator went on: a fresh mask with the same seed would redraw the first mask's stream
+    assert not torch.equal(flat(mask.masks)[: first.numel()], first)
+
+
+def test_empty_batches_in_fisher_data_are_refused():
+    model = conv_net()
+    x, y = image_batch(n=3)
+    mask = FisherMask(model, [(x[:0], y[:0])], F.cross_entropy, num_samples=2)
+    samopt.SAM(model.parameters(), mask=mask, lr=0.1)
+    with pytest.raises(ValueError, match="each batch needs as many targets as inputs, and at least one"):
+        mask.samples(2)
