@@ -5,14 +5,28 @@ restore, BatchNorm-safe second pass, fp16/bf16 mixed precision, gradient
 accumulation, clipping and bit-exact resume. The math lives in
 :mod:`samopt.functional`, the BatchNorm bookkeeping in :mod:`samopt.bn`.
 Sparse SAM's perturbation masks are in :mod:`samopt.masks` (``SAM(..., mask=)``),
-with :class:`SSAMF` and :class:`SSAMD` as ready-made configurations.
+with :class:`SSAMF` and :class:`SSAMD` as ready-made configurations. δ-SAM
+(:class:`DeltaSAM`) reweights the examples of the batch in the ascent direction;
+:class:`PerInstanceSAM` is the per-instance / m-sharpness reference it approximates.
 """
 
 from samopt import functional, masks
 from samopt.bn import BufferGuard
+from samopt.delta import DeltaSAM
+from samopt.per_instance import PerInstanceSAM
 from samopt.sam import SAM
 from samopt.ssam import SSAMD, SSAMF
 
 __version__ = "0.1.0"
 
-__all__ = ["SAM", "SSAMD", "SSAMF", "BufferGuard", "__version__", "functional", "masks"]
+__all__ = [
+    "SAM",
+    "SSAMD",
+    "SSAMF",
+    "BufferGuard",
+    "DeltaSAM",
+    "PerInstanceSAM",
+    "__version__",
+    "functional",
+    "masks",
+]

@@ -1,0 +1,350 @@
+"""δ-SAM: SAM whose ascent direction reweights the examples of the batch.
+
+Zhou, Liu, Zhang, Chen, "Sharpness-Aware Minimization with Dynamic Reweighting",
+Findings of EMNLP 2022, arXiv:2112.08772. Per-instance SAM gives every example its
+own worst-case perturbation, which is stronger than SAM's shared one but needs one
+pass per example. δ-SAM keeps SAM's two passes and builds the shared perturbation
+from a weighted loss ``sum_i lambda_i l_i`` whose weights are recomputed every batch
+from a cheap estimate of each example's gradient norm.
+
+The paper's full text was not available to us; the weights implemented here are a
+reconstruction (``../shared/research/delta_sam.md`` section 3): with nearly
+orthogonal per-example gradients ``g_i``, the shared ``e`` that gives every example
+the same first-order loss increase is ``e ∝ sum_i g_i / ||g_i||``, i.e.
+``lambda_i ∝ 1 / ||g_i||``. The general form is
+
+    lambda_i ∝ (s_i + kappa)^(-alpha),   normalised to sum 1, capped at clip / n,
+
+with ``s_i`` an estimate of ``||g_i||`` and ``kappa = kappa_rel * median(s)``;
+``alpha = 1`` is that reading, ``alpha = 0`` is SAM (bit for bit), negative
+``alpha`` up-weights the examples with the largest gradients (the other reading of
+"unguarded"). :func:`delta_weights` is the pure function; :class:`DeltaSAM` the
+optimizer.
+
+Example::
+
+    opt = samopt.DeltaSAM(model.parameters(), torch.optim.AdamW, rho=0.05, estimator="logit", lr=2e-5)
+
+    def closure():                      # per-example losses, no backward
+        logits = model(x)
+        return F.cross_entropy(logits, y, reduction="none"), logits
+
+    loss = opt.step(closure)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from samopt import _validate
+from samopt.bn import BufferGuard
+from samopt.per_sample import chunk_size_for
+from samopt.sam import SAM, _owns_storage, _Pending
+
+__all__ = ["ESTIMATORS", "DeltaSAM", "delta_weights"]
+
+#: Allowed values of ``estimator``.
+ESTIMATORS = ("probe", "logit", "exact")
+#: Memory bound for one chunk of per-example gradients of the ``"exact"`` estimator.
+EXACT_CHUNK_BYTES = 256 << 20
+
+LossClosure = Callable[[], Any]
+
+
+def delta_weights(scores: Tensor, alpha: float, *, clip: float | None = 5.0, kappa_rel: float = 1e-3) -> Tensor:
+    """δ-SAM's per-example weights ``lambda_i ∝ (s_i + kappa)^(-alpha)``, summing to 1.
+
+    ``kappa = kappa_rel * median(scores)`` keeps near-zero scores from taking all
+    the weight; with ``clip`` each weight is then capped at ``clip / n`` and the
+    weights renormalised once (so a weight can end slightly above the cap). Zhou et
+    al., EMNLP Findings 2022, arXiv:2112.08772, as reconstructed in the module
+    docstring.
+
+    Example::
+
+        lam = delta_weights(torch.tensor([0.5, 1.0, 2.0]), alpha=1.0, clip=None)   # ∝ [2, 1, 0.5]
+    """
+    s = scores.detach().double()
+    n = s.numel()
+    kappa = kappa_rel * float(s.median()) if n else 0.0
+    base = s + kappa
+    if alpha > 0 and bool((base == 0).any()):
+        base = base + torch.finfo(torch.float64).tiny  # all-zero scores: equal weights, not inf
+    lam = base.pow(-alpha)
+    lam = lam / lam.sum()
+    if clip is not None:
+        lam = lam.clamp(max=clip / n)
+        lam = lam / lam.sum()
+    return lam.to(torch.float32)
+
+
+class DeltaSAM(SAM):
+    """δ-SAM: the ascent gradient is that of ``sum_i lambda_i l_i``, weights from per-example norm estimates.
+
+    The optimizer owns the backward passes: the closure runs the forward and
+    returns the per-example losses, shape ``(batch,)``, without calling
+    ``backward()`` (or ``(losses, logits)`` for the ``"logit"`` estimator). One
+    :meth:`step` runs the closure at ``w``, estimates ``s_i``, back-propagates the
+    weighted loss, moves to ``w + e`` (:meth:`SAM.first_step`), runs the closure
+    there and back-propagates the plain mean loss (or the weighted one with
+    ``reweight_descent=True``), and steps the base optimizer
+    (:meth:`SAM.second_step`). Everything the engine guarantees (BatchNorm, AMP
+    with ``scaler=``, clipping, resume, errors) holds.
+
+    Args:
+        params, base_optimizer, rho, **kwargs: as :class:`samopt.SAM` (``adaptive``,
+            ``bn``, ``max_grad_norm``, ``mask`` and the base optimizer's keywords).
+        estimator: how ``s_i ≈ ||grad l_i||`` is obtained.
+
+            - ``"probe"`` (the paper's kind): ``num_probes`` forward-only passes at
+              ``w + sigma z_k`` with Gaussian ``z_k``, ``s_i = sqrt(mean_k ((l_i(w +
+              sigma z_k) - l_i(w)) / sigma)^2)`` (``E[(g.z)^2] = ||g||^2``). The probes
+              replay the clean pass's dropout masks, compute differences in fp32,
+              and leave weights, buffers, gradients and the global RNG as they were.
+            - ``"logit"``: the exact norm of the gradient of ``l_i`` with respect to
+              its own logits (``||softmax(z_i) - onehot(y_i)||`` for cross-entropy),
+              from the clean pass's graph, at almost no cost. The closure must
+              return ``(losses, logits)``.
+            - ``"exact"``: the true per-example gradient norms, from one batched
+              (``vmap``) backward per chunk of examples through the clean graph.
+              Slow and memory-hungry; for validation and small models.
+        num_probes: ``K`` for ``"probe"`` (>= 1).
+        sigma: probe scale; ``None`` means ``rho / sqrt(number of parameters)``, so
+            that ``||sigma z||`` is about ``rho``.
+        alpha: exponent of the weights (finite); 0 is SAM bit for bit.
+        clip: cap on each weight as a multiple of ``1 / n`` (>= 1), or ``None``.
+        kappa_rel: offset of the scores relative to their median (>= 0).
+        reweight_descent: also weight the loss of the perturbed pass.
+        seed: seed of the probes' private generator (``None``: ``torch.initial_seed()``);
+            its state is in :meth:`state_dict`.
+
+    After a step, ``opt.last_scores`` and ``opt.last_weights`` hold ``s`` and ``lambda``.
+
+    Example::
+
+        opt = samopt.DeltaSAM(model.parameters(), torch.optim.AdamW, rho=0.05, estimator="probe",
+                              num_probes=3, alpha=1.0, clip=5.0, lr=2e-5, weight_decay=0.01)
+        loss = opt.step(lambda: F.cross_entropy(model(x), y, reduction="none"))
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: type[torch.optim.Optimizer] = torch.optim.SGD,
+        rho: float = 0.05,
+        *,
+        estimator: str = "probe",
+        num_probes: int = 3,
+        sigma: float | None = None,
+        alpha: float = 1.0,
+        clip: float | None = 5.0,
+        kappa_rel: float = 1e-3,
+        reweight_descent: bool = False,
+        seed: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.estimator = _validate.choice("estimator", estimator, ESTIMATORS)
+        self.num_probes = _validate.positive_int("num_probes", num_probes)
+        self.sigma = _validate.positive_or_none("sigma", sigma)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise ValueError(
+                f"alpha must be a finite real number (0 is SAM, 1 the inverse-norm weights), got {alpha!r}"
+            )
+        self.alpha = float(alpha)
+        self.clip = _validate.positive_or_none("clip", clip)
+        if self.clip is not None and self.clip < 1:
+            raise ValueError(f"clip must be None or a real number >= 1 (a cap of clip / n per weight), got {clip!r}")
+        self.kappa_rel = _validate.nonnegative("kappa_rel", kappa_rel)
+        self.reweight_descent = _validate.boolean("reweight_descent", reweight_descent)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be None or an int, got {seed!r}")
+        super().__init__(params, base_optimizer, rho, **kwargs)
+        first = self.param_groups[0]["params"][0]
+        self._generator = torch.Generator(device=first.device)
+        self._generator.manual_seed(torch.initial_seed() if seed is None else seed)
+        self._probe_guard = BufferGuard(isolate=True)  # the clean graph still holds BN's buffers
+        self.last_scores: Tensor | None = None
+        self.last_weights: Tensor | None = None
+
+    # ----------------------------------------------------------------- closure
+
+    def _losses(self, out: Any, *, need_logits: bool) -> tuple[Tensor, Tensor | None]:
+        logits = None
+        if isinstance(out, (tuple, list)):
+            if len(out) != 2:
+                raise TypeError(f"the closure must return losses or (losses, logits), got a {len(out)}-tuple")
+            out, logits = out
+        if not torch.is_tensor(out) or out.dim() != 1 or out.numel() == 0:
+            what = f"shape {tuple(out.shape)}" if torch.is_tensor(out) else type(out).__name__
+            raise ValueError(
+                "the closure must return the per-example losses, a 1-D tensor of shape (batch,) "
+                f"(e.g. F.cross_entropy(..., reduction='none')), without calling backward(); got {what}"
+            )
+        if need_logits and (logits is None or not torch.is_tensor(logits) or logits.shape[0] != out.shape[0]):
+            raise ValueError(
+                'estimator="logit" needs the closure to return (losses, logits) with logits of shape (batch, ...)'
+            )
+        return out, logits
+
+    def _params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+
+    # -------------------------------------------------------------- estimators
+
+    def _estimate(self, closure: LossClosure, losses: Tensor, logits: Tensor | None, rng: _RNG) -> Tensor:
+        if self.estimator == "logit":
+            (g,) = torch.autograd.grad(losses.sum(), logits, retain_graph=True)
+            return g.detach().float().reshape(g.shape[0], -1).norm(dim=1)
+        if self.estimator == "exact":
+            return self._exact_norms(losses)
+        return self._probe_norms(closure, losses, rng)
+
+    def _exact_norms(self, losses: Tensor) -> Tensor:
+        params = self._params()
+        n = losses.shape[0]
+        sq = torch.zeros(n, dtype=torch.float64, device=losses.device)
+        chunk = min(n, chunk_size_for(params, EXACT_CHUNK_BYTES))
+        eye = torch.eye(n, dtype=losses.dtype, device=losses.device)
+        for start in range(0, n, chunk):
+            rows = eye[start : start + chunk]
+            grads = torch.autograd.grad(
+                losses, params, grad_outputs=rows, retain_graph=True, is_grads_batched=True, allow_unused=True
+            )
+            for g in grads:
+                if g is not None:
+                    sq[start : start + chunk] += g.detach().double().reshape(g.shape[0], -1).square().sum(1)
+        return sq.sqrt().float()
+
+    @torch.no_grad()
+    def _probe_norms(self, closure: LossClosure, losses: Tensor, rng: _RNG) -> Tensor:
+        params = self._params()
+        sigma = (
+            self.sigma
+            if self.sigma is not None
+            else self.param_groups[0]["rho"] / math.sqrt(sum(p.numel() for p in params))
+        )
+        if sigma == 0:
+            raise ValueError("sigma is 0 (rho = 0 and sigma=None): set sigma, or use alpha=0 for SAM")
+        clean = losses.detach().float()
+        after = rng.capture()
+        sq = torch.zeros_like(clean)
+        for _ in range(self.num_probes):
+            self._pending = pending = _Pending()
+            self._probe_guard.start()
+            try:
+                for p in params:
+                    buf = self._buffer(p)
+                    if not self.perturb_in_place and _owns_storage(p):
+                        torch.randn(p.shape, generator=self._generator, dtype=p.dtype, device=p.device, out=buf)
+                        buf.mul_(sigma).add_(p)
+                        pending.swapped.append((p, p.data))
+                        p.data = buf
+                    else:
+                        buf.copy_(p)
+                        pending.params.append(p)
+                        pending.backups.append(buf)
+                        z = torch.randn(p.shape, generator=self._generator, dtype=p.dtype, device=p.device)
+                        p.add_(z, alpha=sigma)
+                rng.restore()  # the clean pass's dropout masks
+                probe, _ = self._losses(closure(), need_logits=False)
+            finally:
+                self.restore()
+                self._probe_guard.restore()
+            if probe.shape != clean.shape:
+                raise ValueError(
+                    f"the closure returned {tuple(probe.shape)} losses in a probe pass, {tuple(clean.shape)} before"
+                )
+            sq += ((probe.float() - clean) / sigma).square()
+        after.restore()
+        return (sq / self.num_probes).sqrt()
+
+    # -------------------------------------------------------------------- step
+
+    def _backward(self, loss: Tensor, scaler: torch.amp.GradScaler | None) -> None:
+        (loss if scaler is None or not scaler.is_enabled() else scaler.scale(loss)).backward()
+
+    def step(self, closure: LossClosure | None = None, scaler: torch.amp.GradScaler | None = None) -> Tensor:  # type: ignore[override]
+        """One δ-SAM update; the closure returns per-example losses (no backward). Returns the mean loss at ``w``."""
+        if closure is None or not callable(closure):
+            raise ValueError(
+                "DeltaSAM.step() needs a closure that runs the forward and returns the per-example losses "
+                "(shape (batch,), no backward), or (losses, logits) for estimator='logit'"
+            )
+        if self._pending is not None:
+            raise RuntimeError("step() called between first_step() and second_step(); call second_step() first")
+        self.zero_grad(set_to_none=True)
+        before = _RNG.of(self._params())
+        with torch.enable_grad():
+            losses, logits = self._losses(closure(), need_logits=self.estimator == "logit" and self.alpha != 0)
+        lam = None
+        if self.alpha == 0:
+            objective = losses.mean()
+        else:
+            with torch.enable_grad():
+                scores = self._estimate(closure, losses, logits, before)
+            if not bool(torch.isfinite(scores).all()):
+                raise RuntimeError(
+                    f"non-finite per-example norm estimate from estimator={self.estimator!r}; the weights are unchanged"
+                )
+            lam = delta_weights(scores, self.alpha, clip=self.clip, kappa_rel=self.kappa_rel).to(losses.device)
+            self.last_scores, self.last_weights = scores, lam
+            objective = (lam.to(losses.dtype) * losses).sum()
+        self._backward(objective, scaler)
+        self.first_step(zero_grad=True, scaler=scaler)
+        try:
+            if not self._pending.skip:  # type: ignore[union-attr]
+                with torch.enable_grad():
+                    perturbed, _ = self._losses(closure(), need_logits=False)
+                    if perturbed.shape != losses.shape:
+                        raise ValueError(
+                            f"the closure returned {tuple(perturbed.shape)} losses at w + e, {tuple(losses.shape)} at w"
+                        )
+                    descent = (
+                        (lam.to(perturbed.dtype) * perturbed).sum()
+                        if self.reweight_descent and lam is not None
+                        else perturbed.mean()
+                    )
+                    self._backward(descent, scaler)
+        except BaseException:
+            self.restore()
+            raise
+        self.second_step(zero_grad=False, scaler=scaler)
+        return losses.detach().mean()
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["samopt"]["delta_generator"] = self._generator.get_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        meta = state_dict.get("samopt") if isinstance(state_dict, dict) else None
+        if not isinstance(meta, dict) or "delta_generator" not in meta:
+            raise ValueError("not a DeltaSAM state_dict (its 'samopt' entry has no 'delta_generator')")
+        super().load_state_dict(state_dict)
+        self._generator.set_state(meta["delta_generator"])
+
+
+class _RNG:
+    """The global CPU RNG state and that of the CUDA devices in use, to replay or restore."""
+
+    def __init__(self, devices: list[int]) -> None:
+        self.devices = devices
+        self.cpu = torch.get_rng_state()
+        self.cuda = [torch.cuda.get_rng_state(d) for d in devices]
+
+    @classmethod
+    def of(cls, params: list[Tensor]) -> _RNG:
+        return cls(sorted({p.device.index or 0 for p in params if p.device.type == "cuda"}))
+
+    def capture(self) -> _RNG:
+        return _RNG(self.devices)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        for d, state in zip(self.devices, self.cuda, strict=True):
+            torch.cuda.set_rng_state(state, d)
