@@ -124,6 +124,9 @@ class DeltaSAM(SAM):
             its state is in :meth:`state_dict`.
 
     After a step, ``opt.last_scores`` and ``opt.last_weights`` hold ``s`` and ``lambda``.
+    A non-finite estimate raises ``RuntimeError``; with an enabled ``scaler`` (an fp16
+    overflow) that step uses the plain mean loss instead (``last_weights`` is ``None``)
+    and the scaler skips the update if the gradients overflow as well.
 
     Example::
 
@@ -287,13 +290,15 @@ class DeltaSAM(SAM):
         else:
             with torch.enable_grad():
                 scores = self._estimate(closure, losses, logits, before)
-            if not bool(torch.isfinite(scores).all()):
+            if bool(torch.isfinite(scores).all()):
+                lam = delta_weights(scores, self.alpha, clip=self.clip, kappa_rel=self.kappa_rel).to(losses.device)
+            elif scaler is None or not scaler.is_enabled():
                 raise RuntimeError(
                     f"non-finite per-example norm estimate from estimator={self.estimator!r}; the weights are unchanged"
                 )
-            lam = delta_weights(scores, self.alpha, clip=self.clip, kappa_rel=self.kappa_rel).to(losses.device)
+            # else: an fp16 overflow; the plain mean loss goes on, and the scaler skips the update if it overflows too
             self.last_scores, self.last_weights = scores, lam
-            objective = (lam.to(losses.dtype) * losses).sum()
+            objective = losses.mean() if lam is None else (lam.to(losses.dtype) * losses).sum()
         self._backward(objective, scaler)
         self.first_step(zero_grad=True, scaler=scaler)
         try:

@@ -294,3 +294,52 @@ def test_per_instance_sam_keeps_batchnorm_to_the_one_full_batch_pass():
     assert_equal_tensors([b.clone() for b in model.buffers()], [b.clone() for b in ref.buffers()])
     with pytest.raises(ValueError, match="m must be an integer >= 1, got 0"):
         samopt.PerInstanceSAM(model.parameters(), m=0)
+
+
+@pytest.mark.parametrize("overflow_pass", [1, 2])
+def test_fp16_overflow_in_either_pass_skips_the_update_like_sam(overflow_pass):
+    x, y = vector_batch()
+    model = mlp()
+    opt = samopt.DeltaSAM(model.parameters(), torch.optim.SGD, rho=0.05, estimator="logit", lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        with torch.autocast("cpu", dtype=torch.float16):
+            logits = model(x)
+        losses = F.cross_entropy(logits.float(), y, reduction="none")
+        return (losses * (1e30 if len(calls) == overflow_pass else 1.0)), logits
+
+    w = weights(model)
+    opt.step(closure, scaler=scaler)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**15
+    assert_equal_tensors(weights(model), w)
+    if overflow_pass == 1:  # the overflowing estimate fell back to the plain mean loss for that step
+        assert opt.last_weights is None
+
+
+def test_a_non_finite_estimate_without_a_scaler_raises_and_leaves_the_weights():
+    x, y = vector_batch()
+    model = mlp()
+    opt = samopt.DeltaSAM(model.parameters(), torch.optim.SGD, rho=0.05, estimator="logit", lr=0.1)
+    w = weights(model)
+
+    def closure():
+        logits = model(x)
+        return F.cross_entropy(logits, y, reduction="none") * float("inf"), logits
+
+    with pytest.raises(RuntimeError, match="non-finite per-example norm estimate from estimator='logit'"):
+        opt.step(closure)
+    assert_equal_tensors(weights(model), w)
+
+
+def test_max_grad_norm_clips_the_descent_gradient():
+    x, y = vector_batch()
+    model = mlp()
+    opt = samopt.DeltaSAM(model.parameters(), torch.optim.SGD, rho=0.05, estimator="exact", max_grad_norm=1e-3, lr=1.0)
+    w = weights(model)
+    opt.step(per_example(model, x, y))
+    step = math.sqrt(sum(float(((a - b).double() ** 2).sum()) for a, b in zip(weights(model), w, strict=True)))
+    assert step == pytest.approx(1e-3, rel=1e-3)
