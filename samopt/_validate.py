@@ -16,6 +16,13 @@ def nonnegative(name: str, value: object) -> float:
     return float(value)
 
 
+def finite(name: str, value: object, allowed: str = "a finite real number") -> float:
+    """Return ``value`` as a float if it is a finite real number, else raise (``allowed`` describes it)."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return float(value)
+
+
 def positive_or_none(name: str, value: object) -> float | None:
     """Return ``value`` as a float if it is None or a finite real number > 0, else raise."""
     if value is None:

@@ -38,18 +38,9 @@ __all__ = ["BufferGuard"]
 
 class BufferGuard:
     """Snapshot the buffers of modules (and their submodules) that run in training mode while active;
-    restore them on exit.
+    restore them on exit."""
 
-    Args:
-        isolate: instead of copying the values back into the original buffers, give
-            the modules copies to work on while active and put the untouched originals
-            back afterwards. Use it when an autograd graph recorded before the guard
-            started still holds the buffers (BatchNorm saves its running statistics
-            for the backward): an in-place write would invalidate that graph.
-    """
-
-    def __init__(self, isolate: bool = False) -> None:
-        self.isolate = isolate
+    def __init__(self) -> None:
         self._saved: dict[nn.Module, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
         self._handle: RemovableHandle | None = None
 
@@ -72,15 +63,11 @@ class BufferGuard:
         # hooks never fire, but the call of the outer module still does.
         for m in module.modules():
             if m not in self._saved:
-                saved = (
+                self._saved[m] = (
                     [(name, b, b.detach().clone()) for name, b in m._buffers.items() if b is not None]
                     if m.training
                     else []
                 )
-                if self.isolate:
-                    for name, _, work in saved:
-                        m._buffers[name] = work
-                self._saved[m] = saved
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -90,8 +77,7 @@ class BufferGuard:
             self._handle = None
         for module, saved in self._saved.items():
             for name, buf, copy in saved:
-                if not self.isolate:
-                    buf.copy_(copy)
+                buf.copy_(copy)
                 module._buffers[name] = buf
         self._saved = {}
 

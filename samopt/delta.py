@@ -44,7 +44,7 @@ from torch import Tensor
 from samopt import _validate
 from samopt.bn import BufferGuard
 from samopt.per_sample import chunk_size_for
-from samopt.sam import SAM, _owns_storage, _Pending
+from samopt.sam import SAM, _Pending
 
 __all__ = ["ESTIMATORS", "DeltaSAM", "delta_weights"]
 
@@ -52,6 +52,8 @@ __all__ = ["ESTIMATORS", "DeltaSAM", "delta_weights"]
 ESTIMATORS = ("probe", "logit", "exact")
 #: Memory bound for one chunk of per-example gradients of the ``"exact"`` estimator.
 EXACT_CHUNK_BYTES = 256 << 20
+#: ... and on its examples (each also carries a batch-sized set of activation gradients).
+EXACT_CHUNK = 8
 
 LossClosure = Callable[[], Any]
 
@@ -60,10 +62,11 @@ def delta_weights(scores: Tensor, alpha: float, *, clip: float | None = 5.0, kap
     """δ-SAM's per-example weights ``lambda_i ∝ (s_i + kappa)^(-alpha)``, summing to 1.
 
     ``kappa = kappa_rel * median(scores)`` keeps near-zero scores from taking all
-    the weight; with ``clip`` each weight is then capped at ``clip / n`` and the
-    weights renormalised once (so a weight can end slightly above the cap). Zhou et
-    al., EMNLP Findings 2022, arXiv:2112.08772, as reconstructed in the module
-    docstring.
+    the weight (a zero is treated as the smallest positive float, so the weights stay
+    finite whatever ``alpha``); with ``clip`` no weight exceeds ``clip / n``: the
+    excess of capped weights is redistributed over the others in proportion, until
+    none is above the cap. Zhou et al., EMNLP Findings 2022, arXiv:2112.08772, as
+    reconstructed in the module docstring.
 
     Example::
 
@@ -72,14 +75,18 @@ def delta_weights(scores: Tensor, alpha: float, *, clip: float | None = 5.0, kap
     s = scores.detach().double()
     n = s.numel()
     kappa = kappa_rel * float(s.median()) if n else 0.0
-    base = s + kappa
-    if alpha > 0 and bool((base == 0).any()):
-        base = base + torch.finfo(torch.float64).tiny  # all-zero scores: equal weights, not inf
-    lam = base.pow(-alpha)
-    lam = lam / lam.sum()
+    base = (s + kappa).clamp_min(torch.finfo(torch.float64).tiny)
+    lam = torch.softmax(-alpha * base.log(), 0)  # ∝ base^-alpha, computed without overflow
     if clip is not None:
-        lam = lam.clamp(max=clip / n)
-        lam = lam / lam.sum()
+        cap = clip / n
+        for _ in range(n):
+            over = lam > cap
+            if not bool(over.any()):
+                break
+            free = ~over & (lam < cap)
+            excess = float((lam[over] - cap).sum())
+            lam = torch.where(over, torch.full_like(lam, cap), lam)
+            lam[free] += excess * lam[free] / lam[free].sum()
     return lam.to(torch.float32)
 
 
@@ -104,8 +111,11 @@ class DeltaSAM(SAM):
             - ``"probe"`` (the paper's kind): ``num_probes`` forward-only passes at
               ``w + sigma z_k`` with Gaussian ``z_k``, ``s_i = sqrt(mean_k ((l_i(w +
               sigma z_k) - l_i(w)) / sigma)^2)`` (``E[(g.z)^2] = ||g||^2``). The probes
-              replay the clean pass's dropout masks, compute differences in fp32,
-              and leave weights, buffers, gradients and the global RNG as they were.
+              run before the clean pass, with its dropout masks, compute differences
+              in fp32, and leave weights, buffers, gradients and the global RNG as
+              they were. The loss changes are of order ``rho ||g|| / sqrt(#params)``:
+              under fp16/bf16 autocast of a large model they can fall below the
+              logits' precision, and the estimate becomes rounding noise.
             - ``"logit"``: the exact norm of the gradient of ``l_i`` with respect to
               its own logits (``||softmax(z_i) - onehot(y_i)||`` for cross-entropy),
               from the clean pass's graph, at almost no cost. The closure must
@@ -154,11 +164,7 @@ class DeltaSAM(SAM):
         self.estimator = _validate.choice("estimator", estimator, ESTIMATORS)
         self.num_probes = _validate.positive_int("num_probes", num_probes)
         self.sigma = _validate.positive_or_none("sigma", sigma)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-            raise ValueError(
-                f"alpha must be a finite real number (0 is SAM, 1 the inverse-norm weights), got {alpha!r}"
-            )
-        self.alpha = float(alpha)
+        self.alpha = _validate.finite("alpha", alpha, "a finite real number (0 is SAM, 1 the inverse-norm weights)")
         self.clip = _validate.positive_or_none("clip", clip)
         if self.clip is not None and self.clip < 1:
             raise ValueError(f"clip must be None or a real number >= 1 (a cap of clip / n per weight), got {clip!r}")
@@ -170,7 +176,7 @@ class DeltaSAM(SAM):
         first = self.param_groups[0]["params"][0]
         self._generator = torch.Generator(device=first.device)
         self._generator.manual_seed(torch.initial_seed() if seed is None else seed)
-        self._probe_guard = BufferGuard(isolate=True)  # the clean graph still holds BN's buffers
+        self._probe_guard = BufferGuard()  # the clean graph still holds BN's buffers
         self.last_scores: Tensor | None = None
         self.last_weights: Tensor | None = None
 
@@ -199,19 +205,29 @@ class DeltaSAM(SAM):
 
     # -------------------------------------------------------------- estimators
 
-    def _estimate(self, closure: LossClosure, losses: Tensor, logits: Tensor | None, rng: _RNG) -> Tensor:
+    def _estimate(self, losses: Tensor, logits: Tensor | None, probes: list[Tensor] | None) -> Tensor:
         if self.estimator == "logit":
+            if not logits.requires_grad:  # type: ignore[union-attr]
+                raise ValueError('estimator="logit": the closure must return the logits the losses were computed from')
             (g,) = torch.autograd.grad(losses.sum(), logits, retain_graph=True)
             return g.detach().float().reshape(g.shape[0], -1).norm(dim=1)
         if self.estimator == "exact":
             return self._exact_norms(losses)
-        return self._probe_norms(closure, losses, rng)
+        clean = losses.detach().float()
+        sq = torch.zeros_like(clean)
+        for probe in probes:  # type: ignore[union-attr]
+            if probe.shape != clean.shape:
+                raise ValueError(
+                    f"the closure returned {tuple(probe.shape)} losses in a probe pass, {tuple(clean.shape)} at w"
+                )
+            sq += ((probe.float() - clean) / self._sigma()).square()
+        return (sq / len(probes)).sqrt()  # type: ignore[arg-type]
 
     def _exact_norms(self, losses: Tensor) -> Tensor:
         params = self._params()
         n = losses.shape[0]
         sq = torch.zeros(n, dtype=torch.float64, device=losses.device)
-        chunk = min(n, chunk_size_for(params, EXACT_CHUNK_BYTES))
+        chunk = min(n, EXACT_CHUNK, chunk_size_for(params, EXACT_CHUNK_BYTES))
         eye = torch.eye(n, dtype=losses.dtype, device=losses.device)
         for start in range(0, n, chunk):
             rows = eye[start : start + chunk]
@@ -223,48 +239,49 @@ class DeltaSAM(SAM):
                     sq[start : start + chunk] += g.detach().double().reshape(g.shape[0], -1).square().sum(1)
         return sq.sqrt().float()
 
+    def _sigma(self) -> float:
+        if self.sigma is not None:
+            return self.sigma
+        rho = max(group["rho"] for group in self.param_groups)
+        if rho == 0:
+            raise ValueError("sigma=None means rho / sqrt(#parameters), and every rho is 0: set sigma")
+        return rho / math.sqrt(sum(p.numel() for p in self._params()))
+
     @torch.no_grad()
-    def _probe_norms(self, closure: LossClosure, losses: Tensor, rng: _RNG) -> Tensor:
-        params = self._params()
-        sigma = (
-            self.sigma
-            if self.sigma is not None
-            else self.param_groups[0]["rho"] / math.sqrt(sum(p.numel() for p in params))
-        )
-        if sigma == 0:
-            raise ValueError("sigma is 0 (rho = 0 and sigma=None): set sigma, or use alpha=0 for SAM")
-        clean = losses.detach().float()
-        after = rng.capture()
-        sq = torch.zeros_like(clean)
-        for _ in range(self.num_probes):
-            self._pending = pending = _Pending()
-            self._probe_guard.start()
-            try:
-                for p in params:
-                    buf = self._buffer(p)
-                    if not self.perturb_in_place and _owns_storage(p):
-                        torch.randn(p.shape, generator=self._generator, dtype=p.dtype, device=p.device, out=buf)
-                        buf.mul_(sigma).add_(p)
-                        pending.swapped.append((p, p.data))
-                        p.data = buf
-                    else:
-                        buf.copy_(p)
-                        pending.params.append(p)
-                        pending.backups.append(buf)
-                        z = torch.randn(p.shape, generator=self._generator, dtype=p.dtype, device=p.device)
-                        p.add_(z, alpha=sigma)
-                rng.restore()  # the clean pass's dropout masks
-                probe, _ = self._losses(closure(), need_logits=False)
-            finally:
-                self.restore()
-                self._probe_guard.restore()
-            if probe.shape != clean.shape:
-                raise ValueError(
-                    f"the closure returned {tuple(probe.shape)} losses in a probe pass, {tuple(clean.shape)} before"
-                )
-            sq += ((probe.float() - clean) / sigma).square()
-        after.restore()
-        return (sq / self.num_probes).sqrt()
+    def _probe_losses(self, closure: LossClosure, rng: _RNG) -> list[Tensor]:
+        """The per-example losses at ``w + sigma z_k`` for each probe, each replaying the RNG state ``rng``.
+
+        Run before the clean pass, so that no autograd graph holds the parameters or
+        buffers while they move. On return (or failure) the weights, buffers and the
+        global RNG are as before, and the clean pass replays the same RNG state.
+        """
+        params, sigma = self._params(), self._sigma()
+
+        def noise(idx: list[int], out: list[Tensor] | None) -> None:
+            for j, i in enumerate(idx):
+                p = params[i]
+                if out is None:
+                    z = torch.randn(p.shape, generator=self._generator, dtype=p.dtype, device=p.device)
+                    p.add_(z, alpha=sigma)
+                else:
+                    torch.randn(p.shape, generator=self._generator, dtype=p.dtype, device=p.device, out=out[j])
+                    out[j].mul_(sigma).add_(p)
+
+        probes = []
+        try:
+            for _ in range(self.num_probes):
+                self._pending = pending = _Pending()
+                self._probe_guard.start()
+                try:
+                    self._move(params, noise, pending)
+                    rng.restore()  # every probe, and then the clean pass, draw the same dropout masks
+                    probes.append(self._losses(closure(), need_logits=False)[0].detach())
+                finally:
+                    self.restore()
+                    self._probe_guard.restore()
+        finally:
+            rng.restore()
+        return probes
 
     # -------------------------------------------------------------------- step
 
@@ -281,7 +298,9 @@ class DeltaSAM(SAM):
         if self._pending is not None:
             raise RuntimeError("step() called between first_step() and second_step(); call second_step() first")
         self.zero_grad(set_to_none=True)
-        before = _RNG.of(self._params())
+        probes = None
+        if self.alpha != 0 and self.estimator == "probe":
+            probes = self._probe_losses(closure, _RNG.of(self._params()))
         with torch.enable_grad():
             losses, logits = self._losses(closure(), need_logits=self.estimator == "logit" and self.alpha != 0)
         lam = None
@@ -289,7 +308,7 @@ class DeltaSAM(SAM):
             objective = losses.mean()
         else:
             with torch.enable_grad():
-                scores = self._estimate(closure, losses, logits, before)
+                scores = self._estimate(losses, logits, probes)
             if bool(torch.isfinite(scores).all()):
                 lam = delta_weights(scores, self.alpha, clip=self.clip, kappa_rel=self.kappa_rel).to(losses.device)
             elif scaler is None or not scaler.is_enabled():

@@ -45,7 +45,7 @@ class PerInstanceSAM(SAM):
     closure takes a 1-D index tensor (or ``None`` for the whole batch) and returns
     the per-example losses of those examples, without calling ``backward()``. One
     clean pass over the whole batch updates BatchNorm statistics; the per-micro-batch
-    passes leave every buffer as it was. Gradient scaling (``scaler``) is not
+    passes leave every buffer as it was (``bn="both"`` included). Gradient scaling (``scaler``) is not
     supported.
 
     Args:
@@ -72,7 +72,7 @@ class PerInstanceSAM(SAM):
     ) -> None:
         self.m = _validate.positive_int("m", m)
         super().__init__(params, base_optimizer, rho, **kwargs)
-        self._clean_guard = BufferGuard()
+        self._micro_guard = BufferGuard()
 
     @staticmethod
     def _losses(out: object, expected: int | None) -> Tensor:
@@ -96,17 +96,19 @@ class PerInstanceSAM(SAM):
         with torch.no_grad():
             full = self._losses(closure(None), None)  # the one pass that updates BatchNorm statistics
         n = full.shape[0]
+        if n == 0:
+            raise ValueError("the closure returned no losses: PerInstanceSAM needs a non-empty batch")
         device = full.device
         acc: dict[Tensor, Tensor] = {}
         starts = range(0, n, self.m)
         for j, start in enumerate(starts):
             index = torch.arange(start, min(start + self.m, n), device=device)
             self.zero_grad(set_to_none=True)
-            with torch.enable_grad(), self._clean_guard:
+            with torch.enable_grad(), self._micro_guard:
                 self._losses(closure(index), len(index)).mean().backward()
             self.first_step(zero_grad=True)
             try:
-                with torch.enable_grad():
+                with torch.enable_grad(), self._micro_guard:  # whatever bn says: one clean pass counts
                     (self._losses(closure(index), len(index)).mean() * (len(index) / n)).backward()
             except BaseException:
                 self.restore()
@@ -116,7 +118,7 @@ class PerInstanceSAM(SAM):
                 for group in self.param_groups:
                     for p in group["params"]:
                         if p.grad is not None:
-                            acc[p] = p.grad.clone() if p not in acc else acc[p].add_(p.grad)
+                            acc[p] = p.grad if p not in acc else acc[p].add_(p.grad)  # zero_grad drops .grad
             else:
                 for p, g in acc.items():
                     if p.grad is None:

@@ -369,26 +369,42 @@ class SAM(torch.optim.Optimizer):
             if not params or group["rho"] == 0:
                 continue
             kw = {"scale": group["rho"] / total, "adaptive": group["adaptive"], "eta": group["eta"]}
-            swap = [not self.perturb_in_place and _owns_storage(p) for p in params]
-            ms = masks if masks is not None else [None] * len(params)
-            for moved in (False, True):
-                sel = [i for i, s in enumerate(swap) if s == moved]
-                if not sel:
-                    continue
-                ps, gs = [params[i] for i in sel], [grads[i] for i in sel]
-                sel_masks = None if masks is None else [ms[i] for i in sel]
-                bufs = [self._buffer(p) for p in ps]
-                if not moved:
-                    for pb, bb in F._buckets(ps, bufs):
-                        torch._foreach_copy_(bb, pb)
-                    pending.params += ps  # registered before they move, so restore() can always undo
-                    pending.backups += bufs
-                    F.perturb_(ps, gs, masks=sel_masks, **kw)
-                else:
-                    F.perturb_(ps, gs, masks=sel_masks, out=bufs, **kw)
-                    for p, b in zip(ps, bufs, strict=True):
-                        pending.swapped.append((p, p.data))
-                        p.data = b
+
+            def fill(idx: list[int], out: list[Tensor] | None, params=params, grads=grads, masks=masks, kw=kw) -> None:
+                sel_masks = None if masks is None else [masks[i] for i in idx]
+                F.perturb_([params[i] for i in idx], [grads[i] for i in idx], masks=sel_masks, out=out, **kw)
+
+            self._move(params, fill, pending)
+
+    def _move(
+        self, params: list[Tensor], fill: Callable[[list[int], list[Tensor] | None], None], pending: _Pending
+    ) -> None:
+        """Move ``params`` to new values, recording in ``pending`` how to return exactly.
+
+        ``fill(idx, out)`` writes the new values of ``params[i]`` for ``i`` in ``idx``:
+        into ``out`` (one buffer each; the parameters are only read, then pointed at
+        the buffers) or, with ``out=None``, into the parameters themselves (after
+        their values were copied to the buffers). Parameters that do not own their
+        storage, or all with ``perturb_in_place=True``, take the second way.
+        """
+        swap = [not self.perturb_in_place and _owns_storage(p) for p in params]
+        for moved in (False, True):
+            idx = [i for i, s in enumerate(swap) if s == moved]
+            if not idx:
+                continue
+            ps = [params[i] for i in idx]
+            bufs = [self._buffer(p) for p in ps]
+            if not moved:
+                for pb, bb in F._buckets(ps, bufs):
+                    torch._foreach_copy_(bb, pb)
+                pending.params += ps  # registered before they move, so restore() can always undo
+                pending.backups += bufs
+                fill(idx, None)
+            else:
+                fill(idx, bufs)
+                for p, b in zip(ps, bufs, strict=True):
+                    pending.swapped.append((p, p.data))
+                    p.data = b
 
     @torch.no_grad()
     def restore(self) -> None:

@@ -39,9 +39,12 @@ def hand_weights(s, alpha, clip, kappa_rel=1e-3):
     kappa = kappa_rel * float(s.median())
     lam = (s + kappa) ** (-alpha)
     lam = lam / lam.sum()
-    if clip is not None:
-        lam = torch.minimum(lam, torch.full_like(lam, clip / len(s)))
-        lam = lam / lam.sum()
+    if clip is not None:  # fix the weights above the cap at it, share the rest in proportion, repeat
+        cap, fixed = clip / len(s), torch.zeros_like(lam, dtype=torch.bool)
+        while bool((lam > cap + 1e-15).any()):
+            fixed |= lam > cap
+            rest = lam.masked_fill(fixed, 0.0)
+            lam = torch.where(fixed, torch.full_like(lam, cap), rest / rest.sum() * (1 - cap * int(fixed.sum())))
     return lam
 
 
@@ -50,13 +53,22 @@ def test_delta_weights_by_hand():
     torch.testing.assert_close(delta_weights(s, 1.0, clip=None, kappa_rel=0.0), torch.tensor([8.0, 4, 2, 1]) / 15)
     torch.testing.assert_close(delta_weights(s, -1.0, clip=None, kappa_rel=0.0), s / s.sum())
     torch.testing.assert_close(delta_weights(s, 0.0), torch.full((4,), 0.25))
-    # clip 1.2: 8/15 -> 0.3 cap, then renormalised once with the others
-    capped = torch.tensor([0.3, 4 / 15, 2 / 15, 1 / 15])
-    torch.testing.assert_close(delta_weights(s, 1.0, clip=1.2, kappa_rel=0.0), capped / capped.sum())
-    kappa = 1e-3 * 1.0  # median of s (torch takes the lower middle value)
-    torch.testing.assert_close(delta_weights(s, 1.0, clip=None), hand_weights(s.double(), 1.0, None).float())
-    assert kappa == 1e-3
-    torch.testing.assert_close(delta_weights(torch.zeros(3), 1.0), torch.full((3,), 1 / 3))
+    # clip 1.2 (cap 0.3): [8, 4, 2, 1] / 15 -> [0.3, 0.4, 0.2, 0.1] -> [0.3, 0.3, 0.8 / 3, 0.4 / 3]
+    torch.testing.assert_close(
+        delta_weights(s, 1.0, clip=1.2, kappa_rel=0.0), torch.tensor([0.3, 0.3, 0.8 / 3, 0.4 / 3])
+    )
+    torch.testing.assert_close(delta_weights(s, 1.0, clip=1.0), torch.full((4,), 0.25))  # cap 1/n: uniform
+    # kappa = 1e-3 * median (torch takes the lower middle value, 1.0)
+    expected = torch.tensor([1 / 0.501, 1 / 1.001, 1 / 2.001, 1 / 4.001], dtype=torch.float64)
+    torch.testing.assert_close(delta_weights(s, 1.0, clip=None), (expected / expected.sum()).float())
+
+
+def test_delta_weights_stay_finite_for_zero_scores():
+    zeros = torch.zeros(4)
+    for alpha in (2.0, 1.0, -1.0):
+        torch.testing.assert_close(delta_weights(zeros, alpha), torch.full((4,), 0.25))
+    lam = delta_weights(torch.tensor([0.0, 0.0, 0.0, 1.0]), 2.0, clip=None)  # kappa = 0: zeros dominate
+    torch.testing.assert_close(lam, torch.tensor([1 / 3, 1 / 3, 1 / 3, 0.0]))
 
 
 @pytest.mark.parametrize("estimator", ["probe", "logit", "exact"])
@@ -155,17 +167,38 @@ def test_probes_leave_weights_buffers_gradients_and_rng_and_replay_dropout():
     for p in params:
         p.grad = torch.full_like(p, 0.5)
     grads, w, bufs = [p.grad.clone() for p in params], weights(model), [b.clone() for b in model.buffers()]
-    before = _RNG.of(params)
-    losses = F.cross_entropy(model(x), y, reduction="none")  # the "clean pass", drawing dropout masks
-    after = torch.get_rng_state()
-    bufs_after_clean = [b.clone() for b in model.buffers()]
-    scores = opt._probe_norms(per_example(model, x, y), losses, before)
-    assert torch.equal(scores, torch.zeros(8))
-    assert torch.equal(torch.get_rng_state(), after)
+    rng = torch.get_rng_state()
+    probes = opt._probe_losses(per_example(model, x, y), _RNG.of(params))
+    assert torch.equal(torch.get_rng_state(), rng)
     assert_equal_tensors(weights(model), w)
     assert_equal_tensors([p.grad for p in params], grads)
-    assert_equal_tensors([b.clone() for b in model.buffers()], bufs_after_clean)
-    assert not all(torch.equal(a, b) for a, b in zip(bufs, bufs_after_clean, strict=True))  # the clean pass did count
+    assert_equal_tensors([b.clone() for b in model.buffers()], bufs)
+    clean = F.cross_entropy(model(x), y, reduction="none")  # the clean pass: same dropout masks
+    assert len(probes) == 2 and all(torch.equal(p, clean.detach()) for p in probes)
+
+
+@pytest.mark.parametrize("estimator", ["probe", "logit", "exact"])
+def test_in_place_perturbation_and_masks_work_with_every_estimator(estimator):
+    x, y = image_batch(n=8)
+    results = []
+    for in_place in (False, True):
+        model = bn_net()
+        mask = samopt.masks.RandomMask(0.5, seed=0)
+        opt = samopt.DeltaSAM(
+            model.parameters(),
+            torch.optim.SGD,
+            rho=0.05,
+            estimator=estimator,
+            seed=0,
+            mask=mask,
+            perturb_in_place=in_place,
+            lr=0.1,
+        )
+        for _ in range(2):
+            opt.step(with_logits(model, x, y))
+        results.append(weights(model))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_resume_is_bit_exact_with_probes():
@@ -225,7 +258,7 @@ def test_bad_input_names_the_argument():
         losses = F.cross_entropy(model(x), y, reduction="none")
         return losses if len(calls) == 1 else losses[:4]
 
-    with pytest.raises(ValueError, match=r"returned \(4,\) losses in a probe pass, \(8,\) before"):
+    with pytest.raises(ValueError, match=r"returned \(8,\) losses in a probe pass, \(4,\) at w"):
         opt.step(shrinking)
     assert_equal_tensors(weights(model), w)
 
@@ -292,6 +325,14 @@ def test_per_instance_sam_keeps_batchnorm_to_the_one_full_batch_pass():
         lambda idx: F.cross_entropy(model(x if idx is None else x[idx]), y if idx is None else y[idx], reduction="none")
     )
     assert_equal_tensors([b.clone() for b in model.buffers()], [b.clone() for b in ref.buffers()])
+    both = bn_net()
+    ref_both = bn_net()
+    ref_both(x)
+    opt = samopt.PerInstanceSAM(both.parameters(), torch.optim.SGD, rho=0.1, m=4, bn="both", lr=0.1)
+    opt.step(
+        lambda idx: F.cross_entropy(both(x if idx is None else x[idx]), y if idx is None else y[idx], reduction="none")
+    )
+    assert_equal_tensors([b.clone() for b in both.buffers()], [b.clone() for b in ref_both.buffers()])
     with pytest.raises(ValueError, match="m must be an integer >= 1, got 0"):
         samopt.PerInstanceSAM(model.parameters(), m=0)
 
