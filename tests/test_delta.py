@@ -97,12 +97,21 @@ def test_alpha_zero_is_sam_bit_for_bit(estimator):
     assert_equal_tensors(*results)
 
 
-@pytest.mark.parametrize(("alpha", "clip"), [(1.0, 5.0), (0.5, None), (-1.0, 2.0)])
-def test_exact_estimator_step_equals_a_hand_computed_reweighted_sam(alpha, clip):
+@pytest.mark.parametrize(
+    ("alpha", "clip", "reweight_descent"), [(1.0, 5.0, False), (0.5, None, True), (-1.0, 2.0, False)]
+)
+def test_exact_estimator_step_equals_a_hand_computed_reweighted_sam(alpha, clip, reweight_descent):
     x, y = vector_batch(n=8)
     model, ref = mlp(), mlp()
     opt = samopt.DeltaSAM(
-        model.parameters(), torch.optim.SGD, rho=0.1, estimator="exact", alpha=alpha, clip=clip, lr=0.5
+        model.parameters(),
+        torch.optim.SGD,
+        rho=0.1,
+        estimator="exact",
+        alpha=alpha,
+        clip=clip,
+        lr=0.5,
+        reweight_descent=reweight_descent,
     )
     opt.step(per_example(model, x, y))
 
@@ -117,7 +126,8 @@ def test_exact_estimator_step_equals_a_hand_computed_reweighted_sam(alpha, clip)
     with torch.no_grad():
         for p, gi in zip(params, g, strict=True):
             p.add_(gi, alpha=0.1 / norm)
-    descent = torch.autograd.grad(F.cross_entropy(ref(x), y), params)
+    at_e = F.cross_entropy(ref(x), y, reduction="none")
+    descent = torch.autograd.grad((lam.float() * at_e).sum() if reweight_descent else at_e.mean(), params)
     with torch.no_grad():
         for p, gi, d in zip(params, g, descent, strict=True):
             p.sub_(gi, alpha=0.1 / norm)
