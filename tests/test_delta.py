@@ -251,7 +251,7 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="clip must be None or a real number >= 1"):
         samopt.DeltaSAM(params, clip=0.5)
     opt = samopt.DeltaSAM(params, lr=0.1)
-    assert (opt.estimator, opt.alpha, opt.clip, opt.num_probes) == ("probe", 0.5, 5.0, 3)  # the measured defaults
+    assert (opt.estimator, opt.alpha, opt.clip, opt.num_probes) == ("probe", -1.0, 5.0, 3)  # the measured defaults
     with pytest.raises(ValueError, match=r"per-example losses, a 1-D tensor of shape \(batch,\).*got shape \(\)"):
         opt.step(lambda: F.cross_entropy(model(x), y))
     with pytest.raises(ValueError, match=r"got shape \(8, 1\)"):
