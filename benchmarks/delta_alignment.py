@@ -205,19 +205,28 @@ def main() -> None:
         loss = trainer.step(closure)
         if b % 10 == 0 or b == args.batches - 1:
             sam_cos, sam_corr = cos["sam"][-1], corr["sam"][-1]
-            print(f"batch {b}: loss {float(loss):.4f}, SAM cos {sam_cos:.4f} (correction {sam_corr:.4f})", flush=True)
+            print(
+                f"batch {b}: loss {float(loss.detach()):.4f}, SAM cos {sam_cos:.4f} (correction {sam_corr:.4f})",
+                flush=True,
+            )
     print(
         f"\n{args.task}: cosine similarity with the per-instance SAM update over {args.batches} batches "
         f"(rho {args.rho}, {args.num_probes} probes)\n"
     )
-    print("| method | correction: mean | std | median | update: mean | std | s per direction |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| method | correction: mean | std | median | minus SAM's, paired: mean ± s.e. | batches above SAM "
+        "| update: mean | std | s per direction |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, values in sorted(corr.items(), key=lambda kv: -statistics.mean(kv[1])):
         full = cos[name]
+        diff = [v - s for v, s in zip(values, corr["sam"], strict=True)]
+        se = statistics.stdev(diff) / len(diff) ** 0.5 if name != "sam" else 0.0
+        wins = sum(d > 0 for d in diff)
         print(
             f"| {name} | {statistics.mean(values):.4f} | {statistics.stdev(values):.4f} | "
-            f"{statistics.median(values):.4f} | {statistics.mean(full):.4f} | {statistics.stdev(full):.4f} | "
-            f"{secs[name] / args.batches:.3f} |"
+            f"{statistics.median(values):.4f} | {statistics.mean(diff):+.4f} ± {se:.4f} | {wins}/{len(diff)} | "
+            f"{statistics.mean(full):.4f} | {statistics.stdev(full):.4f} | {secs[name] / args.batches:.3f} |"
         )
     print(f"\nper-instance reference: {secs['per-instance'] / args.batches:.3f} s per direction")
     for label, table in (("correction", corr), ("update", cos)):
