@@ -69,3 +69,10 @@ def positive_int(name: str, value: object, *, allow_none: bool = False) -> int |
     if value < 1:
         raise ValueError(f"{name} must be {what}, got {value!r}")
     return value
+
+
+def seed_or_none(name: str, value: object) -> int | None:
+    """Return ``value`` if it is None or an int (a random seed), else raise."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise TypeError(f"{name} must be None or an int, got {value!r}")
+    return value

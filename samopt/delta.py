@@ -178,8 +178,7 @@ class DeltaSAM(SAM):
             raise ValueError(f"clip must be None or a real number >= 1 (a cap of clip / n per weight), got {clip!r}")
         self.kappa_rel = _validate.nonnegative("kappa_rel", kappa_rel)
         self.reweight_descent = _validate.boolean("reweight_descent", reweight_descent)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be None or an int, got {seed!r}")
+        _validate.seed_or_none("seed", seed)
         super().__init__(params, base_optimizer, rho, **kwargs)
         first = self.param_groups[0]["params"][0]
         self._generator = torch.Generator(device=first.device)

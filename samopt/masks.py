@@ -155,8 +155,7 @@ class Mask:
         self.granularity = _validate.choice("granularity", granularity, GRANULARITIES)
         self.renormalize = _validate.boolean("renormalize", renormalize)
         self.update_interval = _validate.positive_int("update_interval", update_interval, allow_none=True)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be None or an int, got {seed!r}")
+        _validate.seed_or_none("seed", seed)
         self.seed = torch.initial_seed() if seed is None else seed
         self.steps = 0  # applied updates so far
         self.last_update: int | None = None  # value of ``steps`` at the last mask computation
