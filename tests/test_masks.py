@@ -565,6 +565,10 @@ def test_bad_mask_arguments_name_the_argument_and_the_allowed_values():
         RandomMask(0.5, update_interval=0)
     with pytest.raises(TypeError, match=r"mask must be a samopt\.masks\.Mask"):
         samopt.SAM(model.parameters(), torch.optim.SGD, mask="fisher", lr=0.1)
+    with pytest.raises(TypeError, match=r"seed must be None or an int, got 1\.5"):
+        RandomMask(0.5, seed=1.5)
+    with pytest.raises(TypeError, match="seed must be None or an int, got True"):
+        samopt.DeltaSAM(model.parameters(), seed=True)
     with pytest.raises(TypeError, match="fisher_data must be an iterable"):
         FisherMask(model, 3, F.cross_entropy)
 
