@@ -1,14 +1,23 @@
-"""The application's models and data readers: shapes, parameter counts, on-disk formats."""
+"""The application's models, data readers and loaders: shapes, parameter counts, on-disk formats, batches."""
 
 import gzip
+import hashlib
+import http.server
+import io
+import pickle
 import struct
+import tarfile
+import threading
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from samopt.train.data import fashion_mnist, read_idx
-from samopt.train.models import resnet18, resnet34, small_cnn
+from samopt.train import data as datasets
+from samopt.train.data import cifar, download, fashion_mnist, image_folder, read_idx
+from samopt.train.loader import FolderLoader, TensorLoader, batch_seed
+from samopt.train.models import MODELS, build, resnet18, resnet34, resnet50, resnet_small, small_cnn, wrn16_4, wrn28_10
 
 
 def write_idx(path, array: np.ndarray, code: int, compress: bool) -> None:
@@ -67,3 +76,247 @@ def test_model_shapes_and_parameter_counts():
     cnn = small_cnn()
     assert cnn(torch.randn(4, 1, 28, 28)).shape == (4, 10)
     assert count(cnn) == 32 * 9 + 2 * 32 + 64 * 32 * 9 + 2 * 64 + 64 * 7 * 7 * 10 + 10
+
+
+def test_wide_resnets_resnet50_and_the_small_resnet():
+    # Published counts: WRN-28-10 36.5M (Zagoruyko & Komodakis), torchvision's resnet50 25,557,032.
+    assert count(wrn28_10()) == 36_479_194
+    assert count(wrn16_4()) == 2_748_890
+    assert count(resnet50()) == 25_557_032
+    assert count(resnet_small()) == 308_826
+    assert wrn16_4(num_classes=100)(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+    assert resnet_small(in_channels=1)(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert resnet50(num_classes=7)(torch.randn(1, 3, 64, 64)).shape == (1, 7)
+    with pytest.raises(ValueError, match="depth must be 6n \\+ 4"):
+        build("wrn28-10", 10).__class__(27, 10)
+
+
+def test_build_by_name_and_unknown_names():
+    for name in MODELS:
+        if name != "resnet50":
+            assert build(name, 10, 1 if name == "small-cnn" else 3) is not None
+    with pytest.raises(ValueError, match="unknown model 'vgg'; choose one of: resnet18, resnet34, resnet50"):
+        build("vgg", 10)
+
+
+# ------------------------------------------------------------------ on-disk formats
+
+
+def write_cifar(root, name: str, n_per_file: int = 4, seed: int = 0) -> dict:
+    """The python-version pickle batches of CIFAR-10 or -100 as the distribution lays them out."""
+    rng = np.random.default_rng(seed)
+    sub, files, key, classes = {
+        "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], b"labels", 10),
+        "cifar100": ("cifar-100-python", ["train", "test"], b"fine_labels", 100),
+    }[name]
+    (root / sub).mkdir(parents=True)
+    written = {}
+    for f in files:
+        data = rng.integers(0, 256, (n_per_file, 3072), dtype=np.uint8)
+        labels = rng.integers(0, classes, n_per_file).tolist()
+        batch = {b"data": data, key: labels, b"filenames": [b"x.png"] * n_per_file}
+        if name == "cifar100":
+            batch[b"coarse_labels"] = [0] * n_per_file
+        with open(root / sub / f, "wb") as fh:
+            pickle.dump(batch, fh)
+        written[f] = (data, labels)
+    return written
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_reads_the_python_pickle_batches(tmp_path, name):
+    written = write_cifar(tmp_path, name)
+    x, y = cifar(name, "train", tmp_path)
+    train = [k for k in written if k not in ("test_batch", "test")]
+    assert x.shape == (4 * len(train), 3, 32, 32) and x.dtype == torch.uint8 and y.dtype == torch.int64
+    data, labels = written[train[0]]
+    # row-major 3072 bytes = 1024 red, 1024 green, 1024 blue values
+    assert torch.equal(x[:4], torch.from_numpy(data.reshape(4, 3, 32, 32)))
+    assert y[:4].tolist() == labels
+    xt, _ = cifar(name, "test", tmp_path / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"))
+    assert xt.shape == (4, 3, 32, 32)
+    loaded = datasets.load(name, tmp_path)
+    assert loaded.num_classes == (10 if name == "cifar10" else 100) and loaded.in_channels == 3
+
+
+def test_cifar_errors_say_how_to_get_the_data(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"python version.*or pass --download"):
+        cifar("cifar10", "train", tmp_path)
+    (tmp_path / "cifar-100-python").mkdir()
+    with open(tmp_path / "cifar-100-python" / "train", "wb") as f:
+        pickle.dump({b"data": np.zeros((1, 3072), np.uint8)}, f)
+    with pytest.raises(ValueError, match="is not a cifar100 batch: it has no b'data' / b'fine_labels' entries"):
+        cifar("cifar100", "train", tmp_path)
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'; choose one of: fashion-mnist, cifar10, cifar100"):
+        datasets.load("mnist")
+    with pytest.raises(ValueError, match="dataset 'cifar10' needs --data-dir"):
+        datasets.load("cifar10")
+
+
+def write_image_folder(root, classes=("cat", "dog"), per_class=3, size=(40, 30)):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / c / f"{i}.{'png' if i % 2 else 'JPEG'}")
+    (root / "train" / "cat" / "notes.txt").write_text("not an image")
+
+
+def test_image_folder_layout_and_folder_loader(tmp_path):
+    write_image_folder(tmp_path)
+    files, labels, classes = image_folder(tmp_path, "train")
+    assert classes == ["cat", "dog"] and labels == [0, 0, 0, 1, 1, 1] and len(files) == 6
+    data = datasets.load("imagenet", tmp_path)
+    assert data.num_classes == 2 and data.train_size == 6
+    common = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "image_size": 16, "workers": 0}
+    train = FolderLoader(tmp_path, "train", 4, train=True, seed=3, **common)
+    assert len(train) == 1  # drop_last
+    ((x, y),) = list(train.epoch(0))
+    assert x.shape == (4, 3, 16, 16) and x.dtype == torch.float32 and y.shape == (4,)
+    ((x2, y2),) = list(train.epoch(0))
+    assert torch.equal(x, x2) and torch.equal(y, y2)  # a function of (seed, epoch, index)
+    ((x3, _),) = list(train.epoch(1))
+    assert not torch.equal(x, x3)
+    val = FolderLoader(tmp_path, "val", 4, train=False, **common)
+    batches = list(val.epoch(0))
+    assert [len(b[1]) for b in batches] == [4, 2] and batches[0][1].tolist() == [0, 0, 0, 1]
+    # evaluation: shorter side to 16 * 256 / 224 = 18, centre crop 16, normalised
+    from PIL import Image
+
+    im = Image.open(image_folder(tmp_path, "val")[0][0]).convert("RGB").resize((24, 18), Image.Resampling.BILINEAR)
+    ref = torch.from_numpy(np.array(im.crop((4, 1, 20, 17)))).permute(2, 0, 1).float()
+    assert torch.allclose(batches[0][0][0], (ref - 127.5) / 63.75)
+    with pytest.raises(FileNotFoundError, match=r"ImageNet split folder not found: .*missing/train"):
+        image_folder(tmp_path / "missing", "train")
+
+
+class _Server:
+    """A real HTTP server on localhost serving ``files`` (name -> bytes)."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = files.get(self.path.lstrip("/"))
+                self.send_response(200 if body is not None else 404)
+                self.end_headers()
+                if body is not None:
+                    self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+
+
+def test_download_fashion_mnist_and_cifar_from_a_server(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    for prefix, n in (("train", 6), ("t10k", 2)):
+        write_idx(src / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), 8, True)
+        write_idx(src / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n, dtype=np.uint8), 8, True)
+    write_cifar(src, "cifar10")
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        tar.add(src / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    files = {p.name: p.read_bytes() for p in src.glob("*.gz")}
+    files["cifar-10-python.tar.gz"] = archive.getvalue()
+    server = _Server(files)
+    try:
+        download("fashion-mnist", tmp_path / "fm", base_url=server.url)
+        assert fashion_mnist("train", tmp_path / "fm")[0].shape == (6, 28, 28)
+        download("cifar10", tmp_path / "c10", base_url=server.url + "cifar-10-python.tar.gz")
+        assert cifar("cifar10", "train", tmp_path / "c10")[0].shape == (20, 3, 32, 32)
+        assert not list((tmp_path / "c10").glob("tmp*")) and not list((tmp_path / "fm").glob("*.part"))
+        with pytest.raises(OSError, match=r"could not download .*missing\.gz.*Fetch the file by hand"):
+            datasets._fetch(server.url + "missing.gz", tmp_path / "missing.gz")
+        assert not (tmp_path / "missing.gz.part").exists()
+    finally:
+        server.close()
+
+
+# ------------------------------------------------------------------ loaders
+
+
+def test_batch_seed_is_stable_and_distinct():
+    assert batch_seed(0, 1, 2) == batch_seed(0, 1, 2) != batch_seed(0, 2, 1)
+    # its definition: the first 8 bytes of BLAKE2b over "0/1/2", little-endian, top bit dropped
+    expected = int.from_bytes(hashlib.blake2b(b"0/1/2", digest_size=8).digest(), "little") >> 1
+    assert batch_seed(0, 1, 2) == expected
+    assert 0 <= batch_seed(5) < 2**63
+
+
+def images(n=10, c=1, h=6, w=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, c, h, w), generator=g, dtype=torch.uint8), torch.arange(n)
+
+
+def test_tensor_loader_eval_batches_are_ordered_and_normalised():
+    x, y = images()
+    loader = TensorLoader(x, y, 4, mean=(0.5,), std=(0.25,), train=False)
+    batches = list(loader.epoch(0))
+    assert len(loader) == 3 and [len(b[1]) for b in batches] == [4, 4, 2]
+    assert torch.equal(torch.cat([b[1] for b in batches]), y)
+    assert torch.allclose(torch.cat([b[0] for b in batches]), (x.float() / 255 - 0.5) / 0.25, atol=1e-6)
+
+
+def test_tensor_loader_shuffles_per_epoch_drops_the_last_batch_and_resumes_mid_epoch():
+    x, y = images()
+    loader = TensorLoader(x, y, 3, mean=(0.0,), std=(1 / 255,), train=True, seed=7)
+    assert len(loader) == 3
+    e0 = list(loader.epoch(0))
+    labels = torch.cat([b[1] for b in e0])
+    assert len(labels) == 9 and len(set(labels.tolist())) == 9
+    assert torch.equal(labels, torch.randperm(10, generator=torch.Generator().manual_seed(batch_seed(7, 0, -1)))[:9])
+    assert not torch.equal(labels, torch.cat([b[1] for b in loader.epoch(1)]))
+    tail = list(loader.epoch(0, start=1))
+    assert len(tail) == 2 and all(
+        torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(e0[1:], tail, strict=True)
+    )
+    # no augmentation: each image is the stored one (std 1/255, mean 0 gives back the raw values)
+    assert torch.equal(e0[0][0], x[e0[0][1]].float())
+
+
+def test_crop_flip_and_cutout_follow_their_definitions():
+    x, y = images(n=64, h=8, w=8, seed=1)
+    raw = x.float()
+    crop = TensorLoader(x, y, 64, mean=(0.0,), std=(1 / 255,), train=True, crop_padding=2, seed=0)
+    ((out, idx),) = list(crop.epoch(0))
+    padded = F.pad(raw[idx], (2, 2, 2, 2))
+    shifts = set()
+    for k in range(64):  # every output is one 8x8 window of the zero-padded image
+        hits = [(i, j) for i in range(5) for j in range(5) if torch.equal(out[k], padded[k, :, i : i + 8, j : j + 8])]
+        assert hits, k
+        shifts.add(hits[0])
+    assert len(shifts) > 10
+    flip = TensorLoader(x, y, 64, mean=(0.0,), std=(1 / 255,), train=True, flip=True, seed=0)
+    ((out, idx),) = list(flip.epoch(0))
+    flipped = [torch.equal(out[k], raw[idx[k]].flip(-1)) for k in range(64)]
+    assert all(f or torch.equal(out[k], raw[idx[k]]) for k, f in enumerate(flipped)) and 15 < sum(flipped) < 49
+    cut = TensorLoader(x.clamp(min=1), y, 64, mean=(0.0,), std=(1 / 255,), train=True, cutout=4, seed=0)
+    ((out, _),) = list(cut.epoch(0))
+    holes = (out == 0).flatten(1).sum(1)
+    # a 4x4 square centred anywhere in the image, clipped at the border, on about half the images (p = 0.5)
+    assert set(holes.tolist()) <= {0, 4, 6, 8, 9, 12, 16} and 15 < int((holes > 0).sum()) < 49
+    for k in torch.nonzero(holes == 16).flatten().tolist():
+        rows, cols = torch.nonzero(out[k, 0] == 0).unbind(1)
+        assert rows.max() - rows.min() == 3 and cols.max() - cols.min() == 3
+
+
+def test_tensor_loader_rejects_bad_input():
+    x, y = images()
+    with pytest.raises(ValueError, match="x must be uint8 images of shape"):
+        TensorLoader(x.float(), y, 2, mean=(0,), std=(1,), train=True)
+    with pytest.raises(ValueError, match="x and y differ in length: 10 images, 9 labels"):
+        TensorLoader(x, y[:9], 2, mean=(0,), std=(1,), train=True)
+    with pytest.raises(ValueError, match="batch_size must be between 1 and the number of images 10, got 11"):
+        TensorLoader(x, y, 11, mean=(0,), std=(1,), train=True)
