@@ -1,17 +1,25 @@
-# samopt developer commands. `make test` is the test command CI runs (.ci/run).
+# samopt developer commands.
+#   make demo   create .venv, get Fashion-MNIST, compare SGD/SAM/SSAM-F/SSAM-D/δ-SAM (under 15 min on 2 CPU cores)
+#   make test   create .venv and run ruff and the test suite (what CI runs, .ci/run)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# A CPU build of PyTorch is pinned: an open range would pull a multi-GB CUDA build.
+# torch is pinned: an open range would pull a multi-GB CUDA build onto CPU machines. On this
+# project's machines torch==2.13.0 resolves to a CPU build; elsewhere, for a CPU-only machine, add
+# TORCH_FLAGS="--index-url https://download.pytorch.org/whl/cpu".
 TORCH ?= torch==2.13.0
+TORCH_FLAGS ?=
+FMNIST := /usr/share/datasets/fashion-mnist
+DEMO_SEEDS ?= 1
+DEMO_OUT ?= runs/demo
 
-.PHONY: setup test bench clean
+.PHONY: setup test demo bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet $(TORCH_FLAGS) $(TORCH)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
@@ -20,6 +28,18 @@ setup: $(VENV)/.installed
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# Fashion-MNIST: Debian's dataset-fashion-mnist where apt works, else the public download into data/.
+demo: setup
+	@if [ ! -f $(FMNIST)/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
+	  echo "installing Debian's dataset-fashion-mnist"; \
+	  ($$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist) \
+	    || echo "apt-get could not install dataset-fashion-mnist; downloading Fashion-MNIST instead"; \
+	fi
+	@if [ -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then DATA=; else DATA="--data-dir data/fashion-mnist --download"; fi; \
+	$(BIN)/samopt compare --recipe fmnist-demo --optimizers sgd,sam,ssam-f,ssam-d,delta-sam \
+	  --seeds $(DEMO_SEEDS) --out $(DEMO_OUT) $$DATA
 
 bench: setup
 	$(BIN)/python -m pip install --quiet -e '.[bench]'

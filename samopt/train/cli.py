@@ -1,0 +1,168 @@
+"""The ``samopt`` command: ``samopt train``, ``samopt compare`` and ``samopt recipes``.
+
+Every field of :class:`~samopt.train.config.TrainConfig` is a flag (``--weight-decay``,
+``--no-flip``, ``--max-grad-norm none``); ``--recipe NAME`` fills in a preset first and
+explicit flags override it.
+
+Example::
+
+    samopt train --recipe fmnist-demo --optimizer ssam-f
+    samopt compare --recipe fmnist-demo --optimizers sgd,sam,ssam-f,ssam-d,delta-sam --seeds 3
+    samopt recipes
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from samopt.train import data as datasets
+from samopt.train.config import RECIPES, TrainConfig, resolve
+from samopt.train.models import MODELS
+from samopt.train.optimizers import OPTIMIZERS
+
+__all__ = ["config_args", "main"]
+
+_CHOICES = {
+    "dataset": datasets.DATASETS,
+    "model": tuple(MODELS),
+    "optimizer": OPTIMIZERS,
+    "schedule": ("cosine", "multistep", "constant"),
+    "amp": ("none", "bf16", "fp16"),
+}
+_HELP = {
+    "dataset": "data set",
+    "data_dir": "directory holding the data set's files (Fashion-MNIST: Debian's location by default)",
+    "download": "download Fashion-MNIST or CIFAR into --data-dir if missing",
+    "train_subset": "train on the first N images of a fixed shuffle of the training set",
+    "base": "base optimizer of the SAM family: any torch.optim class name (sgd, adamw, ...)",
+    "rho": "perturbation radius (default 0.05; 0.5 for asam)",
+    "mask_interval": "epochs between mask updates (ssam-f, ssam-d)",
+    "num_samples": "examples in SSAM-F's Fisher estimate",
+    "estimator": "delta-sam's per-example norm estimator: probe, logit or exact",
+    "alpha": "delta-sam's weight exponent (0 is SAM)",
+    "milestones": "comma-separated epochs at which multistep multiplies the lr by --gamma",
+    "out": "output directory (default runs/<dataset>-<model>-<optimizer>-s<seed>)",
+    "resume": "continue the run in --out from its checkpoint",
+    "device": "auto, cpu, cuda or cuda:N",
+}
+
+
+def _none_or(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t.strip()]
+
+
+def config_args(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per TrainConfig field, defaulting to "not given" so that recipes can fill them in."""
+    group = parser.add_argument_group("run settings (override the recipe)")
+    group.add_argument(
+        "--recipe", choices=tuple(RECIPES), metavar="NAME", help="preset to start from (see `samopt recipes`)"
+    )
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": _HELP.get(f.name)}
+        args = typing.get_args(hint)
+        if hint is bool or (bool in args):
+            kw["action"] = argparse.BooleanOptionalAction
+        elif hint == list[int]:
+            kw["type"] = _int_list
+        else:
+            kind = next(a for a in (*args, hint) if a in (int, float, str))
+            kw["type"] = _none_or(kind) if type(None) in args else kind
+            if f.name in _CHOICES:
+                kw["choices"], kw["metavar"] = _CHOICES[f.name], f.name.upper()
+                kw["help"] = f"{_HELP.get(f.name, f.name)}: {', '.join(_CHOICES[f.name])}"
+        if kw["help"] is None:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            kw["help"] = f"default {default}"
+        group.add_argument(flag, **kw)
+
+
+def _explicit(ns: argparse.Namespace) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in vars(ns).items() if k in names}
+
+
+def to_flags(settings: dict[str, Any]) -> list[str]:
+    """Command-line flags that reproduce ``settings`` (the inverse of :func:`config_args`)."""
+    flags = []
+    for k, v in settings.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            flags.append(flag if v else "--no-" + k.replace("_", "-"))
+        elif isinstance(v, list):
+            flags += [flag, ",".join(map(str, v))]
+        else:
+            flags += [flag, "none" if v is None else str(v)]
+    return flags
+
+
+def _recipes() -> None:
+    width = max(map(len, RECIPES))
+    for name, r in RECIPES.items():
+        print(f"{name:<{width}}  {r.description}")
+        print(f"{'':<{width}}  source: {r.source}")
+        print(f"{'':<{width}}  {' '.join(to_flags(r.settings))}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="samopt", description="Sharpness-aware training from the command line.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="one training run", description="Train one model with one optimizer.")
+    config_args(train)
+    compare = sub.add_parser(
+        "compare",
+        help="several optimizers x seeds, then a table and plots",
+        description="Run `samopt train` for each optimizer and seed (skipping finished runs, resuming "
+        "interrupted ones), then write compare.md, compare.json and PNG plots into --out.",
+    )
+    compare.add_argument("--optimizers", default="sgd,sam,ssam-f,ssam-d,delta-sam", help="comma-separated names")
+    compare.add_argument("--seeds", type=int, default=1, help="number of seeds: seed, seed+1, ...")
+    config_args(compare)
+    sub.add_parser("recipes", help="list the presets of --recipe")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "recipes":
+        _recipes()
+        return 0
+    from samopt.train.loop import CheckpointError
+
+    try:
+        if args.command == "train":
+            from samopt.train.loop import run
+
+            cfg = resolve(args.recipe, _explicit(args))
+            summary = run(cfg)
+            print(
+                f"final test accuracy {100 * summary['final_test_acc']:.2f}% (best "
+                f"{100 * summary['best_test_acc']:.2f}%), {summary['seconds_per_epoch']:.1f} s/epoch; "
+                f"results in {summary['out']}"
+            )
+        else:
+            from samopt.train.compare import compare
+
+            compare(args.recipe, _explicit(args), args.optimizers.split(","), args.seeds)
+    except (ValueError, CheckpointError, ImportError, OSError) as e:
+        print(f"samopt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""``samopt compare``: several optimizers times several seeds, then a table and plots.
+
+Each run is a separate ``samopt train`` process, so that its peak memory is its own
+and a crash or Ctrl-C costs one run at most: a run whose ``summary.json`` exists is
+skipped and one with a checkpoint is resumed, so re-running the same command
+continues an interrupted comparison. The results go to ``--out`` (default
+``runs/compare``): ``compare.md`` (the table), ``compare.json``, ``accuracy.png``
+(test accuracy per epoch) and ``cost.png`` (final accuracy against time per epoch
+relative to SGD).
+
+Example::
+
+    samopt compare --recipe fmnist-demo --optimizers sgd,sam,ssam-f --seeds 3
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from samopt.train.config import resolve
+from samopt.train.optimizers import OPTIMIZERS
+
+__all__ = ["compare", "plot", "table"]
+
+
+def _mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    m = statistics.mean(values) * scale
+    s = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def table(results: dict[str, list[dict[str, Any]]]) -> str:
+    """The markdown table of per-run ``summary.json`` dicts grouped by optimizer (mean ± std over seeds).
+
+    Time per epoch is relative to SGD's when SGD is among the optimizers, else to the first one's.
+    """
+    ref_name = "sgd" if "sgd" in results else next(iter(results))
+    ref = statistics.mean(r["seconds_per_epoch"] for r in results[ref_name])
+    kind = next(iter(results.values()))[0]["peak_memory_kind"]
+    lines = [
+        f"| optimizer | seeds | final test acc % | best test acc % | wall time s | s/epoch | x {ref_name} | "
+        f"peak memory MiB ({kind}) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, runs in results.items():
+        spe = [r["seconds_per_epoch"] for r in runs]
+        lines.append(
+            f"| {name} | {len(runs)} | {_mean_std([r['final_test_acc'] for r in runs], 100)} | "
+            f"{_mean_std([r['best_test_acc'] for r in runs], 100)} | "
+            f"{statistics.mean(r['wall_seconds'] for r in runs):.0f} | {statistics.mean(spe):.1f} | "
+            f"{statistics.mean(spe) / ref:.2f} | {statistics.mean(r['peak_memory_mib'] for r in runs):.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
+    """``accuracy.png`` (mean test accuracy per epoch, band = min..max over seeds) and ``cost.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    ref_name = "sgd" if "sgd" in results else next(iter(results))
+    ref = statistics.mean(r["seconds_per_epoch"] for r in results[ref_name])
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, runs in results.items():
+        epochs = min(len(r["history"]) for r in runs)
+        accs = [[100 * r["history"][e]["test_acc"] for r in runs] for e in range(epochs)]
+        xs = list(range(1, epochs + 1))
+        ax.plot(xs, [statistics.mean(a) for a in accs], marker="o", label=name)
+        ax.fill_between(xs, [min(a) for a in accs], [max(a) for a in accs], alpha=0.2)
+    ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy per epoch (mean, min-max over seeds)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    paths = [out / "accuracy.png", out / "cost.png"]
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, runs in results.items():
+        acc = [100 * r["final_test_acc"] for r in runs]
+        cost = [r["seconds_per_epoch"] / ref for r in runs]
+        err = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        ax.errorbar(statistics.mean(cost), statistics.mean(acc), yerr=err, fmt="o", capsize=4, label=name)
+        ax.annotate(name, (statistics.mean(cost), statistics.mean(acc)), textcoords="offset points", xytext=(6, 4))
+    ax.set(
+        xlabel=f"time per epoch relative to {ref_name}",
+        ylabel="final test accuracy (%)",
+        title="Accuracy against cost (mean ± std over seeds)",
+    )
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def _run_child(cmd: list[str]) -> int:
+    """Run ``cmd`` and wait for it; Ctrl-C reaches the child too, which saves its checkpoint before exiting."""
+    child = subprocess.Popen(cmd)
+    while True:
+        try:
+            return child.wait()
+        except KeyboardInterrupt:
+            continue  # the child got the same signal: let it finish its step and save
+
+
+def compare(recipe: str | None, explicit: dict[str, Any], optimizers: list[str], seeds: int) -> dict[str, Any]:
+    """Run every optimizer at ``seeds`` seeds in subprocesses, then write the table and plots; returns the results."""
+    from samopt.train.cli import to_flags
+
+    unknown = [o for o in optimizers if o not in OPTIMIZERS]
+    if unknown or not optimizers:
+        raise ValueError(f"unknown optimizer(s) {unknown} in --optimizers; choose from: {', '.join(OPTIMIZERS)}")
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    explicit = dict(explicit)
+    out = Path(explicit.pop("out", None) or "runs/compare")
+    explicit.pop("optimizer", None)
+    explicit.pop("resume", None)
+    base = resolve(recipe, explicit)  # fail on bad settings before the first run starts
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        raise ImportError("samopt compare draws its plots with matplotlib: pip install 'samopt[app]'") from e
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in optimizers}
+    for seed in range(base.seed, base.seed + seeds):
+        for name in optimizers:
+            run_dir = out / f"{name}-s{seed}"
+            summary = run_dir / "summary.json"
+            if not summary.exists():
+                cmd = [sys.executable, "-m", "samopt.train.cli", "train"]
+                cmd += ["--recipe", recipe] if recipe else []
+                cmd += to_flags({**explicit, "optimizer": name, "seed": seed, "out": str(run_dir)})
+                if (run_dir / "checkpoint.pt").exists():
+                    cmd.append("--resume")
+                print(f"\n== {name}, seed {seed} -> {run_dir}", flush=True)
+                code = _run_child(cmd)
+                if code != 0:
+                    print(
+                        f"samopt compare: the run {name} seed {seed} stopped with status {code}; run the same "
+                        "command again to continue the comparison from where it stopped",
+                        file=sys.stderr,
+                    )
+                    raise SystemExit(code)
+            results[name].append(json.loads(summary.read_text()))
+    text = table(results)
+    (out / "compare.md").write_text(text)
+    (out / "compare.json").write_text(json.dumps(results, indent=1))
+    paths = plot(results, out)
+    print("\n" + text)
+    print(f"table: {out / 'compare.md'}\nplots: {paths[0]}, {paths[1]}")
+    return results

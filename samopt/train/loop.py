@@ -1,0 +1,435 @@
+"""One training run of ``samopt train``: data, model, optimizer, schedule, checkpoints and metrics.
+
+:func:`run` trains ``cfg.epochs`` epochs and evaluates on the test split after each.
+It writes into ``cfg.out``:
+
+- ``metrics.jsonl``: one JSON line per epoch (train loss and accuracy from the clean
+  pass at ``w``, test loss and accuracy, learning rate, training seconds, mask density);
+- ``checkpoint.pt``: everything needed to continue exactly (model, optimizer with its
+  masks and δ-SAM state, scheduler, grad scaler, RNG, data position, metrics so far),
+  written after every epoch and when the run is interrupted (Ctrl-C or SIGTERM finish
+  the current step, save and exit with status 130); each write goes to a temporary
+  file that replaces the old one, so a crash mid-write loses nothing;
+- ``summary.json``: final and best test accuracy, wall time, training time per epoch,
+  peak memory and the full configuration.
+
+``cfg.resume`` continues from ``checkpoint.pt``: the batches, augmentations, masks and
+weights are then the same as those of an uninterrupted run.
+
+Example::
+
+    from samopt.train.config import resolve
+    summary = run(resolve("fmnist-demo", {"optimizer": "sam", "out": "runs/sam"}))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import resource
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import samopt
+from samopt import _validate
+from samopt.train import data as datasets
+from samopt.train.config import TrainConfig
+from samopt.train.loader import FolderLoader, TensorLoader
+from samopt.train.models import MODELS, build
+from samopt.train.optimizers import OPTIMIZERS, Amp, build_optimizer, train_step
+
+__all__ = ["CheckpointError", "lr_factor", "run"]
+
+CHECKPOINT_FORMAT = 1
+#: Settings a resumed run may change; any other difference from the checkpoint is an error.
+RESUMABLE_CHANGES = frozenset({"data_dir", "download", "workers", "device", "progress", "resume", "out"})
+EXIT_INTERRUPTED = 130
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not match the run that would continue it."""
+
+
+def default_out(cfg: TrainConfig) -> Path:
+    return Path("runs") / f"{cfg.dataset}-{cfg.model}-{cfg.optimizer}-s{cfg.seed}"
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check the settings that no library call checks before any work is done."""
+    _validate.choice("dataset", cfg.dataset, datasets.DATASETS)
+    _validate.choice("model", cfg.model, MODELS)
+    _validate.choice("optimizer", cfg.optimizer, OPTIMIZERS)
+    _validate.choice("schedule", cfg.schedule, ("cosine", "multistep", "constant"))
+    _validate.choice("amp", cfg.amp, ("none", "bf16", "fp16"))
+    for name in ("epochs", "batch_size", "mask_interval", "workers", "image_size"):
+        _validate.positive_int(name, getattr(cfg, name))
+    _validate.positive_int("train_subset", cfg.train_subset, allow_none=True)
+    for name in ("lr", "weight_decay", "momentum", "label_smoothing", "warmup_epochs", "gamma"):
+        _validate.nonnegative(name, getattr(cfg, name))
+    if cfg.warmup_epochs > cfg.epochs:
+        raise ValueError(f"warmup_epochs must be at most epochs ({cfg.epochs}), got {cfg.warmup_epochs}")
+    if cfg.cutout < 0 or (cfg.crop_padding is not None and cfg.crop_padding < 0):
+        raise ValueError(f"cutout and crop_padding must be >= 0, got {cfg.cutout} and {cfg.crop_padding}")
+    if sorted(cfg.milestones) != list(cfg.milestones) or any(m < 1 for m in cfg.milestones):
+        raise ValueError(f"milestones must be increasing epoch numbers >= 1, got {cfg.milestones}")
+
+
+def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """The multiplier of the base learning rate at a step: linear warmup, then cosine to 0, milestones or constant."""
+    total = cfg.epochs * steps_per_epoch
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        if cfg.schedule == "multistep":
+            epoch = step / steps_per_epoch
+            return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+        return 1.0
+
+    return factor
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {name!r}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for, but CUDA is not available here; use --device cpu")
+    return dev
+
+
+class _Loaders:
+    """The train, test and (SSAM-F) Fisher batch streams of a run."""
+
+    def __init__(self, cfg: TrainConfig, data: datasets.ImageData, device: torch.device) -> None:
+        common = {"mean": data.mean, "std": data.std, "device": device}
+        if data.root is not None:  # image folders
+            folder = {"image_size": cfg.image_size, "workers": cfg.workers, **common}
+            self.train = FolderLoader(data.root, "train", cfg.batch_size, train=True, seed=cfg.seed, **folder)
+            self.test = FolderLoader(data.root, "val", cfg.batch_size, train=False, **folder)
+            self.fisher = FolderLoader(data.root, "train", cfg.batch_size, train=True, seed=cfg.seed + 1, **folder)
+            return
+        x, y = data.x_train, data.y_train
+        if cfg.train_subset is not None:
+            if cfg.train_subset > len(x):
+                raise ValueError(f"train_subset must be at most the training set size {len(x)}, got {cfg.train_subset}")
+            keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[: cfg.train_subset]
+            x, y = x[keep], y[keep]
+        image = data.name in ("cifar10", "cifar100", "fashion-mnist")
+        pad = cfg.crop_padding if cfg.crop_padding is not None else {"fashion-mnist": 2}.get(data.name, 4 * image)
+        aug = {"crop_padding": pad, "flip": image if cfg.flip is None else cfg.flip, "cutout": cfg.cutout}
+        self.train = TensorLoader(x, y, cfg.batch_size, train=True, seed=cfg.seed, **aug, **common)
+        self.test = TensorLoader(data.x_test, data.y_test, 1000, train=False, **common)
+        self.fisher = TensorLoader(x, y, cfg.batch_size, train=True, seed=cfg.seed + 1, **aug, **common)
+
+
+class _FisherStream:
+    """SSAM-F's data: the Fisher loader's epoch 0 on every pass (the same order, so a resumed run sees it too)."""
+
+    def __init__(self, loader: TensorLoader | FolderLoader) -> None:
+        self.loader = loader
+
+    def __iter__(self):
+        return self.loader.epoch(0)
+
+
+class _Interrupt:
+    """Turns the first SIGINT/SIGTERM into a flag checked between steps; a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Interrupt:
+        if hasattr(signal, "SIGTERM") and _main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupted: finishing this step, then saving a checkpoint (again to stop at once)", file=sys.stderr)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, mode) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, Any]:
+    """The checkpoint at ``path``, checked against ``cfg``: a clear :class:`CheckpointError` if it does not fit."""
+    if not path.exists():
+        raise CheckpointError(f"--resume: no checkpoint at {path}; start without --resume, or point --out at the run")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({type(e).__name__}: {reason}); it is corrupt or "
+            "not a samopt checkpoint. Delete it to start over"
+        ) from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a samopt train checkpoint of format {CHECKPOINT_FORMAT}")
+    saved, now = ckpt["config"], dataclasses.asdict(cfg)
+    diff = [
+        f"{k}: checkpoint {saved.get(k)!r}, now {v!r}"
+        for k, v in now.items()
+        if k not in RESUMABLE_CHANGES and saved.get(k) != v
+    ]
+    if diff:
+        raise CheckpointError(
+            f"checkpoint {path} was written by a different run; it does not match in "
+            + "; ".join(diff)
+            + ". Resume with the same settings, or use another --out"
+        )
+    return ckpt
+
+
+def _peak_memory_mib(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+
+
+class _Tally:
+    """Training loss, accuracy and time of an epoch, continuing the ``saved`` part of an interrupted one."""
+
+    def __init__(self, saved: dict[str, Any] | None, device: torch.device) -> None:
+        self.saved = saved or {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.seen, self.t0 = 0, time.perf_counter()
+
+    def add(self, loss: Tensor, logits: Tensor, y: Tensor) -> None:
+        self.loss += loss.double() * len(y)  # no host sync per step
+        self.correct += (logits.argmax(1) == y).sum()
+        self.seen += len(y)
+
+    def mean_loss(self) -> float:
+        return (self.saved["loss"] + float(self.loss)) / max(1, self.saved["seen"] + self.seen)
+
+    def snapshot(self) -> dict[str, Any]:
+        s = self.saved
+        return {
+            "loss": s["loss"] + float(self.loss),
+            "correct": s["correct"] + int(self.correct),
+            "seen": s["seen"] + self.seen,
+            "seconds": s["seconds"] + time.perf_counter() - self.t0,
+        }
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: TensorLoader | FolderLoader, amp: Amp, channels_last: bool
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over ``loader`` in eval mode."""
+    was = model.training
+    model.eval()
+    loss, correct, n = torch.zeros((), dtype=torch.float64), 0, 0
+    for x, y in loader.epoch(0):
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with amp.autocast():
+            logits = model(x)
+        loss += F.cross_entropy(logits.float(), y, reduction="sum").double().cpu()
+        correct += int((logits.argmax(1) == y).sum())
+        n += len(y)
+    model.train(was)
+    return float(loss) / n, correct / n
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """Train as ``cfg`` says (see the module docstring); returns the summary also written to ``summary.json``.
+
+    Exits with :data:`EXIT_INTERRUPTED` (``SystemExit``) after saving a checkpoint when interrupted.
+    """
+    validate(cfg)
+    device = _device(cfg.device)
+    amp = Amp(cfg.amp, device)
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
+    ckpt_path = out / "checkpoint.pt"
+    ckpt = load_checkpoint(ckpt_path, cfg) if cfg.resume else None
+    if ckpt is None and ckpt_path.exists():
+        raise CheckpointError(f"{out} already holds a checkpoint: pass --resume to continue it, or use another --out")
+    data = datasets.load(cfg.dataset, cfg.data_dir, cfg.download)
+    loaders = _Loaders(cfg, data, device)
+    steps_per_epoch = len(loaders.train)
+
+    torch.manual_seed(cfg.seed)
+    model = build(cfg.model, data.num_classes, data.in_channels).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    fisher = _FisherStream(loaders.fisher) if cfg.optimizer == "ssam-f" else None
+    opt = build_optimizer(cfg, model, steps_per_epoch, fisher)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, steps_per_epoch))
+
+    def loss_fn(logits: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
+        return F.cross_entropy(logits.float(), y, reduction=reduction, label_smoothing=cfg.label_smoothing)
+
+    state: dict[str, Any] = {"epoch": 0, "batch": 0, "history": [], "partial": None, "wall": 0.0}
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        amp.scaler.load_state_dict(ckpt["scaler"])
+        _set_rng_state(ckpt["rng"])
+        state = {k: ckpt[k] for k in state}
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    _atomic_write(metrics_path, lambda f: f.writelines(json.dumps(r) + "\n" for r in state["history"]), "w")
+
+    def save(epoch: int, batch: int, partial: dict[str, Any] | None, wall: float) -> None:
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "config": dataclasses.asdict(cfg),
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "scaler": amp.scaler.state_dict(),
+            "rng": _rng_state(),
+            "epoch": epoch,
+            "batch": batch,
+            "partial": partial,
+            "history": state["history"],
+            "wall": wall,
+        }
+        _atomic_write(ckpt_path, lambda f: torch.save(payload, f))
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    wall0 = time.perf_counter() - state["wall"]
+    label = f"{cfg.optimizer} s{cfg.seed}"
+    with _Interrupt() as interrupt:
+        for epoch in range(state["epoch"], cfg.epochs):
+            resumed = epoch == state["epoch"]
+            start = state["batch"] if resumed else 0
+            tally = _Tally(state["partial"] if resumed else None, device)
+            bar = _progress(steps_per_epoch, start, f"epoch {epoch + 1}/{cfg.epochs} {label}", cfg.progress)
+            model.train()
+            batch = start
+            for x, y in loaders.train.epoch(epoch, start):
+                if cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                loss, logits = train_step(opt, model, x, y, loss_fn, amp, cfg.max_grad_norm)
+                lr = opt.param_groups[0]["lr"]
+                sched.step()
+                tally.add(loss, logits, y)
+                batch += 1
+                if bar is not None:
+                    bar.update(1)
+                    if batch % 20 == 0 or batch == steps_per_epoch:
+                        bar.set_postfix(loss=f"{tally.mean_loss():.4f}")
+                if interrupt.requested and batch < steps_per_epoch:
+                    if bar is not None:
+                        bar.close()
+                    save(epoch, batch, tally.snapshot(), time.perf_counter() - wall0)
+                    print(
+                        f"checkpoint saved to {ckpt_path} (epoch {epoch + 1}, step {batch}); continue with --resume",
+                        file=sys.stderr,
+                    )
+                    raise SystemExit(EXIT_INTERRUPTED)
+            if bar is not None:
+                bar.close()
+            done = tally.snapshot()
+            if not math.isfinite(done["loss"]):
+                raise FloatingPointError(f"the training loss became non-finite in epoch {epoch + 1}; lower --lr, --rho")
+            test_loss, test_acc = evaluate(model, loaders.test, amp, cfg.channels_last)
+            record = {
+                "epoch": epoch + 1,
+                "train_loss": done["loss"] / done["seen"],
+                "train_acc": done["correct"] / done["seen"],
+                "test_loss": test_loss,
+                "test_acc": test_acc,
+                "lr": lr,  # of the epoch's last step
+                "train_seconds": done["seconds"],
+            }
+            if isinstance(opt, samopt.SAM):
+                record["mask_density"] = opt.mask_density()
+            state["history"].append(record)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            save(epoch + 1, 0, None, time.perf_counter() - wall0)
+            print(
+                f"{label} epoch {epoch + 1}/{cfg.epochs}: train loss {record['train_loss']:.4f} "
+                f"acc {record['train_acc']:.4f}, test loss {test_loss:.4f} acc {test_acc:.4f} "
+                f"({done['seconds']:.1f} s)",
+                flush=True,
+            )
+            if interrupt.requested and epoch + 1 < cfg.epochs:
+                print(f"checkpoint saved to {ckpt_path}; continue with --resume", file=sys.stderr)
+                raise SystemExit(EXIT_INTERRUPTED)
+    history = state["history"]
+    peak, peak_kind = _peak_memory_mib(device)
+    summary = {
+        "optimizer": cfg.optimizer,
+        "seed": cfg.seed,
+        "epochs": cfg.epochs,
+        "final_test_acc": history[-1]["test_acc"],
+        "best_test_acc": max(r["test_acc"] for r in history),
+        "wall_seconds": time.perf_counter() - wall0,
+        "seconds_per_epoch": sum(r["train_seconds"] for r in history) / len(history),
+        "peak_memory_mib": peak,
+        "peak_memory_kind": peak_kind,
+        "device": str(device),
+        "out": str(out),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "history": history,
+        "config": dataclasses.asdict(cfg),
+    }
+    _atomic_write(out / "summary.json", lambda f: json.dump(summary, f, indent=1), "w")
+    return summary

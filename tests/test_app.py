@@ -1,0 +1,319 @@
+"""The ``samopt`` application: recipes, schedule, training step, resume after Ctrl-C, CLI errors, compare."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import samopt
+from samopt.train import cli, loop
+from samopt.train.config import RECIPES, TrainConfig, resolve
+from samopt.train.loop import CheckpointError, lr_factor, run
+from samopt.train.optimizers import Amp, base_optimizer, build_optimizer, train_step
+from tests.helpers import bn_net, image_batch
+
+# 4 steps per epoch on the synthetic CIFAR-shaped data, no progress bars
+TINY = {
+    "dataset": "synthetic",
+    "model": "resnet-small",
+    "train_subset": 256,
+    "batch_size": 64,
+    "epochs": 2,
+    "progress": False,
+    "lr": 0.05,
+    "sparsity": 0.5,
+    "num_samples": 8,
+}
+
+
+def tiny(tmp_path, **changes) -> TrainConfig:
+    return resolve(None, {**TINY, "out": str(tmp_path / "run"), **changes})
+
+
+# ------------------------------------------------------------------ settings
+
+
+def test_recipe_resolution_layers_defaults_recipe_and_flags():
+    cfg = resolve("cifar10-resnet18-ssam-f", {"epochs": 10, "seed": 3})
+    assert (cfg.dataset, cfg.model, cfg.optimizer) == ("cifar10", "resnet18", "ssam-f")
+    assert (cfg.rho, cfg.weight_decay, cfg.sparsity, cfg.num_samples, cfg.mask_interval, cfg.cutout) == (
+        0.1,
+        1e-3,
+        0.5,
+        16,
+        1,
+        16,
+    )
+    assert (cfg.epochs, cfg.seed, cfg.lr, cfg.batch_size) == (10, 3, 0.05, 128)  # flags, then recipe, then defaults
+    assert resolve(None, {}) == TrainConfig()
+    wrn = resolve("cifar100-wrn28-10-sam", {})
+    assert (wrn.model, wrn.rho, wrn.dataset) == ("wrn28-10", 0.2, "cifar100")
+    imagenet = resolve("imagenet-resnet50-ssam-f", {})
+    assert (imagenet.epochs, imagenet.batch_size, imagenet.rho, imagenet.weight_decay, imagenet.num_samples) == (
+        90,
+        256,
+        0.7,
+        1e-4,
+        128,
+    )
+    with pytest.raises(ValueError, match="unknown recipe 'cifar'; choose one of: fmnist-demo, cifar10-resnet18-sgd"):
+        resolve("cifar", {})
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['rhoo'\]"):
+        resolve(None, {"rhoo": 1})
+
+
+def test_every_recipe_names_valid_settings():
+    for name, recipe in RECIPES.items():
+        loop.validate(resolve(name, {}))
+        assert recipe.description and recipe.source
+
+
+def test_lr_schedules_against_hand_values():
+    cfg = TrainConfig(epochs=4, warmup_epochs=1, schedule="cosine")
+    f = lr_factor(cfg, steps_per_epoch=10)  # 10 warmup steps, then cosine over 30
+    assert [f(s) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
+    assert f(10) == 1.0 and f(25) == pytest.approx(0.5)
+    assert f(39) == pytest.approx(0.5 * (1 + math.cos(29 / 30 * math.pi)))
+    multi = lr_factor(TrainConfig(epochs=10, schedule="multistep", milestones=[2, 5], gamma=0.1), 10)
+    assert [multi(s) for s in (0, 19, 20, 49, 50, 99)] == [
+        1,
+        1,
+        pytest.approx(0.1),
+        pytest.approx(0.1),
+        pytest.approx(0.01),
+        pytest.approx(0.01),
+    ]
+    assert lr_factor(TrainConfig(schedule="constant"), 5)(123) == 1.0
+
+
+def test_base_optimizer_by_name():
+    assert base_optimizer("AdamW") is torch.optim.AdamW and base_optimizer("rmsprop") is torch.optim.RMSprop
+    with pytest.raises(ValueError, match=r"unknown base optimizer 'lion'; choose a torch.optim class: .*adamw"):
+        base_optimizer("lion")
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"optimizer": "lamb"}, "optimizer must be one of 'sgd', 'adamw', 'sam'"),
+        ({"schedule": "linear"}, "schedule must be one of 'cosine', 'multistep', 'constant'; got 'linear'"),
+        ({"epochs": 0}, "epochs must be an integer >= 1, got 0"),
+        ({"warmup_epochs": 3}, "warmup_epochs must be at most epochs"),
+        ({"milestones": [5, 2]}, "milestones must be increasing"),
+        ({"lr": -1.0}, "lr must be a finite real number >= 0"),
+    ],
+)
+def test_bad_settings_fail_before_any_work(tmp_path, bad, message):
+    with pytest.raises(ValueError, match=message):
+        run(tiny(tmp_path, **bad))
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------ one step
+
+
+def test_train_step_runs_each_optimizer_kind_and_returns_the_clean_pass():
+    x, y = image_batch()
+    amp = Amp("none", torch.device("cpu"))
+
+    def loss_fn(logits, y, reduction="mean"):
+        return torch.nn.functional.cross_entropy(logits, y, reduction=reduction)
+
+    for name in ("sgd", "sam", "delta-sam"):
+        torch.manual_seed(0)
+        model = bn_net()
+        cfg = TrainConfig(optimizer=name, estimator="probe", lr=0.1)
+        opt = build_optimizer(cfg, model, steps_per_epoch=1)
+        before = [p.detach().clone() for p in model.parameters()]
+        with torch.no_grad():
+            clean = model(x)
+        loss, logits = train_step(opt, model, x, y, loss_fn, amp)
+        assert torch.allclose(logits, clean, atol=1e-6), name  # the pass at w, not a probe or w + e
+        assert loss == pytest.approx(float(loss_fn(clean, y)), rel=1e-5), name
+        assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True)), name
+
+
+def test_plain_optimizer_clipping():
+    x, y = image_batch()
+    torch.manual_seed(0)
+    model = bn_net()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    train_step(opt, model, x, y, torch.nn.functional.cross_entropy, Amp("none", torch.device("cpu")), 1e-3)
+    step = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters(), strict=True)])
+    assert step.norm() == pytest.approx(1e-3, rel=1e-4)  # lr 1: the update is the clipped gradient
+
+
+# ------------------------------------------------------------------ runs, resume, interrupts
+
+
+def _interrupt_at(monkeypatch, n: int) -> None:
+    """Deliver a real SIGINT to this process during the n-th training step."""
+    real, calls = loop.train_step, [0]
+
+    def step(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", step)
+
+
+def _weights(path):
+    return torch.load(path / "checkpoint.pt", weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("optimizer, stop", [("ssam-f", 6), ("ssam-d", 3), ("delta-sam", 5), ("sgd", 4)])
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeypatch, optimizer, stop):
+    whole = run(tiny(tmp_path / "a", optimizer=optimizer))
+    with monkeypatch.context() as m:
+        _interrupt_at(m, stop)
+        with pytest.raises(SystemExit) as e:
+            run(tiny(tmp_path / "b", optimizer=optimizer))
+    assert e.value.code == loop.EXIT_INTERRUPTED
+    saved = torch.load(tmp_path / "b" / "run" / "checkpoint.pt", weights_only=True)
+    # the step during which Ctrl-C came is finished, then saved (4 steps per epoch; after step 4, epoch 1 ends first)
+    assert (saved["epoch"], saved["batch"]) == divmod(stop, 4)
+    resumed = run(tiny(tmp_path / "b", optimizer=optimizer, resume=True))
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
+        assert [r[key] for r in resumed["history"]] == [r[key] for r in whole["history"]], key
+    a, b = _weights(tmp_path / "a" / "run"), _weights(tmp_path / "b" / "run")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lines = (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+
+
+def test_run_outputs(tmp_path):
+    summary = run(tiny(tmp_path, optimizer="ssam-d"))
+    out = tmp_path / "run"
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert summary["epochs"] == 2 and len(summary["history"]) == 2 and summary["config"]["optimizer"] == "ssam-d"
+    assert 0 <= summary["final_test_acc"] <= 1 and summary["peak_memory_mib"] > 0
+    assert summary["parameters"] == 308_826
+    record = summary["history"][0]
+    assert set(record) == {
+        "epoch",
+        "train_loss",
+        "train_acc",
+        "test_loss",
+        "test_acc",
+        "lr",
+        "train_seconds",
+        "mask_density",
+    }
+    assert record["mask_density"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_checkpoint_errors(tmp_path):
+    cfg = tiny(tmp_path, epochs=1)
+    with pytest.raises(CheckpointError, match=r"--resume: no checkpoint at .*checkpoint\.pt"):
+        run(cfg.replace(resume=True))
+    run(cfg)
+    with pytest.raises(CheckpointError, match="already holds a checkpoint: pass --resume"):
+        run(cfg)
+    with pytest.raises(CheckpointError, match=r"does not match in model: checkpoint 'resnet-small', now 'wrn16-4'"):
+        run(cfg.replace(resume=True, model="wrn16-4"))
+    run(cfg.replace(resume=True, progress=True, workers=2))  # allowed changes; nothing left to train
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"cannot be read .*corrupt or not a samopt checkpoint"):
+        run(cfg.replace(resume=True))
+    torch.save({"format": 99}, tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="not a samopt train checkpoint of format 1"):
+        run(cfg.replace(resume=True))
+
+
+# ------------------------------------------------------------------ command line
+
+
+def samopt_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "samopt.train.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_cli_flags_round_trip():
+    parser = cli.build_parser()
+    ns = parser.parse_args(
+        [
+            "train",
+            "--rho",
+            "0.2",
+            "--no-flip",
+            "--max-grad-norm",
+            "none",
+            "--milestones",
+            "3,7",
+            "--train-subset",
+            "100",
+            "--base",
+            "adamw",
+        ]
+    )
+    explicit = cli._explicit(ns)
+    assert explicit == {
+        "rho": 0.2,
+        "flip": False,
+        "max_grad_norm": None,
+        "milestones": [3, 7],
+        "train_subset": 100,
+        "base": "adamw",
+    }
+    assert cli._explicit(parser.parse_args(["train", *cli.to_flags(explicit)])) == explicit
+
+
+def test_cli_errors_name_the_valid_choices(tmp_path):
+    for flag, bad, valid in (
+        ("--dataset", "mnist", ("fashion-mnist", "cifar10", "cifar100", "imagenet", "synthetic")),
+        ("--model", "vgg16", ("resnet18", "resnet34", "resnet50", "resnet-small", "wrn28-10", "wrn16-4", "small-cnn")),
+        ("--optimizer", "lamb", ("sgd", "adamw", "sam", "asam", "ssam-f", "ssam-d", "random-mask", "delta-sam")),
+        ("--recipe", "nope", tuple(RECIPES)),
+    ):
+        r = samopt_cli("train", flag, bad)
+        message = r.stderr.splitlines()[-1]
+        assert r.returncode == 2 and f"argument {flag}: invalid choice: '{bad}' (choose from" in message
+        assert all(name in message for name in valid), message
+    r = samopt_cli("train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "samopt train: error: cifar10 files not found" in r.stderr and "--download" in r.stderr
+    r = samopt_cli("compare", "--optimizers", "sgd,lamb", "--dataset", "synthetic")
+    assert r.returncode == 2 and "unknown optimizer(s) ['lamb'] in --optimizers" in r.stderr
+
+
+def test_recipes_command_lists_every_recipe():
+    r = samopt_cli("recipes")
+    assert r.returncode == 0
+    for name, recipe in RECIPES.items():
+        assert name in r.stdout and recipe.source in r.stdout
+
+
+def test_compare_runs_tables_plots_and_skips_finished_runs(tmp_path):
+    out = tmp_path / "cmp"
+    flags = cli.to_flags({**TINY, "epochs": 1, "out": str(out)})
+    r = samopt_cli("compare", "--optimizers", "sgd,sam", "--seeds", "2", *flags)
+    assert r.returncode == 0, r.stderr
+    results = json.loads((out / "compare.json").read_text())
+    assert list(results) == ["sgd", "sam"] and [s["seed"] for s in results["sam"]] == [0, 1]
+    table = (out / "compare.md").read_text().splitlines()
+    header = "| optimizer | seeds | final test acc % | best test acc % | wall time s | s/epoch | x sgd | peak memory"
+    assert table[0].startswith(header)
+    assert table[2].startswith("| sgd | 2 | ") and table[3].startswith("| sam | 2 | ")
+    assert "| 1.00 |" in table[2]
+    for png in ("accuracy.png", "cost.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "plots: " in r.stdout and str(out / "accuracy.png") in r.stdout
+    stamp = (out / "sam-s1" / "summary.json").stat().st_mtime_ns
+    again = samopt_cli("compare", "--optimizers", "sgd,sam", "--seeds", "2", *flags)
+    assert again.returncode == 0 and "== sam" not in again.stdout  # nothing re-run
+    assert (out / "sam-s1" / "summary.json").stat().st_mtime_ns == stamp
+
+
+def test_samopt_console_script_is_declared():
+    import tomllib
+
+    meta = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert meta["project"]["scripts"]["samopt"] == "samopt.train.cli:main"
+    assert samopt.__version__
