@@ -21,6 +21,7 @@ from tests.helpers import bn_net, image_batch
 # 4 steps per epoch on the synthetic CIFAR-shaped data, no progress bars
 TINY = {
     "dataset": "synthetic",
+    "synthetic_size": 320,
     "model": "resnet-small",
     "train_subset": 256,
     "batch_size": 64,
@@ -40,29 +41,23 @@ def tiny(tmp_path, **changes) -> TrainConfig:
 
 
 def test_recipe_resolution_layers_defaults_recipe_and_flags():
-    cfg = resolve("cifar10-resnet18-ssam-f", {"epochs": 10, "seed": 3})
+    cfg = resolve("cifar10-resnet18", {"epochs": 10, "seed": 3})
     assert (cfg.dataset, cfg.model, cfg.optimizer) == ("cifar10", "resnet18", "ssam-f")
-    assert (cfg.rho, cfg.weight_decay, cfg.sparsity, cfg.num_samples, cfg.mask_interval, cfg.cutout) == (
-        0.1,
-        1e-3,
-        0.5,
-        16,
-        1,
-        16,
-    )
+    sparse = (cfg.rho, cfg.weight_decay, cfg.sparsity, cfg.num_samples, cfg.mask_interval, cfg.cutout)
+    assert sparse == (0.1, 1e-3, 0.5, 16, 1, 16)  # the Sparse SAM README's SSAM-F ResNet-18 command
     assert (cfg.epochs, cfg.seed, cfg.lr, cfg.batch_size) == (10, 3, 0.05, 128)  # flags, then recipe, then defaults
     assert resolve(None, {}) == TrainConfig()
-    wrn = resolve("cifar100-wrn28-10-sam", {})
-    assert (wrn.model, wrn.rho, wrn.dataset) == ("wrn28-10", 0.2, "cifar100")
-    imagenet = resolve("imagenet-resnet50-ssam-f", {})
-    assert (imagenet.epochs, imagenet.batch_size, imagenet.rho, imagenet.weight_decay, imagenet.num_samples) == (
-        90,
-        256,
-        0.7,
-        1e-4,
-        128,
-    )
-    with pytest.raises(ValueError, match="unknown recipe 'cifar'; choose one of: fmnist-demo, cifar10-resnet18-sgd"):
+    # per-optimizer settings: SGD's weight decay, SAM's rho, and flags still win
+    sgd = resolve("cifar10-resnet18", {"optimizer": "sgd"})
+    assert (sgd.weight_decay, sgd.rho) == (5e-4, None)
+    assert resolve("cifar10-resnet18", {"optimizer": "sam", "rho": 0.3}).rho == 0.3
+    assert resolve("cifar10-resnet18", {"optimizer": "asam"}).rho is None  # ASAM's own default (0.5)
+    wrn = resolve("cifar100-wrn28-10", {"optimizer": "sam"})
+    assert (wrn.model, wrn.rho, wrn.weight_decay, wrn.dataset) == ("wrn28-10", 0.2, 1e-3, "cifar100")
+    imagenet = resolve("imagenet-resnet50", {})
+    settings = (imagenet.optimizer, imagenet.epochs, imagenet.batch_size, imagenet.rho, imagenet.weight_decay)
+    assert (*settings, imagenet.num_samples) == ("ssam-f", 90, 256, 0.7, 1e-4, 128)
+    with pytest.raises(ValueError, match="unknown recipe 'cifar'; choose one of: fmnist-demo, cifar10-resnet18, "):
         resolve("cifar", {})
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['rhoo'\]"):
         resolve(None, {"rhoo": 1})
@@ -70,7 +65,8 @@ def test_recipe_resolution_layers_defaults_recipe_and_flags():
 
 def test_every_recipe_names_valid_settings():
     for name, recipe in RECIPES.items():
-        loop.validate(resolve(name, {}))
+        for optimizer in (None, *recipe.per_optimizer):
+            loop.validate(resolve(name, {} if optimizer is None else {"optimizer": optimizer}))
         assert recipe.description and recipe.source
 
 
@@ -96,6 +92,15 @@ def test_base_optimizer_by_name():
     assert base_optimizer("AdamW") is torch.optim.AdamW and base_optimizer("rmsprop") is torch.optim.RMSprop
     with pytest.raises(ValueError, match=r"unknown base optimizer 'lion'; choose a torch.optim class: .*adamw"):
         base_optimizer("lion")
+    with pytest.raises(ValueError, match="base optimizer LBFGS takes no weight_decay argument; choose another --base"):
+        build_optimizer(TrainConfig(optimizer="sam", base="lbfgs"), bn_net(), steps_per_epoch=1)
+
+
+def test_bf16_autocast_run_on_cpu_and_fp16_needs_cuda(tmp_path):
+    summary = run(tiny(tmp_path, optimizer="sam", amp="bf16", epochs=1))
+    assert summary["history"][0]["train_loss"] > 0
+    with pytest.raises(ValueError, match="amp='fp16' needs a CUDA device; on the CPU use amp='bf16' or 'none'"):
+        run(tiny(tmp_path / "fp16", optimizer="sam", amp="fp16", device="cpu"))
 
 
 @pytest.mark.parametrize(

@@ -139,6 +139,14 @@ def test_cifar_reads_the_python_pickle_batches(tmp_path, name):
     assert loaded.num_classes == (10 if name == "cifar10" else 100) and loaded.in_channels == 3
 
 
+def test_synthetic_data_has_cifar_shape_and_the_asked_size():
+    data = datasets.load("synthetic", synthetic_size=100)
+    assert data.x_train.shape == (100, 3, 32, 32) and data.x_test.shape == (20, 3, 32, 32)
+    assert data.x_train.dtype == torch.uint8 and int(data.y_train.max()) < 10 and data.num_classes == 10
+    assert torch.equal(datasets.load("synthetic", synthetic_size=100).x_train, data.x_train)  # fixed seed
+    assert datasets.synthetic().x_train.shape[0] == 50_000  # CIFAR's size by default
+
+
 def test_cifar_errors_say_how_to_get_the_data(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"python version.*or pass --download"):
         cifar("cifar10", "train", tmp_path)

@@ -112,10 +112,17 @@ def to_flags(settings: dict[str, Any]) -> list[str]:
 
 def _recipes() -> None:
     width = max(map(len, RECIPES))
+    pad = " " * width
     for name, r in RECIPES.items():
         print(f"{name:<{width}}  {r.description}")
-        print(f"{'':<{width}}  source: {r.source}")
-        print(f"{'':<{width}}  {' '.join(to_flags(r.settings))}\n")
+        print(f"{pad}  source: {r.source}")
+        print(f"{pad}  {' '.join(to_flags(r.settings))}")
+        groups: dict[str, list[str]] = {}
+        for optimizer, settings in r.per_optimizer.items():
+            groups.setdefault(" ".join(to_flags(settings)), []).append(optimizer)
+        for flags, optimizers in groups.items():
+            print(f"{pad}  with {', '.join(optimizers)}: {flags}")
+        print()
 
 
 def build_parser() -> argparse.ArgumentParser:

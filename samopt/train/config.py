@@ -2,13 +2,15 @@
 
 A run's settings are resolved in three layers: the defaults of :class:`TrainConfig`
 (the Sparse SAM code's argument defaults, ``../research/ssam.md`` section 7.1), then
-the recipe's values, then whatever the user set explicitly. :data:`RECIPES` holds the
-papers' settings (Sparse SAM README commands, section 7.2 of the brief) and the CPU
-demo.
+the recipe's values (common ones, then those for the chosen optimizer), then whatever
+the user set explicitly. :data:`RECIPES` holds the papers' settings (Sparse SAM README
+commands, section 7.2 of the brief) per data set and model, and the CPU demo, so that
+``samopt compare --recipe cifar10-resnet18 --optimizers sgd,sam,ssam-f`` gives each
+optimizer its paper settings.
 
 Example::
 
-    cfg = resolve("cifar10-resnet18-ssam-f", {"epochs": 10})
+    cfg = resolve("cifar10-resnet18", {"optimizer": "ssam-f", "epochs": 10})
     cfg.rho, cfg.sparsity, cfg.epochs     # 0.1, 0.5, 10
 """
 
@@ -30,6 +32,7 @@ class TrainConfig:
     data_dir: str | None = None
     download: bool = False
     train_subset: int | None = None  # the first n images of a fixed shuffle of the training set
+    synthetic_size: int = 50_000  # training images of the synthetic data set (CIFAR's size); a fifth as many test
     crop_padding: int | None = None  # None: 4 on CIFAR, 2 on Fashion-MNIST, 0 otherwise
     flip: bool | None = None  # None: on for CIFAR, Fashion-MNIST and ImageNet
     cutout: int = 0  # side of the Cutout square (16 in the Sparse SAM CIFAR runs); applied with p=0.5
@@ -83,20 +86,42 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class Recipe:
-    """A named preset: a description, where its numbers come from, and the settings it fixes."""
+    """A named preset: a description, where its numbers come from, the settings it fixes for every optimizer,
+    and the settings that depend on the optimizer (``per_optimizer[name]``, applied after ``settings``)."""
 
     description: str
     source: str
     settings: dict[str, Any]
+    per_optimizer: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
+_SAM_FAMILY = ("sam", "asam", "ssam-f", "ssam-d", "random-mask", "delta-sam")
 _CIFAR = {"batch_size": 128, "lr": 0.05, "momentum": 0.9, "schedule": "cosine", "epochs": 200, "cutout": 16}
 _SPARSE = {"sparsity": 0.5, "num_samples": 16, "mask_interval": 1}
+_SOURCE = (
+    "Sparse SAM README commands (ssam.md 7.2): SGD wd 5e-4; SAM/SSAM wd 1e-3, rho 0.1 with ResNet-18 and "
+    "0.2 with WRN-28-10, s 0.5, N_s 16, T_m 1; lr 0.05, batch 128, 200 epochs, cosine, crop+flip+Cutout 16"
+)
+
+
+def _cifar(dataset: str, model: str, rho: float) -> Recipe:
+    sam = {"weight_decay": 1e-3, "rho": rho}
+    inferred = {
+        ("cifar10", "resnet18"): "",
+        ("cifar100", "wrn28-10"): "",
+    }.get((dataset, model), f"; [inferred] the README has no {dataset} {model} command: its {model} rho is used")
+    return Recipe(
+        f"{dataset.upper().replace('CIFAR', 'CIFAR-')} with Cutout, {model}: any optimizer (default ssam-f)",
+        _SOURCE + inferred,
+        {**_CIFAR, **_SPARSE, "dataset": dataset, "model": model, "optimizer": "ssam-f"},
+        {"sgd": {"weight_decay": 5e-4}, **{o: sam for o in _SAM_FAMILY if o != "asam"}, "asam": {"weight_decay": 1e-3}},
+    )
+
 
 #: The presets of ``--recipe``; ``samopt recipes`` prints them.
 RECIPES: dict[str, Recipe] = {
     "fmnist-demo": Recipe(
-        "CPU demo: Fashion-MNIST, small ResNet, 3 epochs on a 12k-image subset (about 1-2 min per SAM run on 2 cores)",
+        "CPU demo: Fashion-MNIST, small ResNet, 3 epochs on a 12k-image subset (about 1 min per SAM run on 2 cores)",
         "samopt; chosen to fit `make demo` in 15 minutes on 2 CPU cores",
         {
             "dataset": "fashion-mnist",
@@ -111,66 +136,14 @@ RECIPES: dict[str, Recipe] = {
             **_SPARSE,
         },
     ),
-    "cifar10-resnet18-sgd": Recipe(
-        "SGD baseline, ResNet-18, CIFAR-10 with Cutout",
-        "Sparse SAM README (ssam.md 7.2): lr 0.05, wd 5e-4",
-        {**_CIFAR, "dataset": "cifar10", "model": "resnet18", "optimizer": "sgd", "weight_decay": 5e-4},
-    ),
-    "cifar10-resnet18-sam": Recipe(
-        "SAM, ResNet-18, CIFAR-10 with Cutout",
-        "Sparse SAM README (ssam.md 7.2): rho 0.1, wd 1e-3 as its SSAM-F run",
-        {**_CIFAR, "dataset": "cifar10", "model": "resnet18", "optimizer": "sam", "rho": 0.1, "weight_decay": 1e-3},
-    ),
-    "cifar10-resnet18-ssam-f": Recipe(
-        "SSAM-F, ResNet-18, CIFAR-10 with Cutout, 50% sparsity",
-        "Sparse SAM README (ssam.md 7.2): rho 0.1, wd 1e-3, s 0.5, N_s 16, T_m 1",
-        {
-            **_CIFAR,
-            **_SPARSE,
-            "dataset": "cifar10",
-            "model": "resnet18",
-            "optimizer": "ssam-f",
-            "rho": 0.1,
-            "weight_decay": 1e-3,
-        },
-    ),
-    "cifar10-resnet18-ssam-d": Recipe(
-        "SSAM-D, ResNet-18, CIFAR-10 with Cutout, 50% sparsity",
-        "no SSAM-D command is given; the SSAM-F settings and the code's SSAM-D defaults (ssam.md 7.1-7.2)",
-        {
-            **_CIFAR,
-            **_SPARSE,
-            "dataset": "cifar10",
-            "model": "resnet18",
-            "optimizer": "ssam-d",
-            "rho": 0.1,
-            "weight_decay": 1e-3,
-            "drop_rate": 0.5,
-            "drop": "gradient",
-            "grow": "random",
-        },
-    ),
-    "cifar100-wrn28-10-sam": Recipe(
-        "SAM, WRN-28-10, CIFAR-100 with Cutout",
-        "Sparse SAM README (ssam.md 7.2): rho 0.2, wd 1e-3",
-        {**_CIFAR, "dataset": "cifar100", "model": "wrn28-10", "optimizer": "sam", "rho": 0.2, "weight_decay": 1e-3},
-    ),
-    "cifar100-wrn28-10-ssam-f": Recipe(
-        "SSAM-F, WRN-28-10, CIFAR-100 with Cutout, 50% sparsity",
-        "Sparse SAM README (ssam.md 7.2): the SAM WRN settings with the SSAM-F mask settings",
-        {
-            **_CIFAR,
-            **_SPARSE,
-            "dataset": "cifar100",
-            "model": "wrn28-10",
-            "optimizer": "ssam-f",
-            "rho": 0.2,
-            "weight_decay": 1e-3,
-        },
-    ),
-    "imagenet-resnet50-ssam-f": Recipe(
-        "SSAM-F, ResNet-50, ImageNet, 90 epochs",
-        "Sparse SAM README (ssam.md 7.2): bs 256, rho 0.7, wd 1e-4, s 0.5, N_s 128, T_m 1; lr 0.05 (not given there)",
+    "cifar10-resnet18": _cifar("cifar10", "resnet18", 0.1),
+    "cifar10-wrn28-10": _cifar("cifar10", "wrn28-10", 0.2),
+    "cifar100-resnet18": _cifar("cifar100", "resnet18", 0.1),
+    "cifar100-wrn28-10": _cifar("cifar100", "wrn28-10", 0.2),
+    "imagenet-resnet50": Recipe(
+        "ImageNet, ResNet-50, 90 epochs, batch 256 (SSAM-F by default)",
+        "Sparse SAM README (ssam.md 7.2): bs 256, rho 0.7, wd 1e-4, s 0.5, N_s 128, T_m 1; "
+        "[inferred] lr 0.05 (the code's default; the README gives none)",
         {
             "dataset": "imagenet",
             "model": "resnet50",
@@ -178,19 +151,19 @@ RECIPES: dict[str, Recipe] = {
             "epochs": 90,
             "batch_size": 256,
             "lr": 0.05,
-            "rho": 0.7,
             "weight_decay": 1e-4,
             "sparsity": 0.5,
             "num_samples": 128,
             "mask_interval": 1,
             "schedule": "cosine",
         },
+        {o: {"rho": 0.7} for o in _SAM_FAMILY if o != "asam"},
     ),
 }
 
 
 def resolve(recipe: str | None, explicit: dict[str, Any]) -> TrainConfig:
-    """Defaults, then ``recipe``'s settings, then the ``explicit`` ones (field name -> value)."""
+    """Defaults, then ``recipe``'s settings and its settings for the chosen optimizer, then ``explicit`` ones."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(explicit) - fields)
     if unknown:
@@ -199,6 +172,9 @@ def resolve(recipe: str | None, explicit: dict[str, Any]) -> TrainConfig:
     if recipe is not None:
         if recipe not in RECIPES:
             raise ValueError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)} (see `samopt recipes`)")
-        settings.update(RECIPES[recipe].settings)
+        r = RECIPES[recipe]
+        settings.update(r.settings)
+        optimizer = explicit.get("optimizer", settings.get("optimizer", TrainConfig.optimizer))
+        settings.update(r.per_optimizer.get(optimizer, {}))
     settings.update(explicit)
     return TrainConfig(**settings)

@@ -141,8 +141,8 @@ class TensorLoader:
 
 
 class _FolderDataset(torch.utils.data.Dataset):
-    def __init__(self, files: list[Path], labels: list[int], size: int, train: bool, seed: int) -> None:
-        self.files, self.labels, self.size, self.train, self.seed = files, labels, size, train, seed
+    def __init__(self, files: list[Path], labels: list[int], size: int, train: bool, flip: bool, seed: int) -> None:
+        self.files, self.labels, self.size, self.train, self.flip, self.seed = files, labels, size, train, flip, seed
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -156,7 +156,7 @@ class _FolderDataset(torch.utils.data.Dataset):
             if self.train:
                 rnd = random.Random(batch_seed(self.seed, self.epoch, i))
                 im = _random_resized_crop(im, self.size, rnd)
-                if rnd.random() < 0.5:
+                if rnd.random() < 0.5 and self.flip:
                     im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             else:
                 im = _resize_center_crop(im, self.size)
@@ -193,7 +193,11 @@ def _resize_center_crop(im, size: int, resize: int | None = None):
 
 
 class FolderLoader:
-    """Batches of ``root/split/<class>/<image>`` decoded by ``workers`` processes; see the module docstring."""
+    """Batches of ``root/split/<class>/<image>`` decoded by ``workers`` processes; see the module docstring.
+
+    ``train=True``: reshuffled each epoch, last partial batch dropped, random-resized crop
+    to ``image_size`` and (``flip``) a horizontal flip with probability 0.5.
+    """
 
     def __init__(
         self,
@@ -205,6 +209,7 @@ class FolderLoader:
         std: Sequence[float],
         train: bool,
         image_size: int = 224,
+        flip: bool = True,
         workers: int = 4,
         seed: int = 0,
         device: torch.device | str = "cpu",
@@ -216,7 +221,7 @@ class FolderLoader:
         except ImportError as e:
             raise ImportError("reading image folders needs Pillow: pip install 'samopt[app]'") from e
         files, labels, _ = image_folder(root, split)
-        self.data = _FolderDataset(files, labels, image_size, train, seed)
+        self.data = _FolderDataset(files, labels, image_size, train, flip, seed)
         self.batch_size, self.train, self.seed, self.workers = batch_size, train, seed, workers
         self.device = torch.device(device)
         self.normalize = _Normalize(mean, std, self.device)

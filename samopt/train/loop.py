@@ -71,7 +71,7 @@ def validate(cfg: TrainConfig) -> None:
     _validate.choice("optimizer", cfg.optimizer, OPTIMIZERS)
     _validate.choice("schedule", cfg.schedule, ("cosine", "multistep", "constant"))
     _validate.choice("amp", cfg.amp, ("none", "bf16", "fp16"))
-    for name in ("epochs", "batch_size", "mask_interval", "workers", "image_size"):
+    for name in ("epochs", "batch_size", "mask_interval", "workers", "image_size", "synthetic_size"):
         _validate.positive_int(name, getattr(cfg, name))
     _validate.positive_int("train_subset", cfg.train_subset, allow_none=True)
     for name in ("lr", "weight_decay", "momentum", "label_smoothing", "warmup_epochs", "gamma"):
@@ -115,15 +115,19 @@ def _device(name: str) -> torch.device:
 
 
 class _Loaders:
-    """The train, test and (SSAM-F) Fisher batch streams of a run."""
+    """The train and test batch streams of a run, and SSAM-F's Fisher stream (``None`` for other optimizers)."""
 
     def __init__(self, cfg: TrainConfig, data: datasets.ImageData, device: torch.device) -> None:
         common = {"mean": data.mean, "std": data.std, "device": device}
+        fisher = cfg.optimizer == "ssam-f"
+        self.fisher: TensorLoader | FolderLoader | None = None
         if data.root is not None:  # image folders
             folder = {"image_size": cfg.image_size, "workers": cfg.workers, **common}
-            self.train = FolderLoader(data.root, "train", cfg.batch_size, train=True, seed=cfg.seed, **folder)
+            train = {"train": True, "flip": cfg.flip is not False, **folder}
+            self.train = FolderLoader(data.root, "train", cfg.batch_size, seed=cfg.seed, **train)
             self.test = FolderLoader(data.root, "val", cfg.batch_size, train=False, **folder)
-            self.fisher = FolderLoader(data.root, "train", cfg.batch_size, train=True, seed=cfg.seed + 1, **folder)
+            if fisher:
+                self.fisher = FolderLoader(data.root, "train", cfg.batch_size, seed=cfg.seed + 1, **train)
             return
         x, y = data.x_train, data.y_train
         if cfg.train_subset is not None:
@@ -131,12 +135,14 @@ class _Loaders:
                 raise ValueError(f"train_subset must be at most the training set size {len(x)}, got {cfg.train_subset}")
             keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[: cfg.train_subset]
             x, y = x[keep], y[keep]
+        x, y = x.to(device), y.to(device)  # one copy on the device, shared by the train and Fisher streams
         image = data.name in ("cifar10", "cifar100", "fashion-mnist")
         pad = cfg.crop_padding if cfg.crop_padding is not None else {"fashion-mnist": 2}.get(data.name, 4 * image)
         aug = {"crop_padding": pad, "flip": image if cfg.flip is None else cfg.flip, "cutout": cfg.cutout}
         self.train = TensorLoader(x, y, cfg.batch_size, train=True, seed=cfg.seed, **aug, **common)
         self.test = TensorLoader(data.x_test, data.y_test, 1000, train=False, **common)
-        self.fisher = TensorLoader(x, y, cfg.batch_size, train=True, seed=cfg.seed + 1, **aug, **common)
+        if fisher:
+            self.fisher = TensorLoader(x, y, cfg.batch_size, train=True, seed=cfg.seed + 1, **aug, **common)
 
 
 class _FisherStream:
@@ -306,7 +312,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     ckpt = load_checkpoint(ckpt_path, cfg) if cfg.resume else None
     if ckpt is None and ckpt_path.exists():
         raise CheckpointError(f"{out} already holds a checkpoint: pass --resume to continue it, or use another --out")
-    data = datasets.load(cfg.dataset, cfg.data_dir, cfg.download)
+    data = datasets.load(cfg.dataset, cfg.data_dir, cfg.download, cfg.synthetic_size)
     loaders = _Loaders(cfg, data, device)
     steps_per_epoch = len(loaders.train)
 
@@ -314,7 +320,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     model = build(cfg.model, data.num_classes, data.in_channels).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    fisher = _FisherStream(loaders.fisher) if cfg.optimizer == "ssam-f" else None
+    fisher = _FisherStream(loaders.fisher) if loaders.fisher is not None else None
     opt = build_optimizer(cfg, model, steps_per_epoch, fisher)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, steps_per_epoch))
 

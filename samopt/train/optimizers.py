@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -49,6 +50,10 @@ def _base_kwargs(cfg: Any, cls: type[torch.optim.Optimizer]) -> dict[str, Any]:
         kw["momentum"] = cfg.momentum
     if cls is torch.optim.SGD:
         kw["nesterov"] = cfg.nesterov
+    accepted = inspect.signature(cls).parameters
+    refused = [k for k in kw if k not in accepted]
+    if refused:
+        raise ValueError(f"base optimizer {cls.__name__} takes no {', '.join(refused)} argument; choose another --base")
     return kw
 
 
