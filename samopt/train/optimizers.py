@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import samopt
+from samopt import _validate
 from samopt.masks import DynamicSparseMask, FisherMask, Mask, RandomMask
 
-__all__ = ["OPTIMIZERS", "Amp", "base_optimizer", "build_optimizer", "train_step"]
+__all__ = ["AMP_MODES", "OPTIMIZERS", "Amp", "base_optimizer", "build_optimizer", "train_step"]
 
 OPTIMIZERS = ("sgd", "adamw", "sam", "asam", "ssam-f", "ssam-d", "random-mask", "delta-sam")
 #: Default rho when none is given: 0.05 for SAM (Foret et al.), 0.5 for ASAM (Kwon et al., CIFAR setting).
@@ -54,13 +55,26 @@ def _base_kwargs(cfg: Any, cls: type[torch.optim.Optimizer]) -> dict[str, Any]:
     refused = [k for k in kw if k not in accepted]
     if refused:
         raise ValueError(f"base optimizer {cls.__name__} takes no {', '.join(refused)} argument; choose another --base")
+    clash = sorted(set(accepted) & set(inspect.signature(samopt.SAM).parameters) - {"params", *kw})
+    if clash:
+        raise ValueError(
+            f"base optimizer {cls.__name__} has its own {', '.join(clash)} argument, which samopt's SAM "
+            "cannot pass through; choose another --base"
+        )
     return kw
 
 
 def build_optimizer(
-    cfg: Any, model: nn.Module, steps_per_epoch: int, fisher_data: Iterable[Any] | None = None
+    cfg: Any,
+    model: nn.Module,
+    steps_per_epoch: int,
+    fisher_data: Iterable[Any] | None = None,
+    fisher_loss: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
 ) -> torch.optim.Optimizer:
-    """The optimizer ``cfg.optimizer`` over ``model``'s parameters, configured from ``cfg`` (a TrainConfig)."""
+    """The optimizer ``cfg.optimizer`` over ``model``'s parameters, configured from ``cfg`` (a RunConfig).
+
+    SSAM-F computes its Fisher information from ``fisher_loss`` on ``fisher_data``.
+    """
     name = cfg.optimizer
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}")
@@ -85,11 +99,17 @@ def build_optimizer(
             **engine,
             **kw,
         )
-    mask = _mask(cfg, model, steps_per_epoch, fisher_data)
+    mask = _mask(cfg, model, steps_per_epoch, fisher_data, fisher_loss)
     return samopt.SAM(params, base, rho, adaptive=name == "asam", eta=cfg.eta, mask=mask, **engine, **kw)
 
 
-def _mask(cfg: Any, model: nn.Module, steps_per_epoch: int, fisher_data: Iterable[Any] | None) -> Mask | None:
+def _mask(
+    cfg: Any,
+    model: nn.Module,
+    steps_per_epoch: int,
+    fisher_data: Iterable[Any] | None,
+    fisher_loss: Callable[..., Tensor],
+) -> Mask | None:
     every = steps_per_epoch * cfg.mask_interval
     common = {"granularity": cfg.granularity, "seed": cfg.seed}
     if cfg.optimizer == "ssam-f":
@@ -98,7 +118,7 @@ def _mask(cfg: Any, model: nn.Module, steps_per_epoch: int, fisher_data: Iterabl
         return FisherMask(
             model,
             fisher_data,
-            F.cross_entropy,
+            fisher_loss,
             cfg.sparsity,
             num_samples=cfg.num_samples,
             fisher_labels=cfg.fisher_labels,
@@ -121,12 +141,15 @@ def _mask(cfg: Any, model: nn.Module, steps_per_epoch: int, fisher_data: Iterabl
     return None
 
 
+#: The ``amp`` modes: no autocast, bfloat16 autocast, float16 autocast with a GradScaler.
+AMP_MODES = ("none", "bf16", "fp16")
+
+
 class Amp:
     """Autocast settings and the fp16 ``GradScaler`` of a run: ``mode`` is ``"none"``, ``"bf16"`` or ``"fp16"``."""
 
     def __init__(self, mode: str, device: torch.device) -> None:
-        if mode not in ("none", "bf16", "fp16"):
-            raise ValueError(f"amp must be one of 'none', 'bf16', 'fp16'; got {mode!r}")
+        _validate.choice("amp", mode, AMP_MODES)
         if mode == "fp16" and device.type != "cuda":
             raise ValueError("amp='fp16' needs a CUDA device; on the CPU use amp='bf16' or 'none'")
         self.mode, self.device = mode, device
