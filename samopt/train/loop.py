@@ -14,7 +14,8 @@ It writes into ``cfg.out``:
   peak memory and the full configuration.
 
 ``cfg.resume`` continues from ``checkpoint.pt``: the batches, augmentations, masks and
-weights are then the same as those of an uninterrupted run.
+weights are then the same as those of an uninterrupted run (bit for bit on a CPU; on a
+GPU with ``cfg.deterministic``, since cuDNN otherwise picks non-deterministic kernels).
 
 Example::
 
