@@ -1,0 +1,129 @@
+"""A Hugging Face ``Trainer`` that runs samopt's SAM-family optimizers correctly.
+
+The ``Trainer`` calls ``optimizer.step()`` without a closure, after it has already
+accumulated the gradients of the clean pass over ``gradient_accumulation_steps``
+micro-batches, clipped them, and (with fp16) wrapped the step in its
+``GradScaler``. None of that fits SAM, which needs the gradient at ``w`` to perturb
+and then a second pass at ``w + e``. :class:`SAMTrainer` keeps the ``Trainer``'s own
+machinery and changes three things:
+
+- each micro-batch of the accumulation window is remembered as it is trained on;
+- the optimizer step becomes: :meth:`samopt.SAM.first_step` on the accumulated clean
+  gradient, the same micro-batches again at ``w + e`` (same loss and scaling as the
+  ``Trainer``'s ``training_step``), :meth:`samopt.SAM.second_step`, then the fp16
+  scaler's ``update()`` (an overflow in either pass skips the update and the LR step);
+- ``max_grad_norm`` clips the gradient taken at ``w + e`` (the one the update uses),
+  inside the engine, instead of the clean gradient, which SAM normalises anyway.
+
+Checkpoints go through the ``Trainer``'s own ``save``/``resume_from_checkpoint``:
+``SAM.state_dict()`` holds the base optimizer's state, masks and their RNG.
+
+Example::
+
+    opt = samopt.SAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=2e-5, weight_decay=0.01)
+    trainer = SAMTrainer(model=model, args=TrainingArguments(...), train_dataset=ds, optimizers=(opt, None))
+    trainer.train()
+
+Needs ``transformers`` and ``accelerate`` (``pip install 'samopt[hf]'``). δ-SAM
+(:class:`samopt.DeltaSAM`) owns its backward passes and is not supported here yet.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+import samopt
+
+try:
+    from transformers import Trainer
+except ImportError as e:  # pragma: no cover - exercised only without the optional dependency
+    raise ImportError("samopt.integrations.hf needs transformers and accelerate: pip install 'samopt[hf]'") from e
+
+__all__ = ["SAMTrainer"]
+
+
+class SAMTrainer(Trainer):
+    """``transformers.Trainer`` for a samopt :class:`~samopt.SAM` (SAM, ASAM, Sparse SAM masks) given as
+    ``optimizers=(opt, scheduler_or_None)``. Every other ``Trainer`` feature works as usual."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._window: list[tuple[nn.Module, dict[str, Any], Any, int]] = []
+
+    def _sam(self) -> samopt.SAM:
+        opt = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
+        if isinstance(opt, samopt.DeltaSAM):
+            raise TypeError("SAMTrainer does not support DeltaSAM yet (it owns its backward passes); use samopt glue")
+        if not isinstance(opt, samopt.SAM):
+            raise TypeError(
+                f"SAMTrainer needs a samopt.SAM optimizer in optimizers=(opt, scheduler), got {type(opt).__name__}; "
+                "for other optimizers use transformers.Trainer"
+            )
+        return opt
+
+    def _take_over_step(self, opt: samopt.SAM) -> None:
+        wrapper = self.optimizer
+        if getattr(wrapper, "_samopt_step", False):
+            return
+        clip = self.args.max_grad_norm
+        if clip and clip > 0:
+            if opt.max_grad_norm not in (None, clip):
+                raise ValueError(
+                    f"max_grad_norm is set twice: {opt.max_grad_norm} on the optimizer and {clip} in "
+                    "TrainingArguments; set one (SAMTrainer applies it to the gradient at w + e)"
+                )
+            opt.max_grad_norm = clip
+
+        def step(closure: Any = None) -> None:  # the Trainer calls optimizer.step() once per accumulation window
+            self._sam_step()
+            wrapper._opt_called = True  # what an LR scheduler's own step() wrapper would record
+
+        step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]  # ... so the scheduler does not warn
+        wrapper.step = step
+        wrapper._samopt_step = True
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        """The ``Trainer``'s clean pass at ``w``; the micro-batch is kept for the pass at ``w + e``."""
+        opt = self._sam()
+        self._take_over_step(opt)
+        self._window.append((model, inputs, num_items_in_batch, self.current_gradient_accumulation_steps))
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _clip_grad_norm(self, model: nn.Module) -> None:
+        return None  # the engine clips the gradient at w + e
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> None:
+        return None  # the clean gradient's norm would unscale fp16 gradients behind the engine's back
+
+    def _perturbed_loss(self, model: nn.Module, inputs: dict[str, Any], num_items: Any, steps: int) -> torch.Tensor:
+        """The loss ``training_step`` backpropagates, recomputed (at ``w + e``)."""
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(model, self._prepare_inputs(inputs), num_items_in_batch=num_items)
+        if self.args.n_gpu > 1:
+            loss = loss.mean()
+        scaled = self.loss_is_scaled_for_ga
+        if scaled is None:
+            scaled = (self.model_accepts_loss_kwargs and num_items is not None) or self.compute_loss_func is not None
+        return loss if scaled else loss / steps
+
+    def _sam_step(self) -> None:
+        opt, wrapper = self._sam(), self.optimizer
+        window, self._window = self._window, []
+        scaler = getattr(self.accelerator, "scaler", None)
+        scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        scale = scaler.get_scale() if scaler is not None else None
+        opt.first_step(zero_grad=True, scaler=scaler)
+        try:
+            if not opt._pending.skip:  # type: ignore[union-attr]
+                for model, inputs, num_items, steps in window:
+                    self.accelerator.backward(self._perturbed_loss(model, inputs, num_items, steps))
+        except BaseException:
+            opt.restore()
+            raise
+        opt.second_step(zero_grad=False, scaler=scaler)
+        if scaler is not None:
+            scaler.update()
+            wrapper._is_overflow = scaler.get_scale() < scale  # the Trainer then skips the LR step

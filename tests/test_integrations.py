@@ -1,0 +1,130 @@
+"""samopt inside Hugging Face's Trainer: the same weights as the plain samopt loop on the same batches."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import samopt
+from samopt.integrations.hf import SAMTrainer
+from samopt.train.glue import model_path, read_split
+
+GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+
+
+class Pairs(torch.utils.data.Dataset):
+    """The first ``n`` MRPC training pairs, tokenised to a fixed length."""
+
+    def __init__(self, n: int = 16, length: int = 32) -> None:
+        split = read_split("mrpc", GLUE / "MRPC", "train")
+        tok = transformers.AutoTokenizer.from_pretrained(model_path("all-MiniLM-L6-v2"))
+        a, b = zip(*split.texts[:n], strict=True)
+        self.enc = tok(list(a), list(b), truncation=True, max_length=length, padding="max_length", return_tensors="pt")
+        self.labels = split.labels[:n]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**{k: v[i] for k, v in self.enc.items()}, "labels": self.labels[i]}
+
+
+def minilm() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return transformers.AutoModelForSequenceClassification.from_pretrained(model_path("all-MiniLM-L6-v2"), num_labels=2)
+
+
+class Recording(SAMTrainer):
+    """Remembers every micro-batch and the RNG state before the first one."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not hasattr(self, "seen"):
+            self.seen, self.rng = [], torch.get_rng_state()
+        self.seen.append({k: v.clone() for k, v in inputs.items()})
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+def args(tmp_path, **changes):
+    base = {
+        "output_dir": str(tmp_path),
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 2,
+        "max_steps": 2,
+        "lr_scheduler_type": "constant",
+        "max_grad_norm": 0.5,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "seed": 0,
+    }
+    return transformers.TrainingArguments(**{**base, **changes})
+
+
+def sam(model, **kw):
+    return samopt.SAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-4, weight_decay=0.01, **kw)
+
+
+def test_trainer_with_accumulation_and_clipping_equals_the_plain_samopt_loop(tmp_path):
+    model = minilm()
+    reference = copy.deepcopy(model)
+    trainer = Recording(model=model, args=args(tmp_path), train_dataset=Pairs(), optimizers=(sam(model), None))
+    trainer.train()
+    assert len(trainer.seen) == 4  # 2 updates x 2 micro-batches
+    # the plain loop: the closure runs both micro-batches of a window, SAM clips the gradient at w + e
+    opt = sam(reference, max_grad_norm=0.5)
+    reference.train()
+    torch.set_rng_state(trainer.rng)  # the same dropout masks, drawn in the same order
+    for window in (trainer.seen[:2], trainer.seen[2:]):
+
+        def closure(window=window):
+            total = 0.0
+            for inputs in window:
+                loss = reference(**inputs).loss / 2
+                loss.backward()
+                total += loss.detach()
+            return total
+
+        opt.step(closure)
+    for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), name
+    initial = minilm().parameters()
+    moved = sum(float((a - b).abs().max().detach()) for a, b in zip(model.parameters(), initial, strict=True))
+    assert moved > 0  # it trained
+
+
+def test_trainer_refuses_other_optimizers(tmp_path):
+    model = minilm()
+    plain = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    trainer = SAMTrainer(
+        model=model, args=args(tmp_path, max_steps=1), train_dataset=Pairs(8), optimizers=(plain, None)
+    )
+    with pytest.raises(TypeError, match=r"SAMTrainer needs a samopt\.SAM optimizer"):
+        trainer.train()
+    opt = sam(model, max_grad_norm=2.0)
+    trainer = SAMTrainer(model=model, args=args(tmp_path, max_steps=1), train_dataset=Pairs(8), optimizers=(opt, None))
+    with pytest.raises(
+        ValueError, match=r"max_grad_norm is set twice: 2\.0 on the optimizer and 0\.5 in TrainingArguments"
+    ):
+        trainer.train()
+
+
+def test_trainer_checkpoint_resume_keeps_the_sparse_mask_and_optimizer_state(tmp_path):
+    def trainer(out, model):
+        mask = samopt.masks.DynamicSparseMask(0.5, total_steps=4, update_interval=1, seed=0)
+        opt = sam(model, mask=mask)
+        settings = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2}
+        return SAMTrainer(model=model, args=args(out, **settings), train_dataset=Pairs(), optimizers=(opt, None))
+
+    whole = minilm()
+    trainer(tmp_path / "a", whole).train()
+    resumed = minilm()
+    t = trainer(tmp_path / "b", resumed)
+    t.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    saved = torch.load(tmp_path / "a" / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    assert saved["samopt"]["mask"] is not None and saved["state"]  # masks and AdamW moments are in the checkpoint
+    for (name, a), b in zip(whole.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), name
+    assert t.optimizer.optimizer.mask.state_dict()["steps"] == 4
