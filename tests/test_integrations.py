@@ -11,14 +11,14 @@ import samopt
 from samopt.integrations.hf import SAMTrainer
 from samopt.train.glue import model_path, read_split
 
-GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+GLUE = Path(__file__).resolve().parent / "data" / "glue"  # real GLUE dev files, see its README
 
 
 class Pairs(torch.utils.data.Dataset):
-    """The first ``n`` MRPC training pairs, tokenised to a fixed length."""
+    """The first ``n`` MRPC dev pairs, tokenised to a fixed length."""
 
     def __init__(self, n: int = 16, length: int = 32) -> None:
-        split = read_split("mrpc", GLUE / "MRPC", "train")
+        split = read_split("mrpc", GLUE / "MRPC", "dev")
         tok = transformers.AutoTokenizer.from_pretrained(model_path("all-MiniLM-L6-v2"))
         a, b = zip(*split.texts[:n], strict=True)
         self.enc = tok(list(a), list(b), truncation=True, max_length=length, padding="max_length", return_tensors="pt")
@@ -128,3 +128,113 @@ def test_trainer_checkpoint_resume_keeps_the_sparse_mask_and_optimizer_state(tmp
     for (name, a), b in zip(whole.named_parameters(), resumed.parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-6, rtol=0), name
     assert t.optimizer.optimizer.mask.state_dict()["steps"] == 4
+
+
+# ------------------------------------------------------------------ Lightning
+
+import lightning  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from samopt.integrations.lightning import SAMModule  # noqa: E402
+
+
+def mlp_with_bn_and_dropout(p: float = 0.2) -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(10, 32),
+        torch.nn.BatchNorm1d(32),
+        torch.nn.ReLU(),
+        torch.nn.Dropout(p),
+        torch.nn.Linear(32, 3),
+    )
+
+
+class Classifier(SAMModule):
+    def __init__(self, net, accumulate=2, mask=None):
+        super().__init__(accumulate_grad_batches=accumulate)
+        self.net, self.mask, self.seen = net, mask, []
+
+    def sam_loss(self, batch):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def training_step(self, batch, batch_idx):
+        if not self.seen:
+            self.rng = torch.get_rng_state()
+        self.seen.append(batch)
+        return super().training_step(batch, batch_idx)
+
+    def configure_optimizers(self):
+        opt = samopt.SAM(self.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, mask=self.mask)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def loader():
+    g = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(48, 10, generator=g), torch.randint(0, 3, (48,), generator=g))
+    return torch.utils.data.DataLoader(data, batch_size=8)  # 6 batches: 3 updates per epoch
+
+
+def fit(module, tmp_path, **kw):
+    settings = {
+        "max_epochs": 1,
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": str(tmp_path),
+    }
+    trainer = lightning.Trainer(**{**settings, **kw})
+    trainer.fit(module, loader())
+    return trainer
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_lightning_module_equals_the_plain_samopt_loop(tmp_path, precision):
+    module = Classifier(mlp_with_bn_and_dropout())
+    trainer = fit(module, tmp_path, precision=precision)
+    assert trainer.global_step == 3 and len(module.seen) == 6
+    net = mlp_with_bn_and_dropout()
+    opt = samopt.SAM(net.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    net.train()
+    torch.set_rng_state(module.rng)
+    for w in range(3):
+        window = module.seen[2 * w : 2 * w + 2]
+
+        def closure(window=window):
+            for x, y in window:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+                    loss = F.cross_entropy(net(x), y) / 2
+                loss.backward()
+            return loss
+
+        opt.step(closure)
+        sched.step()
+    for a, b in zip(module.net.state_dict().values(), net.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6, rtol=0)  # weights and BN statistics
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
+
+
+def test_lightning_checkpoint_resume(tmp_path):
+    # no dropout: Lightning's checkpoints do not hold the global RNG, so dropout masks would differ after a resume
+    whole = Classifier(mlp_with_bn_and_dropout(0.0), mask=samopt.masks.RandomMask(0.5, seed=0))
+    fit(whole, tmp_path / "a", max_epochs=2)
+    first = Classifier(mlp_with_bn_and_dropout(0.0), mask=samopt.masks.RandomMask(0.5, seed=0))
+    trainer = fit(first, tmp_path / "b", max_epochs=1)
+    trainer.save_checkpoint(tmp_path / "one.ckpt")
+    resumed = Classifier(mlp_with_bn_and_dropout(0.0), mask=samopt.masks.RandomMask(0.5, seed=0))
+    settings = {
+        "max_epochs": 2,
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": str(tmp_path / "c"),
+    }
+    lightning.Trainer(**settings).fit(resumed, loader(), ckpt_path=str(tmp_path / "one.ckpt"))
+    for a, b in zip(whole.net.state_dict().values(), resumed.net.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6, rtol=0)

@@ -1,0 +1,120 @@
+"""samopt in PyTorch Lightning: :class:`SAMModule`, a ``LightningModule`` base with manual optimisation.
+
+Lightning's automatic optimisation calls ``optimizer.step(closure)`` and, with fp16,
+``scaler.step(optimizer)`` without a closure, which no two-pass optimizer can honour.
+:class:`SAMModule` switches to manual optimisation and runs the SAM update itself:
+
+- ``training_step`` computes :meth:`SAMModule.sam_loss` on the batch at ``w`` and
+  backpropagates it through ``manual_backward`` (so Lightning's precision plugin scales
+  fp16 losses and autocasts the forward);
+- every ``accumulate_grad_batches`` batches (and at the end of an epoch) it calls
+  :meth:`samopt.SAM.first_step`, recomputes the losses of the window's batches at
+  ``w + e``, calls :meth:`samopt.SAM.second_step` and updates the fp16 scaler; an
+  overflow skips the update;
+- LR schedulers from ``configure_optimizers`` step after each update (``interval``
+  ``"step"``) or each epoch; ``global_step`` counts updates, as Lightning's own loop does.
+
+Checkpoints are Lightning's: ``SAM.state_dict()`` holds the base optimizer, masks and
+their RNG; the fp16 scaler is saved by the precision plugin.
+
+Example::
+
+    class Classifier(SAMModule):
+        def __init__(self):
+            super().__init__(accumulate_grad_batches=2)
+            self.net = torch.nn.Linear(10, 3)
+
+        def sam_loss(self, batch):
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return samopt.SAM(self.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+
+    lightning.Trainer(max_epochs=3, precision="bf16-mixed").fit(Classifier(), loader)
+
+Needs ``lightning`` (``pip install 'samopt[lightning]'``). δ-SAM is not supported here yet.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+import samopt
+from samopt import _validate
+
+try:
+    import lightning as L
+except ImportError as e:  # pragma: no cover - exercised only without the optional dependency
+    raise ImportError("samopt.integrations.lightning needs lightning: pip install 'samopt[lightning]'") from e
+
+__all__ = ["SAMModule"]
+
+
+class SAMModule(L.LightningModule):
+    """A ``LightningModule`` whose ``configure_optimizers`` returns a samopt :class:`~samopt.SAM` (SAM, ASAM,
+    Sparse SAM masks); subclasses implement :meth:`sam_loss` instead of ``training_step``."""
+
+    def __init__(self, accumulate_grad_batches: int = 1) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.sam_accumulate = _validate.positive_int("accumulate_grad_batches", accumulate_grad_batches)
+        self._window: list[Any] = []
+
+    def sam_loss(self, batch: Any) -> Tensor:
+        """The (mean) training loss of ``batch``; called at ``w`` and again at ``w + e``."""
+        raise NotImplementedError("SAMModule subclasses implement sam_loss(batch) -> loss")
+
+    def _sam(self) -> tuple[Any, samopt.SAM]:
+        wrapper = self.optimizers()
+        opt = getattr(wrapper, "optimizer", wrapper)
+        if isinstance(opt, samopt.DeltaSAM) or not isinstance(opt, samopt.SAM):
+            raise TypeError(
+                "SAMModule needs configure_optimizers() to return one samopt.SAM (not DeltaSAM), "
+                f"got {type(opt).__name__}"
+            )
+        return wrapper, opt
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        wrapper, opt = self._sam()
+        k = self.sam_accumulate
+        loss = self.sam_loss(batch)
+        self.manual_backward(loss / k)
+        self._window.append(batch)
+        if len(self._window) == k or self.trainer.is_last_batch:
+            self._update(wrapper, opt, k)
+        return loss.detach()
+
+    def _update(self, wrapper: Any, opt: samopt.SAM, k: int) -> None:
+        window, self._window = self._window, []
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        scale = scaler.get_scale() if scaler is not None else None
+        wrapper._on_before_step()  # Lightning's step bookkeeping (global_step, progress)
+        opt.first_step(zero_grad=True, scaler=scaler)
+        try:
+            if not opt._pending.skip:  # type: ignore[union-attr]
+                for batch in window:
+                    self.manual_backward(self.sam_loss(batch) / k)
+        except BaseException:
+            opt.restore()
+            raise
+        opt.second_step(zero_grad=True, scaler=scaler)
+        skipped = False
+        if scaler is not None:
+            scaler.update()
+            skipped = scaler.get_scale() < scale
+        wrapper._on_after_step()
+        if not skipped:
+            self._step_schedulers("step")
+
+    def on_train_epoch_end(self) -> None:
+        self._step_schedulers("epoch")
+
+    def _step_schedulers(self, interval: str) -> None:
+        for config in self.trainer.lr_scheduler_configs:
+            if config.interval == interval and (
+                interval == "epoch" or self.trainer.global_step % config.frequency == 0
+            ):
+                config.scheduler.step()
