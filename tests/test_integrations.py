@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 
 import samopt
@@ -95,6 +96,37 @@ def test_trainer_with_accumulation_and_clipping_equals_the_plain_samopt_loop(tmp
     assert moved > 0  # it trained
 
 
+def delta(model, **kw):
+    return samopt.DeltaSAM(model.parameters(), torch.optim.AdamW, rho=0.05, seed=0, lr=1e-4, weight_decay=0.01, **kw)
+
+
+def test_trainer_runs_delta_sam_over_each_accumulation_window(tmp_path):
+    model = minilm()
+    reference = copy.deepcopy(model)
+    trainer = Recording(
+        model=model, args=args(tmp_path, logging_steps=1), train_dataset=Pairs(), optimizers=(delta(model), None)
+    )
+    trainer.train()
+    opt = delta(reference, max_grad_norm=0.5)  # probes with the same seed, the window as one batch
+    reference.train()
+    torch.set_rng_state(trainer.rng)
+    losses = []
+    for window in (trainer.seen[:2], trainer.seen[2:]):
+
+        def closure(window=window):
+            parts = []
+            for batch in window:
+                logits = reference(**{k: v for k, v in batch.items() if k != "labels"}).logits
+                parts.append((F.cross_entropy(logits, batch["labels"], reduction="none"), logits))
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+        losses.append(float(opt.step(closure)))
+    for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), name
+    logged = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert logged == pytest.approx(losses, rel=1e-4)  # the window's mean loss, as for any optimizer
+
+
 def test_trainer_refuses_other_optimizers(tmp_path):
     model = minilm()
     plain = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -133,7 +165,6 @@ def test_trainer_checkpoint_resume_keeps_the_sparse_mask_and_optimizer_state(tmp
 # ------------------------------------------------------------------ Lightning
 
 import lightning  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from samopt.integrations.lightning import SAMModule  # noqa: E402
 
@@ -237,4 +268,39 @@ def test_lightning_checkpoint_resume(tmp_path):
     }
     lightning.Trainer(**settings).fit(resumed, loader(), ckpt_path=str(tmp_path / "one.ckpt"))
     for a, b in zip(whole.net.state_dict().values(), resumed.net.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6, rtol=0)
+
+
+class DeltaClassifier(Classifier):
+    def sam_per_example_loss(self, batch):
+        x, y = batch
+        logits = self.net(x)
+        return F.cross_entropy(logits, y, reduction="none"), logits
+
+    def configure_optimizers(self):
+        return samopt.DeltaSAM(self.parameters(), torch.optim.SGD, rho=0.1, seed=0, lr=0.1, momentum=0.9)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_lightning_delta_sam_equals_the_plain_loop(tmp_path, precision):
+    module = DeltaClassifier(mlp_with_bn_and_dropout())
+    trainer = fit(module, tmp_path, precision=precision)
+    assert trainer.global_step == 3
+    net = mlp_with_bn_and_dropout()
+    opt = samopt.DeltaSAM(net.parameters(), torch.optim.SGD, rho=0.1, seed=0, lr=0.1, momentum=0.9)
+    net.train()
+    torch.set_rng_state(module.rng)
+    for w in range(3):
+        window = module.seen[2 * w : 2 * w + 2]
+
+        def closure(window=window):
+            parts = []
+            for x, y in window:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+                    logits = net(x)
+                    parts.append((F.cross_entropy(logits, y, reduction="none"), logits))
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+        opt.step(closure)
+    for a, b in zip(module.net.state_dict().values(), net.state_dict().values(), strict=True):
         assert torch.allclose(a.float(), b.float(), atol=1e-6, rtol=0)

@@ -24,8 +24,13 @@ Example::
     trainer = SAMTrainer(model=model, args=TrainingArguments(...), train_dataset=ds, optimizers=(opt, None))
     trainer.train()
 
-Needs ``transformers`` and ``accelerate`` (``pip install 'samopt[hf]'``). δ-SAM
-(:class:`samopt.DeltaSAM`) owns its backward passes and is not supported here yet.
+δ-SAM (:class:`samopt.DeltaSAM`) owns its backward passes: its update runs at the last
+micro-batch of each window, over the whole window as one batch, with per-example
+losses from :meth:`SAMTrainer.per_example_loss` (cross-entropy on ``logits`` by
+default). The window's graphs are then held together, so its memory is that of the
+whole effective batch, not of one micro-batch.
+
+Needs ``transformers`` and ``accelerate`` (``pip install 'samopt[hf]'``).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import samopt
@@ -46,8 +52,9 @@ __all__ = ["SAMTrainer"]
 
 
 class SAMTrainer(Trainer):
-    """``transformers.Trainer`` for a samopt :class:`~samopt.SAM` (SAM, ASAM, Sparse SAM masks) given as
-    ``optimizers=(opt, scheduler_or_None)``. Every other ``Trainer`` feature works as usual."""
+    """``transformers.Trainer`` for a samopt :class:`~samopt.SAM` (SAM, ASAM, Sparse SAM masks) or
+    :class:`~samopt.DeltaSAM` given as ``optimizers=(opt, scheduler_or_None)``. Every other ``Trainer`` feature
+    works as usual."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -55,8 +62,6 @@ class SAMTrainer(Trainer):
 
     def _sam(self) -> samopt.SAM:
         opt = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
-        if isinstance(opt, samopt.DeltaSAM):
-            raise TypeError("SAMTrainer does not support DeltaSAM yet (it owns its backward passes); use samopt glue")
         if not isinstance(opt, samopt.SAM):
             raise TypeError(
                 f"SAMTrainer needs a samopt.SAM optimizer in optimizers=(opt, scheduler), got {type(opt).__name__}; "
@@ -86,11 +91,59 @@ class SAMTrainer(Trainer):
         wrapper._samopt_step = True
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
-        """The ``Trainer``'s clean pass at ``w``; the micro-batch is kept for the pass at ``w + e``."""
+        """The ``Trainer``'s clean pass at ``w``; the micro-batch is kept for the pass at ``w + e``.
+
+        With :class:`samopt.DeltaSAM`, which owns its backward passes, the micro-batches
+        are only collected, and the whole δ-SAM update runs at the window's last one;
+        that one returns the window's mean loss and the others 0, so the loss the
+        ``Trainer`` logs (their sum) is the window's mean loss, as usual.
+        """
         opt = self._sam()
         self._take_over_step(opt)
+        if isinstance(opt, samopt.DeltaSAM):
+            model.train()
+            self._window.append((model, self._prepare_inputs(inputs), num_items_in_batch, 0))
+            if len(self._window) < self.current_gradient_accumulation_steps:
+                return torch.zeros((), device=self.args.device)
+            return self._delta_step(opt)
         self._window.append((model, inputs, num_items_in_batch, self.current_gradient_accumulation_steps))
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def per_example_loss(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-example losses and the logits of a micro-batch, for :class:`samopt.DeltaSAM`.
+
+        Cross-entropy of the model's ``logits`` against ``labels`` (mean squared error
+        for a single float output, as for regression); override for other losses.
+        """
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        with self.compute_loss_context_manager():
+            logits = model(**inputs).logits
+        if logits.shape[-1] == 1 and labels.is_floating_point():
+            return F.mse_loss(logits[:, 0].float(), labels.float(), reduction="none"), logits
+        return F.cross_entropy(logits.float(), labels, reduction="none"), logits
+
+    def _delta_step(self, opt: samopt.DeltaSAM) -> torch.Tensor:
+        window, self._window = self._window, []
+
+        def closure() -> tuple[torch.Tensor, torch.Tensor]:  # the whole window is one δ-SAM batch
+            parts = [self.per_example_loss(model, inputs) for model, inputs, _, _ in window]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+        scaler = self._scaler()
+        scale = scaler.get_scale() if scaler is not None else None
+        loss = opt.step(closure, scaler=scaler)
+        self._after_update(scaler, scale)
+        return loss.detach()
+
+    def _scaler(self) -> torch.amp.GradScaler | None:
+        scaler = getattr(self.accelerator, "scaler", None)
+        return scaler if scaler is not None and scaler.is_enabled() else None
+
+    def _after_update(self, scaler: torch.amp.GradScaler | None, scale: float | None) -> None:
+        if scaler is not None:
+            scaler.update()
+            self.optimizer._is_overflow = scaler.get_scale() < scale  # the Trainer then skips the LR step
 
     def _clip_grad_norm(self, model: nn.Module) -> None:
         return None  # the engine clips the gradient at w + e
@@ -110,10 +163,11 @@ class SAMTrainer(Trainer):
         return loss if scaled else loss / steps
 
     def _sam_step(self) -> None:
-        opt, wrapper = self._sam(), self.optimizer
+        opt = self._sam()
+        if isinstance(opt, samopt.DeltaSAM):
+            return  # the update ran in the window's last training_step
         window, self._window = self._window, []
-        scaler = getattr(self.accelerator, "scaler", None)
-        scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        scaler = self._scaler()
         scale = scaler.get_scale() if scaler is not None else None
         opt.first_step(zero_grad=True, scaler=scaler)
         try:
@@ -124,6 +178,4 @@ class SAMTrainer(Trainer):
             opt.restore()
             raise
         opt.second_step(zero_grad=False, scaler=scaler)
-        if scaler is not None:
-            scaler.update()
-            wrapper._is_overflow = scaler.get_scale() < scale  # the Trainer then skips the LR step
+        self._after_update(scaler, scale)

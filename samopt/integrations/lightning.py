@@ -33,13 +33,18 @@ Example::
 
     lightning.Trainer(max_epochs=3, precision="bf16-mixed").fit(Classifier(), loader)
 
-Needs ``lightning`` (``pip install 'samopt[lightning]'``). δ-SAM is not supported here yet.
+With :class:`samopt.DeltaSAM` implement :meth:`SAMModule.sam_per_example_loss` too:
+δ-SAM owns its backward passes, so each window's batches are collected and updated on
+as one batch (its memory is then that of the whole window).
+
+Needs ``lightning`` (``pip install 'samopt[lightning]'``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 import samopt
@@ -67,31 +72,64 @@ class SAMModule(L.LightningModule):
         """The (mean) training loss of ``batch``; called at ``w`` and again at ``w + e``."""
         raise NotImplementedError("SAMModule subclasses implement sam_loss(batch) -> loss")
 
+    def sam_per_example_loss(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """For :class:`samopt.DeltaSAM`: the per-example losses of ``batch`` (shape ``(batch,)``, no reduction) and
+        the logits they come from (needed by ``estimator="logit"``)."""
+        raise NotImplementedError("with DeltaSAM, SAMModule subclasses implement sam_per_example_loss(batch)")
+
     def _sam(self) -> tuple[Any, samopt.SAM]:
         wrapper = self.optimizers()
         opt = getattr(wrapper, "optimizer", wrapper)
-        if isinstance(opt, samopt.DeltaSAM) or not isinstance(opt, samopt.SAM):
+        if not isinstance(opt, samopt.SAM):
             raise TypeError(
-                "SAMModule needs configure_optimizers() to return one samopt.SAM (not DeltaSAM), "
-                f"got {type(opt).__name__}"
+                f"SAMModule needs configure_optimizers() to return one samopt.SAM or DeltaSAM, got {type(opt).__name__}"
             )
         return wrapper, opt
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        """The clean pass of ``batch``; the update at the end of each window of ``accumulate_grad_batches``.
+
+        With :class:`samopt.DeltaSAM` (which owns its backward passes) the window's batches
+        are only collected, then updated on as one batch; the window's mean loss is returned
+        at its end, ``None`` before.
+        """
         wrapper, opt = self._sam()
         k = self.sam_accumulate
+        self._window.append(batch)
+        end = len(self._window) == k or self.trainer.is_last_batch
+        if isinstance(opt, samopt.DeltaSAM):
+            return self._update(wrapper, opt, k) if end else None
         loss = self.sam_loss(batch)
         self.manual_backward(loss / k)
-        self._window.append(batch)
-        if len(self._window) == k or self.trainer.is_last_batch:
+        if end:
             self._update(wrapper, opt, k)
         return loss.detach()
 
-    def _update(self, wrapper: Any, opt: samopt.SAM, k: int) -> None:
+    def _update(self, wrapper: Any, opt: samopt.SAM, k: int) -> Tensor | None:
         window, self._window = self._window, []
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         scale = scaler.get_scale() if scaler is not None else None
         wrapper._on_before_step()  # Lightning's step bookkeeping (global_step, progress)
+        loss = None
+        if isinstance(opt, samopt.DeltaSAM):
+
+            def closure() -> tuple[Tensor, Tensor]:
+                parts = [self.sam_per_example_loss(batch) for batch in window]
+                return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+            loss = opt.step(closure, scaler=scaler).detach()
+        else:
+            self._two_passes(opt, window, k, scaler)
+        skipped = False
+        if scaler is not None:
+            scaler.update()
+            skipped = scaler.get_scale() < scale
+        wrapper._on_after_step()
+        if not skipped:
+            self._step_schedulers("step")
+        return loss
+
+    def _two_passes(self, opt: samopt.SAM, window: list[Any], k: int, scaler: Any) -> None:
         opt.first_step(zero_grad=True, scaler=scaler)
         try:
             if not opt._pending.skip:  # type: ignore[union-attr]
@@ -101,13 +139,6 @@ class SAMModule(L.LightningModule):
             opt.restore()
             raise
         opt.second_step(zero_grad=True, scaler=scaler)
-        skipped = False
-        if scaler is not None:
-            scaler.update()
-            skipped = scaler.get_scale() < scale
-        wrapper._on_after_step()
-        if not skipped:
-            self._step_schedulers("step")
 
     def on_train_epoch_end(self) -> None:
         self._step_schedulers("epoch")
