@@ -1,17 +1,21 @@
-"""One training run of ``samopt train``: data, model, optimizer, schedule, checkpoints and metrics.
+"""One training run of ``samopt train`` or ``samopt glue``: optimizer, schedule, checkpoints and metrics.
 
-:func:`run` trains ``cfg.epochs`` epochs and evaluates on the test split after each.
-It writes into ``cfg.out``:
+What is trained is a :class:`Task` (model, batches, loss, evaluation), built by
+:mod:`samopt.train.vision` for image classification and :mod:`samopt.train.glue` for
+GLUE. :func:`run` trains ``cfg.epochs`` epochs and evaluates after each. It writes
+into ``cfg.out``:
 
-- ``metrics.jsonl``: one JSON line per epoch (train loss and accuracy from the clean
-  pass at ``w``, test loss and accuracy, learning rate, training seconds, mask density);
+- ``metrics.jsonl``: one JSON line per epoch (train loss, and accuracy for
+  classification, from the clean pass at ``w``; the task's evaluation metrics; learning
+  rate; training seconds; steps; mask density);
 - ``checkpoint.pt``: everything needed to continue exactly (model, optimizer with its
   masks and δ-SAM state, scheduler, grad scaler, RNG, data position, metrics so far),
   written after every epoch and when the run is interrupted (Ctrl-C or SIGTERM finish
   the current step, save and exit with status 130); each write goes to a temporary
   file that replaces the old one, so a crash mid-write loses nothing;
-- ``summary.json``: final and best test accuracy, wall time, training time per epoch,
-  peak memory and the full configuration.
+- ``summary.json``: final and best score (the task's headline metric), the last
+  epoch's metrics, wall time, training time per epoch and per step, peak memory over
+  every process of the run, and the full configuration.
 
 ``cfg.resume`` continues from ``checkpoint.pt``: the batches, augmentations, masks and
 weights are then the same as those of an uninterrupted run (bit for bit on a CPU; on a
@@ -46,7 +50,7 @@ from samopt import _validate
 from samopt.train.config import GlueConfig, RunConfig
 from samopt.train.optimizers import AMP_MODES, OPTIMIZERS, Amp, build_optimizer, train_step
 
-__all__ = ["CheckpointError", "lr_factor", "run"]
+__all__ = ["CheckpointError", "Loader", "Task", "lr_factor", "run", "validate"]
 
 CHECKPOINT_FORMAT = 1
 SCHEDULES = ("cosine", "linear", "multistep", "constant")
