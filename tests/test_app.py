@@ -129,6 +129,7 @@ def test_bad_settings_fail_before_any_work(tmp_path, bad, message):
         ({"dataset": "imagenet", "data_dir": "x", "cutout": 16}, "--cutout do\\(es\\) not apply to imagenet"),
         ({"model": "small-cnn"}, "model 'small-cnn' is for 28x28 images"),
         ({"dataset": "cifar10", "download": True}, "--download needs --data-dir"),
+        ({"train_subset": 1000}, "train_subset must be at most the 320 training images, got 1000"),
     ],
 )
 def test_bad_image_settings(tmp_path, bad, message):

@@ -172,6 +172,8 @@ def test_glue_regression_task(tmp_path):
 def test_glue_command_errors(tmp_path):
     with pytest.raises(ValueError, match="samopt glue needs --data-dir"):
         run(glue_cfg(tmp_path, data_dir=None))
+    with pytest.raises(ValueError, match="label_smoothing applies to classification; stsb is a regression task"):
+        run(glue_cfg(tmp_path, task="stsb", label_smoothing=0.1))
     with pytest.raises(FileNotFoundError, match="GLUE rte file not found"):
         run(glue_cfg(tmp_path, task="rte", data_dir=str(tmp_path)))
     r = subprocess.run(

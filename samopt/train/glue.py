@@ -283,10 +283,13 @@ def validate(cfg: Any) -> None:
     _validate.positive_int("train_subset", cfg.train_subset, allow_none=True)
     if cfg.data_dir is None:
         raise ValueError(f"samopt glue needs --data-dir: the {cfg.task} folder holding train.tsv and the dev file(s)")
+    if not TASKS[cfg.task].labels and cfg.label_smoothing:
+        raise ValueError(f"label_smoothing applies to classification; {cfg.task} is a regression task")
 
 
 def build_task(cfg: Any, device: torch.device) -> Any:
     """The :class:`~samopt.train.loop.Task` of a :class:`~samopt.train.config.GlueConfig` on ``device``."""
+    from samopt.train.loader import fixed_subset
     from samopt.train.loop import Task
 
     spec = task(cfg.task)
@@ -303,11 +306,9 @@ def build_task(cfg: Any, device: torch.device) -> Any:
         path, num_labels=spec.num_labels, problem_type=None if spec.labels else "regression"
     )
     texts, labels = train.texts, train.labels
-    if cfg.train_subset is not None:
-        if cfg.train_subset > len(texts):
-            raise ValueError(f"train_subset must be at most the {len(texts)} training examples, got {cfg.train_subset}")
-        keep = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0))[: cfg.train_subset].tolist()
-        texts, labels = [texts[i] for i in keep], labels[keep]
+    keep = fixed_subset(len(texts), cfg.train_subset, "training examples")
+    if keep is not None:
+        texts, labels = [texts[i] for i in keep.tolist()], labels[keep]
     encoded = _encode(tokenizer, texts, cfg.max_length)
     model = SequenceClassifier(hf, tuple(encoded)).to(device)
     common = {"device": device}
@@ -343,7 +344,8 @@ def build_task(cfg: Any, device: torch.device) -> Any:
                 golds.append(y.cpu())
             prefix = "" if len(dev_loaders) == 1 else d.removeprefix("dev_") + "_"
             out[f"{prefix}dev_loss"] = loss / len(devs[d].labels)
-            for k, v in glue_metrics(cfg.task, torch.cat(preds), torch.cat(golds).to(torch.cat(preds).dtype)).items():
+            predicted = torch.cat(preds)
+            for k, v in glue_metrics(cfg.task, predicted, torch.cat(golds).to(predicted.dtype)).items():
                 out[prefix + k] = v
         m.train(was)
         return out

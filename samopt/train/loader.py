@@ -32,13 +32,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["FolderLoader", "TensorLoader", "batch_seed"]
+__all__ = ["FolderLoader", "TensorLoader", "batch_seed", "fixed_subset"]
 
 
 def batch_seed(*keys: int) -> int:
     """A 63-bit seed derived from integers such as ``(seed, epoch, batch)``, the same on every run and machine."""
     digest = hashlib.blake2b("/".join(map(str, keys)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def fixed_subset(n: int, size: int | None, what: str) -> Tensor | None:
+    """Indices of ``size`` of ``n`` examples, the same for every run and seed (a seed-0 shuffle); ``None`` for all."""
+    if size is None:
+        return None
+    if size > n:
+        raise ValueError(f"train_subset must be at most the {n} {what}, got {size}")
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:size]
 
 
 def _permutation(n: int, seed: int, epoch: int) -> Tensor:

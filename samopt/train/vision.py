@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from samopt import _validate
 from samopt.train import data as datasets
 from samopt.train.config import TrainConfig
-from samopt.train.loader import FolderLoader, TensorLoader
+from samopt.train.loader import FolderLoader, TensorLoader, fixed_subset
 from samopt.train.loop import Loader, Task
 from samopt.train.models import MODELS, build
 from samopt.train.optimizers import Amp
@@ -64,10 +64,8 @@ class _Loaders:
                 self.fisher = FolderLoader(data.root, "train", cfg.batch_size, seed=cfg.seed + 1, **train)
             return
         x, y = data.x_train, data.y_train
-        if cfg.train_subset is not None:
-            if cfg.train_subset > len(x):
-                raise ValueError(f"train_subset must be at most the training set size {len(x)}, got {cfg.train_subset}")
-            keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[: cfg.train_subset]
+        keep = fixed_subset(len(x), cfg.train_subset, "training images")
+        if keep is not None:
             x, y = x[keep], y[keep]
         x, y = x.to(device), y.to(device)  # one copy on the device, shared by the train and Fisher streams
         image = data.name in ("cifar10", "cifar100", "fashion-mnist")
