@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from fractions import Fraction
 from typing import Any
 
@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from samopt import _validate
-from samopt.per_sample import chunk_size_for, per_sample_grads
+from samopt.per_sample import Inputs, chunk_size_for, inputs_cat, inputs_len, inputs_map, per_sample_grads
 
 __all__ = [
     "GRANULARITIES",
@@ -339,7 +339,8 @@ class FisherMask(Mask):
 
     Args:
         model: the module whose parameters the optimizer holds.
-        fisher_data: a re-iterable of ``(inputs, targets)`` batches, e.g. a DataLoader
+        fisher_data: a re-iterable of ``(inputs, targets)`` batches (inputs a tensor, or a mapping of tensors
+            passed as keyword arguments as Hugging Face models take them), e.g. a DataLoader
             over the training set (its own, not the training loop's if that one has
             ``persistent_workers=True``, whose single iterator the two would share).
             Examples are taken in order across batches; the iterator is resumed at
@@ -417,7 +418,7 @@ class FisherMask(Mask):
 
     # ---------------------------------------------------------------------- data
 
-    def _batch(self) -> tuple[Tensor, Tensor]:
+    def _batch(self) -> tuple[Inputs, Tensor]:
         """The next ``(inputs, targets)`` batch, re-creating the iterator after a full pass."""
         for restarted in (False, True):
             if self._iter is None:
@@ -430,12 +431,24 @@ class FisherMask(Mask):
                 if restarted:
                     break
                 continue
-            if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and all(torch.is_tensor(t) for t in batch)):
+            if not (
+                isinstance(batch, (tuple, list))
+                and len(batch) == 2
+                and torch.is_tensor(batch[1])
+                and (
+                    torch.is_tensor(batch[0])
+                    or (isinstance(batch[0], Mapping) and batch[0] and all(map(torch.is_tensor, batch[0].values())))
+                )
+            ):
                 kind = type(batch).__name__
-                raise TypeError(f"fisher_data must yield (inputs, targets) pairs of tensors, got a {kind}")
-            if batch[0].shape[0] != batch[1].shape[0] or batch[0].shape[0] == 0:
+                raise TypeError(
+                    "fisher_data must yield (inputs, targets) pairs: inputs a tensor or a mapping of tensors, "
+                    f"targets a tensor; got a {kind}"
+                )
+            n = inputs_len(batch[0])
+            if n != batch[1].shape[0] or n == 0:
                 raise ValueError(
-                    f"fisher_data yielded a batch of {batch[0].shape[0]} inputs and {batch[1].shape[0]} targets; "
+                    f"fisher_data yielded a batch of {n} inputs and {batch[1].shape[0]} targets; "
                     "each batch needs as many targets as inputs, and at least one"
                 )
             return batch[0], batch[1]
@@ -444,7 +457,7 @@ class FisherMask(Mask):
             "re-iterable (a DataLoader or a list, not a one-shot iterator) to serve more than one pass"
         )
 
-    def samples(self, n: int) -> tuple[Tensor, Tensor]:
+    def samples(self, n: int) -> tuple[Inputs, Tensor]:
         """The next ``n`` examples of ``fisher_data``, in order across batches."""
         xs, ys, have = [], [], 0
         while have < n:
@@ -454,18 +467,18 @@ class FisherMask(Mask):
             else:
                 x, y = self._batch()
                 if self._skip:  # fast-forward to where a saved run stopped
-                    drop = min(self._skip, x.shape[0])
+                    drop = min(self._skip, len(y))
                     self._skip -= drop
                     self.position += drop
-                    x, y = x[drop:], y[drop:]
-            take = min(n - have, x.shape[0])
-            if take < x.shape[0]:
-                self._carry = (x[take:], y[take:])
-            xs.append(x[:take])
+                    x, y = inputs_map(x, lambda t, d=drop: t[d:]), y[drop:]
+            take = min(n - have, len(y))
+            if take < len(y):
+                self._carry = (inputs_map(x, lambda t, k=take: t[k:]), y[take:])
+            xs.append(inputs_map(x, lambda t, k=take: t[:k]))
             ys.append(y[:take])
             have += take
             self.position += take
-        return torch.cat(xs), torch.cat(ys)
+        return inputs_cat(xs), torch.cat(ys)
 
     # ------------------------------------------------------------------- scores
 
@@ -485,7 +498,7 @@ class FisherMask(Mask):
             if cuda:
                 torch.cuda.default_generators[cuda[0]].manual_seed(seed)
             x, y = self.samples(self.num_samples)
-            x, y = x.to(device), y.to(device)
+            x, y = inputs_map(x, lambda t: t.to(device)), y.to(device)
             target = _sample_label if self.fisher_labels == "sampled" else None
             vectorize = device.type == "cuda" if self.vectorize is None else self.vectorize
             for grads in per_sample_grads(

@@ -18,15 +18,47 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-__all__ = ["chunk_size_for", "per_sample_grads"]
+__all__ = ["Inputs", "chunk_size_for", "inputs_cat", "inputs_len", "inputs_map", "per_sample_grads"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+#: A batch of model inputs: one tensor (``model(x)``), or named tensors (``model(**x)``, as Hugging Face models
+#: take ``input_ids``, ``attention_mask``, ...), stacked along dimension 0.
+Inputs = Tensor | Mapping[str, Tensor]
+
+
+def inputs_map(x: Inputs, fn: Callable[[Tensor], Tensor]) -> Inputs:
+    """``fn`` applied to the tensor, or to each named tensor."""
+    return {k: fn(v) for k, v in x.items()} if isinstance(x, Mapping) else fn(x)
+
+
+def inputs_len(x: Inputs) -> int:
+    """The number of examples in a batch of inputs."""
+    return len(next(iter(x.values()))) if isinstance(x, Mapping) else len(x)
+
+
+def inputs_cat(parts: Sequence[Inputs]) -> Inputs:
+    """Batches of inputs joined along dimension 0."""
+    if isinstance(parts[0], Mapping):
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}  # type: ignore[index]
+    return torch.cat(parts)  # type: ignore[arg-type]
+
+
+def _call(model: nn.Module, params: dict[str, Tensor], x: Inputs) -> Tensor:
+    """The model's output for a batch of one (``.logits`` of a Hugging Face output)."""
+    one = inputs_map(x, lambda t: t.unsqueeze(0))
+    out: Any = (
+        functional_call(model, params, kwargs=one)
+        if isinstance(one, Mapping)
+        else functional_call(model, params, (one,))
+    )
+    return out.logits if hasattr(out, "logits") else out
 
 
 def chunk_size_for(params: Sequence[Tensor], budget_bytes: int) -> int:
@@ -38,7 +70,7 @@ def chunk_size_for(params: Sequence[Tensor], budget_bytes: int) -> int:
 def per_sample_grads(
     model: nn.Module,
     names: Sequence[str],
-    inputs: Tensor,
+    inputs: Inputs,
     targets: Tensor,
     loss_fn: LossFn,
     *,
@@ -55,7 +87,10 @@ def per_sample_grads(
             which are discarded; dropout draws independent masks per example.
         names: the ``model.named_parameters()`` names to differentiate; the others
             are held constant.
-        inputs, targets: the examples, stacked along dimension 0.
+        inputs, targets: the examples, stacked along dimension 0; ``inputs`` is a
+            tensor (the model is called as ``model(x)``) or a mapping of tensors
+            (``model(**x)``); an output with a ``.logits`` field (Hugging Face) is
+            reduced to it.
         loss_fn: ``loss_fn(output, target)`` for a batch of one, a scalar.
         chunk_size: examples per vectorised call and yielded chunk; bounds memory
             (each chunk holds ``chunk_size`` copies of the differentiated
@@ -81,24 +116,28 @@ def per_sample_grads(
     const = {n: p.detach() for n, p in all_params.items() if n not in wanted}
     buffers = dict(model.named_buffers())
 
-    def loss_one(p: dict[str, Tensor], b: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        out = functional_call(model, ({**p, **const}, b), (x.unsqueeze(0),))
+    def loss_one(p: dict[str, Tensor], b: dict[str, Tensor], x: Inputs, y: Tensor) -> Tensor:
+        out = _call(model, {**p, **const, **b}, x)
         return loss_fn(out, y.unsqueeze(0) if label is None else label(out))
 
     with torch.enable_grad():
         if vectorize:
             diff = {n: all_params[n].detach() for n in names}
             per_example = vmap(grad(loss_one), in_dims=(None, 0, 0, 0), randomness="different")
-            for start in range(0, inputs.shape[0], chunk_size):
-                x, y = inputs[start : start + chunk_size], targets[start : start + chunk_size]
+            for start in range(0, inputs_len(inputs), chunk_size):
+                x = inputs_map(inputs, lambda t, start=start: t[start : start + chunk_size])
+                y = targets[start : start + chunk_size]
                 # each example gets its own copy of the buffers, so in-place updates stay private
-                b = {n: t.unsqueeze(0).expand(x.shape[0], *t.shape).clone() for n, t in buffers.items()}
+                b = {n: t.unsqueeze(0).expand(len(y), *t.shape).clone() for n, t in buffers.items()}
                 g = per_example(diff, b, x, y)
                 yield [g[n] for n in names]
             return
         diff = {n: all_params[n].detach().requires_grad_(True) for n in names}
         leaves = [diff[n] for n in names]
-        for x, y in zip(inputs, targets, strict=True):
+        if inputs_len(inputs) != len(targets):
+            raise ValueError(f"{inputs_len(inputs)} inputs but {len(targets)} targets")
+        for i, y in enumerate(targets):
+            x = inputs_map(inputs, lambda t, i=i: t[i])
             b = {n: t.clone() for n, t in buffers.items()}
             gs = torch.autograd.grad(loss_one(diff, b, x, y), leaves, allow_unused=True, materialize_grads=True)
             yield [g.unsqueeze(0) for g in gs]

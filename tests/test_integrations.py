@@ -304,3 +304,23 @@ def test_lightning_delta_sam_equals_the_plain_loop(tmp_path, precision):
         opt.step(closure)
     for a, b in zip(module.net.state_dict().values(), net.state_dict().values(), strict=True):
         assert torch.allclose(a.float(), b.float(), atol=1e-6, rtol=0)
+
+
+def test_trainer_with_a_fisher_mask_over_named_inputs(tmp_path):
+    model = minilm()
+    data = Pairs(8)
+    fisher_data = [({k: v[:4] for k, v in data.enc.items()}, data.labels[:4])]  # Hugging Face keyword inputs
+    opt = samopt.SSAMF(
+        model.parameters(),
+        torch.optim.AdamW,
+        model=model,
+        fisher_data=fisher_data,
+        loss_fn=F.cross_entropy,
+        rho=0.05,
+        sparsity=0.5,
+        num_samples=4,
+        update_interval=1,
+        lr=1e-4,
+    )
+    SAMTrainer(model=model, args=args(tmp_path, max_steps=1), train_dataset=data, optimizers=(opt, None)).train()
+    assert opt.mask_density() == pytest.approx(0.5, abs=1e-6) and opt.mask.position == 4

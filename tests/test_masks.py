@@ -690,3 +690,43 @@ def test_empty_batches_in_fisher_data_are_refused():
     samopt.SAM(model.parameters(), mask=mask, lr=0.1)
     with pytest.raises(ValueError, match="each batch needs as many targets as inputs, and at least one"):
         mask.samples(2)
+
+
+class KeywordNet(nn.Module):
+    """Takes named inputs and returns an object with ``.logits``, as Hugging Face models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, input_ids, attention_mask):
+        h = (self.emb(input_ids) * attention_mask.unsqueeze(-1)).sum(1)
+        return type("Output", (), {"logits": self.fc(h)})()
+
+
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_fisher_scores_with_named_inputs_equal_a_per_sample_loop(vectorize):
+    torch.manual_seed(0)
+    model = KeywordNet()
+    g = torch.Generator().manual_seed(1)
+    ids, mask = torch.randint(0, 20, (10, 5), generator=g), (torch.rand(10, 5, generator=g) > 0.3).long()
+    y = torch.randint(0, 3, (10,), generator=g)
+    batches = [
+        ({"input_ids": ids[:6], "attention_mask": mask[:6]}, y[:6]),
+        ({"input_ids": ids[6:], "attention_mask": mask[6:]}, y[6:]),
+    ]
+    fisher = FisherMask(model, batches, F.cross_entropy, 0.5, num_samples=8, vectorize=vectorize)
+    samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.1, mask=fisher, lr=0.1)  # binds the mask
+    scores = fisher.scores(list(model.parameters()))
+    expected = [torch.zeros_like(p) for p in model.parameters()]
+    for i in range(8):  # the first 8 examples, across the two batches
+        model.zero_grad()
+        F.cross_entropy(model(ids[i : i + 1], mask[i : i + 1]).logits, y[i : i + 1]).backward()
+        for e, p in zip(expected, model.parameters(), strict=True):
+            e += p.grad.square()
+    for s, e in zip(scores, expected, strict=True):
+        assert torch.allclose(s, e, atol=1e-6, rtol=1e-5)
+    assert fisher.position == 8  # 6 from the first batch, 2 from the second; the rest is carried over
+    with pytest.raises(TypeError, match="inputs a tensor or a mapping of tensors"):
+        FisherMask(model, [({"input_ids": [1, 2]}, y[:2])], F.cross_entropy, 0.5, num_samples=2)._batch()
