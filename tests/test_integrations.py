@@ -324,3 +324,52 @@ def test_trainer_with_a_fisher_mask_over_named_inputs(tmp_path):
     )
     SAMTrainer(model=model, args=args(tmp_path, max_steps=1), train_dataset=data, optimizers=(opt, None)).train()
     assert opt.mask_density() == pytest.approx(0.5, abs=1e-6) and opt.mask.position == 4
+
+
+class MiniLMModule(SAMModule):
+    def __init__(self, model):
+        super().__init__(accumulate_grad_batches=2)
+        self.model, self.seen = model, []
+
+    def sam_loss(self, batch):
+        if not self.seen:
+            self.rng = torch.get_rng_state()
+        if len(self.seen) < 4:
+            self.seen.append(batch)
+        return self.model(**batch).loss
+
+    def configure_optimizers(self):
+        return sam(self.model)
+
+
+def test_lightning_on_the_packaged_minilm_equals_the_plain_loop(tmp_path):
+    model = minilm().train()  # from_pretrained returns eval mode, which Lightning (>= 2.2) leaves as it is
+    reference = copy.deepcopy(model)
+    module = MiniLMModule(model)
+    data = torch.utils.data.DataLoader(Pairs(8), batch_size=4)  # one update of 2 accumulated batches
+    settings = {
+        "max_epochs": 1,
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": str(tmp_path),
+    }
+    lightning.Trainer(**settings).fit(module, data)
+    opt = sam(reference)
+    reference.train()
+    torch.set_rng_state(module.rng)
+    window = module.seen[:2]  # sam_loss saw the two batches at w, then again at w + e
+
+    def closure():
+        total = 0.0
+        for batch in window:
+            loss = reference(**batch).loss / 2
+            loss.backward()
+            total += loss.detach()
+        return total
+
+    opt.step(closure)
+    for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), name
