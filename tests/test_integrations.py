@@ -68,14 +68,23 @@ def sam(model, **kw):
     return samopt.SAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-4, weight_decay=0.01, **kw)
 
 
-def test_trainer_with_accumulation_and_clipping_equals_the_plain_samopt_loop(tmp_path):
+def sam_sgd(model, **kw):
+    return samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=1e-2, **kw)
+
+
+# fp32: equal to 1e-6 after two AdamW steps. bf16: AdamW's first steps (about lr * sign(g)) turn bf16 rounding
+# differences in near-zero gradients into lr-sized ones, so the bf16 run uses SGD, where the weights agree to
+# 2e-6 of a 1.6e-3 move (bf16 rounding: accelerate's autocast wraps model.forward, the plain loop the loss).
+@pytest.mark.parametrize("bf16, make, atol", [(False, sam, 1e-6), (True, sam_sgd, 1e-5)])
+def test_trainer_with_accumulation_and_clipping_equals_the_plain_samopt_loop(tmp_path, bf16, make, atol):
     model = minilm()
     reference = copy.deepcopy(model)
-    trainer = Recording(model=model, args=args(tmp_path), train_dataset=Pairs(), optimizers=(sam(model), None))
+    settings = args(tmp_path, bf16=bf16)
+    trainer = Recording(model=model, args=settings, train_dataset=Pairs(), optimizers=(make(model), None))
     trainer.train()
     assert len(trainer.seen) == 4  # 2 updates x 2 micro-batches
     # the plain loop: the closure runs both micro-batches of a window, SAM clips the gradient at w + e
-    opt = sam(reference, max_grad_norm=0.5)
+    opt = make(reference, max_grad_norm=0.5)
     reference.train()
     torch.set_rng_state(trainer.rng)  # the same dropout masks, drawn in the same order
     for window in (trainer.seen[:2], trainer.seen[2:]):
@@ -83,17 +92,18 @@ def test_trainer_with_accumulation_and_clipping_equals_the_plain_samopt_loop(tmp
         def closure(window=window):
             total = 0.0
             for inputs in window:
-                loss = reference(**inputs).loss / 2
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = reference(**inputs).loss / 2
                 loss.backward()
                 total += loss.detach()
             return total
 
         opt.step(closure)
     for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
-        assert torch.allclose(a, b, atol=1e-6, rtol=0), name
+        assert torch.allclose(a, b, atol=atol, rtol=0), name
     initial = minilm().parameters()
-    moved = sum(float((a - b).abs().max().detach()) for a, b in zip(model.parameters(), initial, strict=True))
-    assert moved > 0  # it trained
+    moved = max(float((a - b).abs().max().detach()) for a, b in zip(model.parameters(), initial, strict=True))
+    assert moved > 100 * atol  # it trained, by far more than the tolerance
 
 
 def delta(model, **kw):
