@@ -41,26 +41,39 @@ def _reference(results: dict[str, list[dict[str, Any]]]) -> tuple[str, float]:
     return name, statistics.mean(r["seconds_per_epoch"] for r in results[name])
 
 
+def _other_metrics(summary: dict[str, Any]) -> list[str]:
+    """The evaluation metrics of a run besides its score (e.g. MRPC's F1), from its last epoch."""
+    final = summary["final"]
+    skip = {summary["score"], "mask_density"}
+    return [k for k in final if k not in skip and not k.startswith("train_") and not k.endswith("loss")]
+
+
 def table(results: dict[str, list[dict[str, Any]]]) -> str:
     """The markdown table of per-run ``summary.json`` dicts grouped by optimizer (mean ± std over seeds).
 
-    Time per epoch is relative to SGD's when SGD is among the optimizers, else to the first one's.
+    Time per epoch and peak memory are also given relative to SGD's when SGD is among the optimizers, else to
+    the first one's.
     """
     ref_name, ref = _reference(results)
+    ref_memory = statistics.mean(r["peak_memory_mib"] for r in results[ref_name])
     first = next(iter(results.values()))[0]
     kind, score = first["peak_memory_kind"], first["score"].replace("_", " ")
+    others = _other_metrics(first)
+    extra = "".join(f" final {m.replace('_', ' ')} % |" for m in others)
     lines = [
-        f"| optimizer | seeds | final {score} % | best {score} % | wall time s | s/epoch | x {ref_name} | "
-        f"peak memory MiB ({kind}) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| optimizer | seeds | final {score} % | best {score} % |{extra} wall time s | s/epoch | x {ref_name} | "
+        f"peak memory MiB ({kind}) | x {ref_name} |",
+        "|---" * (9 + len(others)) + "|",
     ]
     for name, runs in results.items():
         spe = [r["seconds_per_epoch"] for r in runs]
+        memory = statistics.mean(r["peak_memory_mib"] for r in runs)
+        cells = "".join(f" {_mean_std([r['final'][m] for r in runs], 100)} |" for m in others)
         lines.append(
             f"| {name} | {len(runs)} | {_mean_std([r['final_score'] for r in runs], 100)} | "
-            f"{_mean_std([r['best_score'] for r in runs], 100)} | "
+            f"{_mean_std([r['best_score'] for r in runs], 100)} |{cells} "
             f"{statistics.mean(r['wall_seconds'] for r in runs):.0f} | {statistics.mean(spe):.1f} | "
-            f"{statistics.mean(spe) / ref:.2f} | {statistics.mean(r['peak_memory_mib'] for r in runs):.0f} |"
+            f"{statistics.mean(spe) / ref:.2f} | {memory:.0f} | {memory / ref_memory:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
