@@ -85,15 +85,19 @@ def fmnist_task(batch_size: int, seed: int) -> Task:
     return model, stream(), forward, torch.optim.SGD, {"lr": 0.01, "momentum": 0.9}
 
 
-def glue_task(batch_size: int, seed: int, name: str = "mrpc") -> Task:
+def glue_task(
+    batch_size: int, seed: int, name: str = "mrpc", model_name: str = PACKAGED_MODEL, glue_dir: Path = GLUE_DIR
+) -> Task:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    path = model_path(PACKAGED_MODEL)
+    path = model_path(model_name)
     tok = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=TASKS[name].num_labels)
-    split = read_split(name, GLUE_DIR / GLUE_FOLDERS[name], "train")
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=TASKS[name].num_labels, dtype=torch.float32
+    )
+    split = read_split(name, Path(glue_dir) / GLUE_FOLDERS[name], "train")
     labels = split.labels
     enc = tok(
         *zip(*split.texts, strict=True), truncation=True, max_length=128, padding="max_length", return_tensors="pt"
@@ -154,6 +158,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", choices=("fmnist", "glue"), default="fmnist")
     parser.add_argument("--glue-task", choices=tuple(GLUE_FOLDERS), default="mrpc")
+    parser.add_argument("--glue-dir", type=Path, default=GLUE_DIR, help="the folder holding CoLA, MRPC and RTE")
+    parser.add_argument("--model", default=PACKAGED_MODEL, help="the packaged MiniLM, or a local or hub path")
     parser.add_argument("--batches", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=None, help="default: 32 (fmnist), 16 (glue)")
     parser.add_argument("--rho", type=float, default=0.05)
@@ -166,7 +172,7 @@ def main() -> None:
     if args.task == "fmnist":
         model, stream, forward, base, base_kw = fmnist_task(bs, args.seed)
     else:
-        model, stream, forward, base, base_kw = glue_task(bs, args.seed, args.glue_task)
+        model, stream, forward, base, base_kw = glue_task(bs, args.seed, args.glue_task, args.model, args.glue_dir)
     params = [p for p in model.parameters() if p.requires_grad]
     trainer = samopt.SAM(params, base, rho=args.rho, **base_kw)
     factories = methods(args)

@@ -1,6 +1,12 @@
-"""samopt inside Hugging Face's Trainer: the same weights as the plain samopt loop on the same batches."""
+"""samopt inside Hugging Face's Trainer and Lightning: the same weights as the plain samopt loop on the same batches.
+
+On the CPU (CI) these run in fp32 and bf16. ``SAMOPT_TEST_DEVICE=cuda pytest tests/test_integrations.py``
+runs them on a GPU, where fp16 with the frameworks' own GradScaler is added (CPU autocast has no fp16
+GradScaler path in either framework); ``docs/benchmarks.md`` records such a run.
+"""
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +19,29 @@ from samopt.integrations.hf import SAMTrainer
 from samopt.train.glue import model_path, read_split
 
 GLUE = Path(__file__).resolve().parent / "data" / "glue"  # real GLUE dev files, see its README
+DEVICE = torch.device(os.environ.get("SAMOPT_TEST_DEVICE", "cpu"))
+CUDA = DEVICE.type == "cuda"
+MIXED = ("bf16", "fp16") if CUDA else ("bf16",)  # fp16 needs a GradScaler, which the frameworks use on CUDA only
+
+
+def rng_state():
+    return torch.get_rng_state(), torch.cuda.get_rng_state(DEVICE) if CUDA else None
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state[0])
+    if CUDA:
+        torch.cuda.set_rng_state(state[1], DEVICE)
+
+
+def autocast(precision):
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(DEVICE.type, dtype=dtype, enabled=precision != "fp32")
+
+
+def grad_scaler(precision):
+    """The scaler both frameworks make for fp16: GradScaler's defaults (initial scale 2**16)."""
+    return torch.amp.GradScaler(DEVICE.type, enabled=precision == "fp16")
 
 
 class Pairs(torch.utils.data.Dataset):
@@ -42,7 +71,7 @@ class Recording(SAMTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if not hasattr(self, "seen"):
-            self.seen, self.rng = [], torch.get_rng_state()
+            self.seen, self.rng = [], rng_state()
         self.seen.append({k: v.clone() for k, v in inputs.items()})
         return super().training_step(model, inputs, num_items_in_batch)
 
@@ -57,7 +86,7 @@ def args(tmp_path, **changes):
         "max_grad_norm": 0.5,
         "save_strategy": "no",
         "report_to": [],
-        "use_cpu": True,
+        "use_cpu": not CUDA,
         "disable_tqdm": True,
         "seed": 0,
     }
@@ -72,36 +101,40 @@ def sam_sgd(model, **kw):
     return samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=1e-2, **kw)
 
 
-# fp32: equal to 1e-6 after two AdamW steps. bf16: AdamW's first steps (about lr * sign(g)) turn bf16 rounding
-# differences in near-zero gradients into lr-sized ones, so the bf16 run uses SGD, where the weights agree to
-# 2e-6 of a 1.6e-3 move (bf16 rounding: accelerate's autocast wraps model.forward, the plain loop the loss).
-@pytest.mark.parametrize("bf16, make, atol", [(False, sam, 1e-6), (True, sam_sgd, 1e-5)])
-def test_trainer_with_accumulation_and_clipping_equals_the_plain_samopt_loop(tmp_path, bf16, make, atol):
+# fp32: equal to 1e-6 after two AdamW steps. bf16/fp16: AdamW's first steps (about lr * sign(g)) turn rounding
+# differences in near-zero gradients into lr-sized ones, so the mixed-precision runs use SGD, where the weights
+# agree to 2e-6 of a 1.6e-3 move (rounding: accelerate's autocast wraps model.forward, the plain loop the loss).
+@pytest.mark.parametrize("precision, make, atol", [("fp32", sam, 1e-6)] + [(p, sam_sgd, 1e-5) for p in MIXED])
+def test_trainer_with_accumulation_and_clipping_equals_the_plain_samopt_loop(tmp_path, precision, make, atol):
     model = minilm()
-    reference = copy.deepcopy(model)
-    settings = args(tmp_path, bf16=bf16)
+    reference = copy.deepcopy(model).to(DEVICE)
+    settings = args(tmp_path, bf16=precision == "bf16", fp16=precision == "fp16")
     trainer = Recording(model=model, args=settings, train_dataset=Pairs(), optimizers=(make(model), None))
     trainer.train()
     assert len(trainer.seen) == 4  # 2 updates x 2 micro-batches
     # the plain loop: the closure runs both micro-batches of a window, SAM clips the gradient at w + e
     opt = make(reference, max_grad_norm=0.5)
+    scaler = grad_scaler(precision)
     reference.train()
-    torch.set_rng_state(trainer.rng)  # the same dropout masks, drawn in the same order
+    set_rng_state(trainer.rng)  # the same dropout masks, drawn in the same order
     for window in (trainer.seen[:2], trainer.seen[2:]):
 
         def closure(window=window):
             total = 0.0
             for inputs in window:
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                with autocast(precision):
                     loss = reference(**inputs).loss / 2
-                loss.backward()
+                scaler.scale(loss).backward()
                 total += loss.detach()
             return total
 
-        opt.step(closure)
+        opt.step(closure, scaler=scaler)
+        scaler.update()
+    if precision == "fp16":
+        assert scaler.get_scale() == trainer.accelerator.scaler.get_scale() == 2.0**16  # no overflow, no skip
     for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
         assert torch.allclose(a, b, atol=atol, rtol=0), name
-    initial = minilm().parameters()
+    initial = minilm().to(DEVICE).parameters()
     moved = max(float((a - b).abs().max().detach()) for a, b in zip(model.parameters(), initial, strict=True))
     assert moved > 100 * atol  # it trained, by far more than the tolerance
 
@@ -110,29 +143,36 @@ def delta(model, **kw):
     return samopt.DeltaSAM(model.parameters(), torch.optim.AdamW, rho=0.05, seed=0, lr=1e-4, weight_decay=0.01, **kw)
 
 
-def test_trainer_runs_delta_sam_over_each_accumulation_window(tmp_path):
+def delta_sgd(model, **kw):
+    return samopt.DeltaSAM(model.parameters(), torch.optim.SGD, rho=0.05, seed=0, lr=1e-2, **kw)
+
+
+@pytest.mark.parametrize("precision, make, atol", [("fp32", delta, 1e-6)] + [(p, delta_sgd, 1e-5) for p in MIXED])
+def test_trainer_runs_delta_sam_over_each_accumulation_window(tmp_path, precision, make, atol):
     model = minilm()
-    reference = copy.deepcopy(model)
-    trainer = Recording(
-        model=model, args=args(tmp_path, logging_steps=1), train_dataset=Pairs(), optimizers=(delta(model), None)
-    )
+    reference = copy.deepcopy(model).to(DEVICE)
+    settings = args(tmp_path, logging_steps=1, bf16=precision == "bf16", fp16=precision == "fp16")
+    trainer = Recording(model=model, args=settings, train_dataset=Pairs(), optimizers=(make(model), None))
     trainer.train()
-    opt = delta(reference, max_grad_norm=0.5)  # probes with the same seed, the window as one batch
+    opt = make(reference, max_grad_norm=0.5)  # probes with the same seed, the window as one batch
+    scaler = grad_scaler(precision)
     reference.train()
-    torch.set_rng_state(trainer.rng)
+    set_rng_state(trainer.rng)
     losses = []
     for window in (trainer.seen[:2], trainer.seen[2:]):
 
         def closure(window=window):
             parts = []
             for batch in window:
-                logits = reference(**{k: v for k, v in batch.items() if k != "labels"}).logits
-                parts.append((F.cross_entropy(logits, batch["labels"], reduction="none"), logits))
+                with autocast(precision):
+                    logits = reference(**{k: v for k, v in batch.items() if k != "labels"}).logits
+                parts.append((F.cross_entropy(logits.float(), batch["labels"], reduction="none"), logits))
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-        losses.append(float(opt.step(closure)))
+        losses.append(float(opt.step(closure, scaler=scaler)))
+        scaler.update()
     for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
-        assert torch.allclose(a, b, atol=1e-6, rtol=0), name
+        assert torch.allclose(a, b, atol=atol, rtol=0), name
     logged = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     assert logged == pytest.approx(losses, rel=1e-4)  # the window's mean loss, as for any optimizer
 
@@ -201,7 +241,7 @@ class Classifier(SAMModule):
 
     def training_step(self, batch, batch_idx):
         if not self.seen:
-            self.rng = torch.get_rng_state()
+            self.rng = rng_state()
         self.seen.append(batch)
         return super().training_step(batch, batch_idx)
 
@@ -217,43 +257,55 @@ def loader():
     return torch.utils.data.DataLoader(data, batch_size=8)  # 6 batches: 3 updates per epoch
 
 
-def fit(module, tmp_path, **kw):
+PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}  # Lightning's names
+
+
+def lightning_trainer(tmp_path, **kw):
     settings = {
         "max_epochs": 1,
-        "accelerator": "cpu",
+        "accelerator": "gpu" if CUDA else "cpu",
+        "devices": 1,
         "logger": False,
         "enable_checkpointing": False,
         "enable_progress_bar": False,
         "enable_model_summary": False,
         "default_root_dir": str(tmp_path),
     }
-    trainer = lightning.Trainer(**{**settings, **kw})
+    return lightning.Trainer(**{**settings, **kw})
+
+
+def fit(module, tmp_path, precision="fp32", **kw):
+    trainer = lightning_trainer(tmp_path, precision=PRECISION[precision], **kw)
     trainer.fit(module, loader())
     return trainer
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("precision", ["fp32", *MIXED])
 def test_lightning_module_equals_the_plain_samopt_loop(tmp_path, precision):
     module = Classifier(mlp_with_bn_and_dropout())
-    trainer = fit(module, tmp_path, precision=precision)
+    trainer = fit(module, tmp_path, precision)
     assert trainer.global_step == 3 and len(module.seen) == 6
-    net = mlp_with_bn_and_dropout()
+    net = mlp_with_bn_and_dropout().to(DEVICE)
     opt = samopt.SAM(net.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    scaler = grad_scaler(precision)
     net.train()
-    torch.set_rng_state(module.rng)
+    set_rng_state(module.rng)
     for w in range(3):
         window = module.seen[2 * w : 2 * w + 2]
 
         def closure(window=window):
             for x, y in window:
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+                with autocast(precision):
                     loss = F.cross_entropy(net(x), y) / 2
-                loss.backward()
+                scaler.scale(loss).backward()
             return loss
 
-        opt.step(closure)
+        opt.step(closure, scaler=scaler)
+        scaler.update()
         sched.step()
+    if precision == "fp16":
+        assert scaler.get_scale() == trainer.precision_plugin.scaler.get_scale() == 2.0**16  # no overflow
     for a, b in zip(module.net.state_dict().values(), net.state_dict().values(), strict=True):
         assert torch.allclose(a.float(), b.float(), atol=1e-6, rtol=0)  # weights and BN statistics
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
@@ -267,16 +319,7 @@ def test_lightning_checkpoint_resume(tmp_path):
     trainer = fit(first, tmp_path / "b", max_epochs=1)
     trainer.save_checkpoint(tmp_path / "one.ckpt")
     resumed = Classifier(mlp_with_bn_and_dropout(0.0), mask=samopt.masks.RandomMask(0.5, seed=0))
-    settings = {
-        "max_epochs": 2,
-        "accelerator": "cpu",
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": str(tmp_path / "c"),
-    }
-    lightning.Trainer(**settings).fit(resumed, loader(), ckpt_path=str(tmp_path / "one.ckpt"))
+    lightning_trainer(tmp_path / "c", max_epochs=2).fit(resumed, loader(), ckpt_path=str(tmp_path / "one.ckpt"))
     for a, b in zip(whole.net.state_dict().values(), resumed.net.state_dict().values(), strict=True):
         assert torch.allclose(a.float(), b.float(), atol=1e-6, rtol=0)
 
@@ -291,27 +334,29 @@ class DeltaClassifier(Classifier):
         return samopt.DeltaSAM(self.parameters(), torch.optim.SGD, rho=0.1, seed=0, lr=0.1, momentum=0.9)
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("precision", ["fp32", *MIXED])
 def test_lightning_delta_sam_equals_the_plain_loop(tmp_path, precision):
     module = DeltaClassifier(mlp_with_bn_and_dropout())
-    trainer = fit(module, tmp_path, precision=precision)
+    trainer = fit(module, tmp_path, precision)
     assert trainer.global_step == 3
-    net = mlp_with_bn_and_dropout()
+    net = mlp_with_bn_and_dropout().to(DEVICE)
     opt = samopt.DeltaSAM(net.parameters(), torch.optim.SGD, rho=0.1, seed=0, lr=0.1, momentum=0.9)
+    scaler = grad_scaler(precision)
     net.train()
-    torch.set_rng_state(module.rng)
+    set_rng_state(module.rng)
     for w in range(3):
         window = module.seen[2 * w : 2 * w + 2]
 
         def closure(window=window):
             parts = []
             for x, y in window:
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+                with autocast(precision):
                     logits = net(x)
                     parts.append((F.cross_entropy(logits, y, reduction="none"), logits))
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-        opt.step(closure)
+        opt.step(closure, scaler=scaler)
+        scaler.update()
     for a, b in zip(module.net.state_dict().values(), net.state_dict().values(), strict=True):
         assert torch.allclose(a.float(), b.float(), atol=1e-6, rtol=0)
 
@@ -343,7 +388,7 @@ class MiniLMModule(SAMModule):
 
     def sam_loss(self, batch):
         if not self.seen:
-            self.rng = torch.get_rng_state()
+            self.rng = rng_state()
         if len(self.seen) < 4:
             self.seen.append(batch)
         return self.model(**batch).loss
@@ -357,19 +402,11 @@ def test_lightning_on_the_packaged_minilm_equals_the_plain_loop(tmp_path):
     reference = copy.deepcopy(model)
     module = MiniLMModule(model)
     data = torch.utils.data.DataLoader(Pairs(8), batch_size=4)  # one update of 2 accumulated batches
-    settings = {
-        "max_epochs": 1,
-        "accelerator": "cpu",
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": str(tmp_path),
-    }
-    lightning.Trainer(**settings).fit(module, data)
+    lightning_trainer(tmp_path).fit(module, data)
+    reference.to(DEVICE)
     opt = sam(reference)
     reference.train()
-    torch.set_rng_state(module.rng)
+    set_rng_state(module.rng)
     window = module.seen[:2]  # sam_loss saw the two batches at w, then again at w + e
 
     def closure():

@@ -302,8 +302,8 @@ def build_task(cfg: Any, device: torch.device) -> Any:
     path = model_path(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(cfg.seed)  # the new classification head
-    hf = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=spec.num_labels, problem_type=None if spec.labels else "regression"
+    hf = AutoModelForSequenceClassification.from_pretrained(  # fp32 master weights, whatever the file's dtype
+        path, num_labels=spec.num_labels, problem_type=None if spec.labels else "regression", dtype=torch.float32
     )
     texts, labels = train.texts, train.labels
     keep = fixed_subset(len(texts), cfg.train_subset, "training examples")
