@@ -29,6 +29,7 @@ Example::
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from fractions import Fraction
@@ -360,7 +361,10 @@ class FisherMask(Mask):
         vectorize: ``True``: ``torch.func.vmap`` over each chunk; ``False``: a loop
             of batch-1 ``torch.autograd.grad`` calls (same results, same guarantees);
             ``None`` (default): vectorise on CUDA, loop on CPU, where
-            ``benchmarks/fisher_cost.py`` measured the loop faster.
+            ``benchmarks/fisher_cost.py`` measured the loop faster. ``vmap`` cannot
+            run models with data-dependent Python control flow (Hugging Face
+            attention-mask code, ``if x.sum() > 0``): with ``None`` the mask then
+            warns once and uses the loop from then on; with ``True`` it raises.
 
     Example::
 
@@ -404,6 +408,7 @@ class FisherMask(Mask):
         self.position = 0  # examples consumed from the current pass over fisher_data
         self._skip = 0  # examples to skip when the iterator is re-created after load_state_dict
         self._names: list[str] = []
+        self._vmap_failed = False  # vectorize=None fell back to the loop once: stay there
 
     def bind(self, params: Sequence[Tensor], owner: object) -> None:
         super().bind(params, owner)
@@ -499,16 +504,46 @@ class FisherMask(Mask):
                 torch.cuda.default_generators[cuda[0]].manual_seed(seed)
             x, y = self.samples(self.num_samples)
             x, y = inputs_map(x, lambda t: t.to(device)), y.to(device)
-            target = _sample_label if self.fisher_labels == "sampled" else None
-            vectorize = device.type == "cuda" if self.vectorize is None else self.vectorize
-            for grads in per_sample_grads(
-                self.model, self._names, x, y, self.loss_fn, chunk_size=chunk, label=target, vectorize=vectorize
-            ):
-                for a, g in zip(acc, grads, strict=True):
-                    for gi in g:  # one fused pass per example
-                        gi = gi.float()
-                        a.addcmul_(gi, gi)
+            rng = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in cuda]
+            auto = _vectorize_default(device) and not self._vmap_failed
+            vectorize = auto if self.vectorize is None else self.vectorize
+            try:
+                self._accumulate(acc, x, y, chunk, vectorize)
+            except RuntimeError as err:
+                if not vectorize:
+                    raise
+                why = str(err).splitlines()[0] if str(err) else type(err).__name__
+                if self.vectorize:
+                    raise RuntimeError(
+                        f"FisherMask(vectorize=True): torch.func.vmap could not compute per-example gradients ({why}); "
+                        "pass vectorize=False (a loop of batch-1 passes, same results) or vectorize=None "
+                        "(try vmap, fall back to the loop)"
+                    ) from err
+                warnings.warn(
+                    f"FisherMask: torch.func.vmap could not compute per-example gradients ({why}); using the loop of "
+                    "batch-1 passes from now on (vectorize=False skips the attempt)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self._vmap_failed = True
+                for a in acc:
+                    a.zero_()
+                torch.set_rng_state(rng[0])  # the loop draws what it draws with vectorize=False
+                for d, state in zip(cuda, rng[1], strict=True):
+                    torch.cuda.set_rng_state(state, d)
+                self._accumulate(acc, x, y, chunk, False)
         return acc
+
+    def _accumulate(self, acc: list[Tensor], x: Inputs, y: Tensor, chunk: int, vectorize: bool) -> None:
+        """Adds the squared per-example gradients of ``(x, y)`` to ``acc``."""
+        target = _sample_label if self.fisher_labels == "sampled" else None
+        for grads in per_sample_grads(
+            self.model, self._names, x, y, self.loss_fn, chunk_size=chunk, label=target, vectorize=vectorize
+        ):
+            for a, g in zip(acc, grads, strict=True):
+                for gi in g:  # one fused pass per example
+                    gi = gi.float()
+                    a.addcmul_(gi, gi)
 
     def compute(self, params: list[Tensor], grads: Sequence[Tensor | None]) -> list[Tensor]:
         return select_top(self.scores(params), keep_count(self.numel, self.sparsity), granularity=self.granularity)
@@ -521,6 +556,11 @@ class FisherMask(Mask):
         super().load_state_dict(state)
         self._iter, self._carry = None, None
         self.position, self._skip = 0, int(state["position"])
+
+
+def _vectorize_default(device: torch.device) -> bool:
+    """Whether ``vectorize=None`` tries ``vmap`` on ``device``: on CUDA only (see :class:`FisherMask`)."""
+    return device.type == "cuda"
 
 
 def _sample_label(logits: Tensor) -> Tensor:

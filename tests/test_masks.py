@@ -730,3 +730,46 @@ def test_fisher_scores_with_named_inputs_equal_a_per_sample_loop(vectorize):
     assert fisher.position == 8  # 6 from the first batch, 2 from the second; the rest is carried over
     with pytest.raises(TypeError, match="inputs a tensor or a mapping of tensors"):
         FisherMask(model, [({"input_ids": [1, 2]}, y[:2])], F.cross_entropy, 0.5, num_samples=2)._batch()
+
+
+class BranchyNet(nn.Module):
+    """Python control flow on the data, as Hugging Face attention-mask code has: vmap cannot run it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x if bool((x > 0).all()) else x.relu())
+
+
+def branchy_setup(vectorize):
+    torch.manual_seed(0)
+    model = BranchyNet()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 4, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(3)]
+    fisher = FisherMask(model, batches, F.cross_entropy, 0.5, num_samples=5, vectorize=vectorize, seed=0)
+    samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.1, mask=fisher, lr=0.1)  # binds the mask
+    return model, fisher
+
+
+def test_fisher_vectorize_auto_falls_back_to_the_loop_once_with_a_warning(monkeypatch, recwarn):
+    monkeypatch.setattr(samopt.masks, "_vectorize_default", lambda device: True)  # as on CUDA
+    model, auto = branchy_setup(None)
+    _, loop = branchy_setup(False)
+    with pytest.warns(RuntimeWarning, match=r"vmap could not compute per-example gradients .*using the loop"):
+        first = auto.scores(list(model.parameters()))
+    assert_equal_tensors(first, loop.scores(list(model.parameters())))
+    assert auto.position == loop.position == 5
+    recwarn.clear()
+    second = auto.scores(list(model.parameters()))  # remembers: no second attempt, no second warning
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    assert_equal_tensors(second, loop.scores(list(model.parameters())))
+
+
+def test_fisher_vectorize_true_on_a_model_vmap_cannot_run_names_the_way_out():
+    model, fisher = branchy_setup(True)
+    with pytest.raises(
+        RuntimeError, match=r"FisherMask\(vectorize=True\): torch.func.vmap could not .* vectorize=False"
+    ):
+        fisher.scores(list(model.parameters()))
