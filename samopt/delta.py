@@ -305,27 +305,30 @@ class DeltaSAM(SAM):
         if self._pending is not None:
             raise RuntimeError("step() called between first_step() and second_step(); call second_step() first")
         self.zero_grad(set_to_none=True)
-        probes = None
-        if self.alpha != 0 and self.estimator == "probe":
-            probes = self._probe_losses(closure, _RNG.of(self._params()))
-        with torch.enable_grad():
-            losses, logits = self._losses(closure(), need_logits=self.estimator == "logit" and self.alpha != 0)
-        lam = None
-        if self.alpha == 0:
-            objective = losses.mean()
-        else:
+        with self.first_pass():  # DDP's no_sync() with sync="local": the probes, forward and backward at w
+            probes = None
+            if self.alpha != 0 and self.estimator == "probe":
+                probes = self._probe_losses(closure, _RNG.of(self._params()))
             with torch.enable_grad():
-                scores = self._estimate(losses, logits, probes)
-            if bool(torch.isfinite(scores).all()):
-                lam = delta_weights(scores, self.alpha, clip=self.clip, kappa_rel=self.kappa_rel).to(losses.device)
-            elif scaler is None or not scaler.is_enabled():
-                raise RuntimeError(
-                    f"non-finite per-example norm estimate from estimator={self.estimator!r}; the weights are unchanged"
-                )
-            # else: an fp16 overflow; the plain mean loss goes on, and the scaler skips the update if it overflows too
-            self.last_scores, self.last_weights = scores, lam
-            objective = losses.mean() if lam is None else (lam.to(losses.dtype) * losses).sum()
-        self._backward(objective, scaler)
+                losses, logits = self._losses(closure(), need_logits=self.estimator == "logit" and self.alpha != 0)
+            lam = None
+            if self.alpha == 0:
+                objective = losses.mean()
+            else:
+                with torch.enable_grad():
+                    scores = self._estimate(losses, logits, probes)
+                if bool(torch.isfinite(scores).all()):
+                    lam = delta_weights(scores, self.alpha, clip=self.clip, kappa_rel=self.kappa_rel).to(losses.device)
+                elif scaler is None or not scaler.is_enabled():
+                    raise RuntimeError(
+                        f"non-finite per-example norm estimate from estimator={self.estimator!r}; "
+                        "the weights are unchanged"
+                    )
+                # else: an fp16 overflow; the plain mean loss goes on, and the scaler skips the update if it
+                # overflows too
+                self.last_scores, self.last_weights = scores, lam
+                objective = losses.mean() if lam is None else (lam.to(losses.dtype) * losses).sum()
+            self._backward(objective, scaler)
         self.first_step(zero_grad=True, scaler=scaler)
         try:
             if not self._pending.skip:  # type: ignore[union-attr]

@@ -18,6 +18,11 @@ global top-k over every parameter of the optimizer, keeping exactly
 whole parameter tensors on or off instead (the structured masks of the journal
 extension, arXiv:2306.17504). Masks are bool tensors on each parameter's device.
 
+Under ``torch.distributed`` the masks are the same on every rank, whatever the
+optimizer's ``sync``: the mask's generator takes rank 0's state when it is bound,
+the Fisher scores are summed over the ranks (each rank scores ``num_samples`` of
+its own examples) and SSAM-D's gradient scores are averaged before any choice.
+
 Example::
 
     mask = samopt.masks.RandomMask(sparsity=0.5, seed=0)
@@ -36,9 +41,12 @@ from fractions import Fraction
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from samopt import _validate
+from samopt import distributed as D
 from samopt.per_sample import Inputs, chunk_size_for, inputs_cat, inputs_len, inputs_map, per_sample_grads
 
 __all__ = [
@@ -164,16 +172,18 @@ class Mask:
         self.live: list[int] = []  # live entries of each mask
         self.params: list[Tensor] | None = None
         self.generator: torch.Generator | None = None
+        self.group: dist.ProcessGroup | None = None
         self._owner: weakref.ref | None = None
 
     # ---------------------------------------------------------------- engine hooks
 
-    def bind(self, params: Sequence[Tensor], owner: object) -> None:
+    def bind(self, params: Sequence[Tensor], owner: object, group: dist.ProcessGroup | None = None) -> None:
         """Attach to the parameters (all of them, in param-group order) of the optimizer ``owner``.
 
         Binding again (the optimizer got a new parameter group) drops the masks, so
         the next step computes new ones over all parameters; the generator goes on
-        from where it was.
+        from where it was. ``group``: the ranks the masks must agree over (every rank
+        binds; the generator takes the state of the group's first rank).
         """
         if self._owner is not None and self._owner() is not None and self._owner() is not owner:
             raise ValueError("this mask is already bound to another optimizer; create one mask per optimizer")
@@ -183,6 +193,8 @@ class Mask:
         if self.generator is None:
             self.generator = torch.Generator(device=params[0].device)
             self.generator.manual_seed(self.seed)
+        self.group = group
+        D.broadcast_generator_(self.generator, group)
         self._owner, self.params = weakref.ref(owner), params
         self._set(None)
 
@@ -339,7 +351,8 @@ class FisherMask(Mask):
     statistics are not disturbed.
 
     Args:
-        model: the module whose parameters the optimizer holds.
+        model: the module whose parameters the optimizer holds (a
+            ``DistributedDataParallel`` wrapper is unwrapped: its ``.module`` is used).
         fisher_data: a re-iterable of ``(inputs, targets)`` batches (inputs a tensor, or a mapping of tensors
             passed as keyword arguments as Hugging Face models take them), e.g. a DataLoader
             over the training set (its own, not the training loop's if that one has
@@ -398,6 +411,8 @@ class FisherMask(Mask):
             raise TypeError(f"fisher_data must be an iterable of (inputs, targets) batches, got {fisher_data!r}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable as loss_fn(outputs, targets), got {loss_fn!r}")
+        if isinstance(model, DistributedDataParallel):
+            model = model.module  # the same parameters, called without DDP's per-backward all-reduce
         self.model, self.fisher_data, self.loss_fn = model, fisher_data, loss_fn
         self.num_samples = _validate.positive_int("num_samples", num_samples)
         self.fisher_labels = _validate.choice("fisher_labels", fisher_labels, FISHER_LABELS)
@@ -410,8 +425,8 @@ class FisherMask(Mask):
         self._names: list[str] = []
         self._vmap_failed = False  # vectorize=None fell back to the loop once: stay there
 
-    def bind(self, params: Sequence[Tensor], owner: object) -> None:
-        super().bind(params, owner)
+    def bind(self, params: Sequence[Tensor], owner: object, group: dist.ProcessGroup | None = None) -> None:
+        super().bind(params, owner, group)
         names = {id(p): n for n, p in self.model.named_parameters()}
         missing = [i for i, p in enumerate(self.params) if id(p) not in names]  # type: ignore[arg-type]
         if missing:
@@ -546,7 +561,9 @@ class FisherMask(Mask):
                     a.addcmul_(gi, gi)
 
     def compute(self, params: list[Tensor], grads: Sequence[Tensor | None]) -> list[Tensor]:
-        return select_top(self.scores(params), keep_count(self.numel, self.sparsity), granularity=self.granularity)
+        scores = self.scores(params)
+        D.all_reduce_(scores, "sum", self.group)  # the Fisher over every rank's examples
+        return select_top(scores, keep_count(self.numel, self.sparsity), granularity=self.granularity)
 
     def state_dict(self) -> dict[str, Any]:
         # examples of the current pass consumed, counting those still to be skipped after a load
@@ -638,7 +655,9 @@ class DynamicSparseMask(Mask):
             return self._rand(params)
         if kind == "weight":
             return [p.detach().abs() for p in params]
-        return [torch.zeros_like(p) if g is None else g.detach().abs() for p, g in zip(params, grads, strict=True)]
+        scores = [torch.zeros_like(p) if g is None else g.detach().abs() for p, g in zip(params, grads, strict=True)]
+        D.all_reduce_(scores, "mean", self.group)  # differs across ranks with sync="local"
+        return scores
 
     def compute(self, params: list[Tensor], grads: Sequence[Tensor | None]) -> list[Tensor]:
         budget = keep_count(self.numel, self.sparsity)

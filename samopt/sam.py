@@ -6,16 +6,21 @@ Every samopt method is a configuration of :class:`SAM`; the math it applies live
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 
 from samopt import _validate
+from samopt import distributed as D
 from samopt import functional as F
 from samopt.bn import BufferGuard
 from samopt.masks import Mask
@@ -26,6 +31,8 @@ __all__ = ["SAM"]
 GROUP_KEYS = ("rho", "adaptive", "eta")
 #: Allowed values of ``bn``.
 BN_MODES = ("first", "both")
+#: Allowed values of ``sync``.
+SYNC_MODES = ("global", "local")
 #: Version of the ``"samopt"`` entry of :meth:`SAM.state_dict`.
 STATE_FORMAT = 1
 
@@ -124,6 +131,29 @@ class SAM(torch.optim.Optimizer):
             Parameters that are views into a shared buffer (FSDP, DeepSpeed, cuDNN
             RNN weights) or tensor subclasses (``DTensor``) are always perturbed in place.
             Both ways return to ``w`` bit for bit.
+        sync: what the perturbation is built from when training on several ranks
+            (``torch.distributed``, e.g. under ``torchrun``); no effect in one process.
+            ``"global"`` (default): the gradient averaged over all ranks, so ``e`` is
+            the same everywhere and N ranks compute what one process computes on the
+            concatenated batch (as the official Sparse SAM code does: its first pass
+            runs through DDP). ``"local"``: each rank's own gradient, no communication
+            in the first pass: m-sharpness with ``m`` the per-rank batch, as SAM
+            (Foret et al.) ran on TPUs. The descent gradients are averaged in both.
+        ddp: the :class:`~torch.nn.parallel.DistributedDataParallel` wrapper of the model,
+            if there is one: it averages the gradients in backward, and :meth:`step`
+            runs the first pass (forward and backward) under its ``no_sync()`` when
+            ``sync="local"`` (two-phase API: run it under :meth:`first_pass`).
+            ``None`` (a plain model on each rank): samopt averages the gradients
+            itself, after the first pass (``"global"``) and after the second. Do not
+            give a DDP-wrapped model without ``ddp=``: with ``sync="local"`` its first
+            pass would still be averaged.
+        process_group: the ranks to average over (``None``: the default group).
+
+    FSDP (``torch.distributed.fsdp.fully_shard``, parameters as sharded ``DTensor``):
+    construct SAM after sharding; FSDP reduce-scatters the gradients, samopt perturbs
+    each rank's shard in place and takes the norm over all shards (one all-reduce of a
+    scalar), so ``e`` is exactly one process's. Only ``sync="global"`` and no mask
+    (a global top-k would need every shard's scores).
         **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ...).
 
     Closure API (torch semantics: the closure computes the loss, calls
@@ -170,6 +200,14 @@ class SAM(torch.optim.Optimizer):
     a scaler, a non-finite gradient raises ``RuntimeError`` naming the pass, with the
     weights left at ``w``.
 
+    Several ranks (``torchrun``; see ``sync`` and ``ddp``)::
+
+        model = DistributedDataParallel(model)
+        opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.05, sync="local", ddp=model, lr=0.1)
+        opt.step(closure)                     # pass 1 under model.no_sync(), pass 2 averaged by DDP
+
+    Masks are computed identically on every rank (see :mod:`samopt.masks`).
+
     Memory: one parameter-sized buffer beyond the base optimizer's state (holding
     ``w + e``, or a copy of ``w`` with ``perturb_in_place=True``).
     """
@@ -186,6 +224,9 @@ class SAM(torch.optim.Optimizer):
         *,
         mask: Mask | None = None,
         perturb_in_place: bool = False,
+        sync: str = "global",
+        ddp: DistributedDataParallel | None = None,
+        process_group: dist.ProcessGroup | None = None,
         **base_kwargs: Any,
     ) -> None:
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
@@ -211,6 +252,14 @@ class SAM(torch.optim.Optimizer):
         self.bn = _validate.choice("bn", bn, BN_MODES)
         self.max_grad_norm = _validate.positive_or_none("max_grad_norm", max_grad_norm)
         self.perturb_in_place = _validate.boolean("perturb_in_place", perturb_in_place)
+        self.sync = _validate.choice("sync", sync, SYNC_MODES)
+        if ddp is not None and not isinstance(ddp, DistributedDataParallel):
+            raise TypeError(
+                f"ddp must be the torch.nn.parallel.DistributedDataParallel wrapper of the model or None, got {ddp!r}"
+            )
+        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got {process_group!r}")
+        self.ddp, self.process_group = ddp, process_group
         if mask is not None and not isinstance(mask, Mask):
             raise TypeError(f"mask must be a samopt.masks.Mask (e.g. RandomMask(sparsity=0.5)) or None, got {mask!r}")
         self.mask = mask
@@ -224,7 +273,41 @@ class SAM(torch.optim.Optimizer):
         self._buffers: dict[Tensor, Tensor] = {}
         self._guard = BufferGuard() if self.bn == "first" else None
         self._pending: _Pending | None = None
+        self._shard_group = self._fsdp_group(process_group)
         self._bind_mask()
+
+    def _fsdp_group(self, process_group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
+        """The group the shards of FSDP-sharded (``DTensor``) parameters live on; ``None`` without them."""
+        params = self._all_params()
+        shards = [p for p in params if isinstance(p, DTensor)]
+        if not shards:
+            return None
+        if len(shards) != len(params) or any(
+            p.device_mesh.ndim != 1 or not all(pl.is_shard() for pl in p.placements) for p in shards
+        ):
+            raise ValueError(
+                "SAM over DTensor parameters needs all of them sharded on one 1-D device mesh (FSDP's "
+                "fully_shard over the whole model); replicated, hybrid or partly sharded layouts are not supported"
+            )
+        if self.sync != "global":
+            raise ValueError(
+                f"sync={self.sync!r} needs each rank's own full gradient, which FSDP does not keep (it "
+                "reduce-scatters in backward); use sync='global' with FSDP"
+            )
+        if self.mask is not None:
+            raise ValueError(
+                "masks over FSDP-sharded parameters are not supported (the top-k needs every shard's scores); "
+                "use dense SAM with FSDP, or DDP for Sparse SAM"
+            )
+        return process_group if process_group is not None else shards[0].device_mesh.get_group()
+
+    def _over_shards(self, norm: Tensor) -> Tensor:
+        """``norm`` of this rank's tensors as the norm over every rank's shards (unchanged without FSDP)."""
+        if self._shard_group is None:
+            return norm
+        sq = norm.double().square().reshape(1)
+        D.all_reduce_([sq], "sum", self._shard_group)
+        return sq.sqrt().reshape(()).to(norm.dtype)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to SAM and the base optimizer (SAM keys default to the constructor's)."""
@@ -244,7 +327,7 @@ class SAM(torch.optim.Optimizer):
         """(Re)attach the mask to every parameter; a new group makes it recompute at the next step."""
         if self.mask is not None:
             params = self._all_params()
-            self.mask.bind(params, owner=self)
+            self.mask.bind(params, owner=self, group=self.process_group)
             self._mask_index = {p: i for i, p in enumerate(params)}
 
     def mask_density(self) -> float:
@@ -253,8 +336,22 @@ class SAM(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ passes
 
+    @contextlib.contextmanager
+    def first_pass(self) -> Iterator[None]:
+        """The context the clean pass (forward **and** backward) runs in: DDP's ``no_sync()``
+        with ``sync="local"`` and ``ddp=``, nothing otherwise. :meth:`step` uses it; with the
+        two-phase API, wrap the code before :meth:`first_step` in it."""
+        with self.ddp.no_sync() if self.ddp is not None and self.sync == "local" else contextlib.nullcontext():
+            yield
+
+    def _average(self, grads: list[Tensor]) -> None:
+        """Average ``grads`` over the ranks, unless DDP already did (a no-op in one process)."""
+        if self.ddp is None and self._shard_group is None:  # FSDP reduce-scatters them itself
+            D.all_reduce_(grads, "mean", self.process_group)
+
     def _collect(self) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]:
-        """Each group with its parameters that have a gradient, and those gradients."""
+        """Each group with its parameters that have a gradient, and those gradients (this rank's
+        shards of FSDP-sharded ones)."""
         out = []
         for i, group in enumerate(self.param_groups):
             params, grads = [], []
@@ -266,8 +363,8 @@ class SAM(torch.optim.Optimizer):
                         f"param_groups[{i}] has a sparse gradient; SAM needs dense gradients "
                         "(e.g. nn.Embedding(..., sparse=False))"
                     )
-                params.append(p)
-                grads.append(p.grad)
+                params.append(p.to_local() if isinstance(p, DTensor) else p)
+                grads.append(p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad)
             out.append((group, params, grads))
         return out
 
@@ -305,13 +402,21 @@ class SAM(torch.optim.Optimizer):
                 "no parameter has a gradient in the clean pass (at w): the closure, or your code "
                 "before first_step(), must call loss.backward()"
             )
+        if self.sync == "global":
+            self._average(grads)
         found_inf = False
         if scaler is not None:
             if any(g.dtype == torch.float16 for g in grads):
                 raise ValueError("Attempting to unscale FP16 gradients: keep fp32 parameters under fp16 autocast")
             found_inf = bool(F.unscale_grads_(grads, 1.0 / scaler.get_scale()).item())
         norms = [F.perturbation_norm(ps, gs, adaptive=g["adaptive"], eta=g["eta"]) for g, ps, gs in collected if ps]
-        total = F.global_norm(norms).item()
+        total = self._over_shards(F.global_norm(norms)).item()
+        if self.sync == "local" and D.world_size(self.process_group) > 1:
+            # each rank has its own gradient: skip (or raise) on all ranks if any overflowed, or they deadlock
+            bad = torch.tensor(float(found_inf or not math.isfinite(total)), device=grads[0].device)
+            D.all_reduce_([bad], "max", self.process_group)
+            if bad.item() and math.isfinite(total):
+                found_inf, total = True, math.inf
         pending = _Pending(scaler=scaler)
         if found_inf or not math.isfinite(total):
             if scaler is None:
@@ -387,7 +492,8 @@ class SAM(torch.optim.Optimizer):
         their values were copied to the buffers). Parameters that do not own their
         storage, or all with ``perturb_in_place=True``, take the second way.
         """
-        swap = [not self.perturb_in_place and _owns_storage(p) for p in params]
+        in_place = self.perturb_in_place or self._shard_group is not None  # FSDP gathers from its own buffer
+        swap = [not in_place and _owns_storage(p) for p in params]
         for moved in (False, True):
             idx = [i for i, s in enumerate(swap) if s == moved]
             if not idx:
@@ -452,15 +558,16 @@ class SAM(torch.optim.Optimizer):
                 "second_step() must get the same scaler as first_step() "
                 f"(first_step: {pending.scaler!r}, second_step: {scaler!r}); the update was not applied"
             )
-        if scaler is not None:
-            scaler.unscale_(self)
         grads = [g for _, _, gs in self._collect() for g in gs]
         if not grads:
             raise RuntimeError(
                 "no parameter has a gradient in the perturbed pass (at w + e): call loss.backward() "
                 "between first_step() and second_step()"
             )
-        total = F.global_norm(grads)
+        self._average(grads)
+        if scaler is not None:
+            scaler.unscale_(self)
+        total = self._over_shards(F.global_norm(grads))
         total_f = total.item()
         if pending.skip or not math.isfinite(total_f):
             if scaler is None:
@@ -498,7 +605,7 @@ class SAM(torch.optim.Optimizer):
         if self._pending is not None:
             raise RuntimeError("step() called between first_step() and second_step(); call second_step() first")
         self.zero_grad(set_to_none=True)
-        with torch.enable_grad():
+        with torch.enable_grad(), self.first_pass():
             loss = closure()
         if loss is None:
             raise TypeError(
