@@ -1,5 +1,6 @@
 """The ``samopt`` application: recipes, schedule, training step, resume after Ctrl-C, CLI errors, compare."""
 
+import dataclasses
 import json
 import math
 import os
@@ -369,3 +370,10 @@ def test_samopt_console_script_is_declared():
     meta = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     assert meta["project"]["scripts"]["samopt"] == "samopt.train.cli:main"
     assert samopt.__version__
+
+
+def test_a_setting_missing_from_an_older_checkpoint_counts_as_its_default():
+    cfg = TrainConfig()
+    saved = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "sync"}  # written before --sync existed
+    assert loop.config_differences(saved, cfg) == []
+    assert loop.config_differences(saved, cfg.replace(sync="local")) == ["sync: checkpoint 'global', now 'local'"]

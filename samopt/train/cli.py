@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 from collections.abc import Sequence
@@ -184,11 +185,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from samopt.train.loop import run
 
             summary = run(resolve(recipe, _explicit(args, kind), kind))
-            print(
-                f"final {summary['score']} {100 * summary['final_score']:.2f} (best "
-                f"{100 * summary['best_score']:.2f}), {summary['seconds_per_epoch']:.1f} s/epoch; "
-                f"results in {summary['out']}"
-            )
+            if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks
+                print(
+                    f"final {summary['score']} {100 * summary['final_score']:.2f} (best "
+                    f"{100 * summary['best_score']:.2f}), {summary['seconds_per_epoch']:.1f} s/epoch; "
+                    f"results in {summary['out']}"
+                )
         else:
             from samopt.train.compare import compare
 

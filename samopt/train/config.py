@@ -39,6 +39,7 @@ class RunConfig:
     rho: float | None = None  # None: 0.05 (0.5 for asam)
     eta: float = 0.01  # ASAM's eta
     bn: str = "first"
+    sync: str = "global"  # under torchrun: perturb with the all-reduced gradient (global) or each rank's (local)
     sparsity: float = 0.5
     granularity: str = "element"
     mask_interval: int = 1  # epochs between mask updates (T_m)

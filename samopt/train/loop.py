@@ -21,6 +21,13 @@ into ``cfg.out``:
 weights are then the same as those of an uninterrupted run (bit for bit on a CPU; on a
 GPU with ``cfg.deterministic``, since cuDNN otherwise picks non-deterministic kernels).
 
+Under ``torchrun --nproc_per_node N`` (:mod:`samopt.train.launch`) each rank trains on
+its ``1/N`` of every global batch of ``cfg.batch_size`` through
+``DistributedDataParallel``, the SAM family perturbs as ``cfg.sync`` says, and rank 0
+alone evaluates, prints and writes; the checkpoint holds the unwrapped model and the
+global batch position, so it continues on any number of ranks (the global RNG, used by
+dropout, comes back per rank when the number of ranks is the same, else from rank 0).
+
 Example::
 
     from samopt.train.config import resolve
@@ -43,11 +50,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 import samopt
 from samopt import _validate
 from samopt.train.config import GlueConfig, RunConfig
+from samopt.train.launch import Ranks, Shard, setup
 from samopt.train.optimizers import AMP_MODES, OPTIMIZERS, Amp, build_optimizer, train_step
 
 __all__ = ["CheckpointError", "Loader", "Task", "lr_factor", "run", "validate"]
@@ -97,6 +107,7 @@ def validate(cfg: RunConfig) -> None:
     _validate.choice("optimizer", cfg.optimizer, OPTIMIZERS)
     _validate.choice("schedule", cfg.schedule, SCHEDULES)
     _validate.choice("amp", cfg.amp, AMP_MODES)
+    _validate.choice("sync", cfg.sync, samopt.sam.SYNC_MODES)
     for name in ("epochs", "batch_size", "mask_interval"):
         _validate.positive_int(name, getattr(cfg, name))
     for name in ("lr", "weight_decay", "momentum", "warmup_epochs", "gamma"):
@@ -218,11 +229,15 @@ def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") ->
 
 
 def config_differences(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
-    """The settings of ``cfg`` that differ from the ``saved`` ones, except those a resumed run may change."""
+    """The settings of ``cfg`` that differ from the ``saved`` ones, except those a resumed run may change.
+
+    A setting missing from ``saved`` (written before it existed) counts as its default.
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
     return [
-        f"{k}: checkpoint {saved.get(k)!r}, now {v!r}"
+        f"{k}: checkpoint {saved.get(k, defaults.get(k))!r}, now {v!r}"
         for k, v in dataclasses.asdict(cfg).items()
-        if k not in RESUMABLE_CHANGES and saved.get(k) != v
+        if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != v
     ]
 
 
@@ -298,15 +313,61 @@ def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
 
 
+def _sum_over_ranks(snapshot: dict[str, Any], ranks: Ranks, device: torch.device) -> dict[str, Any]:
+    """An epoch's tally summed over the ranks (the slowest rank's seconds)."""
+    if ranks.world == 1:
+        return snapshot
+    t = torch.tensor([snapshot["loss"], snapshot["correct"], snapshot["seen"]], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    secs = torch.tensor([snapshot["seconds"]], dtype=torch.float64, device=device)
+    dist.all_reduce(secs, op=dist.ReduceOp.MAX)
+    return {"loss": float(t[0]), "correct": int(t[1]), "seen": int(t[2]), "seconds": float(secs)}
+
+
+def _any_rank(flag: bool, ranks: Ranks, device: torch.device) -> bool:
+    """Whether ``flag`` is set on any rank (so all stop at the same step)."""
+    if ranks.world == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _from_main(obj: Any, ranks: Ranks) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if ranks.world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def run(cfg: RunConfig) -> dict[str, Any]:
     """Train as ``cfg`` says (see the module docstring); returns the summary also written to ``summary.json``.
 
     A :class:`~samopt.train.config.TrainConfig` trains an image classifier, a
     :class:`~samopt.train.config.GlueConfig` fine-tunes on a GLUE task. Exits with
     :data:`EXIT_INTERRUPTED` (``SystemExit``) after saving a checkpoint when interrupted.
+    Under ``torchrun`` it joins the ranks' process group first and leaves it at the end.
     """
     validate(cfg)
-    device = _device(cfg.device)
+    joined = not (dist.is_available() and dist.is_initialized())
+    ranks, device_name = setup(cfg.device)
+    joined = joined and ranks.world > 1
+    try:
+        return _run(cfg, ranks, _device(device_name))
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+def _run(cfg: RunConfig, ranks: Ranks, device: torch.device) -> dict[str, Any]:
+    for name in ("batch_size", "num_samples"):
+        if getattr(cfg, name) % ranks.world:
+            raise ValueError(
+                f"{name} ({getattr(cfg, name)}) must be a multiple of the number of ranks ({ranks.world}): "
+                "each rank takes an equal share"
+            )
     if cfg.deterministic:
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
@@ -317,10 +378,17 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     ckpt = load_checkpoint(ckpt_path, cfg, device) if cfg.resume else None
     if ckpt is None and ckpt_path.exists():
         raise CheckpointError(f"{out} already holds a checkpoint: pass --resume to continue it, or use another --out")
+    ranks.barrier()  # no rank writes into out before every rank has checked it
     task = _task_module(cfg).build_task(cfg, device)  # seeds the model's initialisation with cfg.seed
     model, steps_per_epoch = task.model, len(task.train)
-    fisher = _FisherStream(task.fisher) if task.fisher is not None else None
-    opt = build_optimizer(cfg, model, steps_per_epoch, fisher, task.loss_fn)
+    train = Shard(task.train, ranks)
+    fisher = _FisherStream(Shard(task.fisher, ranks)) if task.fisher is not None else None
+    net: nn.Module = model
+    if ranks.world > 1:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = build_optimizer(
+        cfg, model, steps_per_epoch, fisher, task.loss_fn, ddp=net if ranks.world > 1 else None, world=ranks.world
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, steps_per_epoch))
 
     state: dict[str, Any] = {"epoch": 0, "batch": 0, "history": [], "partial": None, "wall": 0.0, "peak": 0.0}
@@ -329,13 +397,21 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         amp.scaler.load_state_dict(ckpt["scaler"])
-        _set_rng_state(ckpt["rng"])
+        per_rank = ckpt.get("rng_ranks")
+        _set_rng_state(per_rank[ranks.rank] if per_rank and len(per_rank) == ranks.world else ckpt["rng"])
         state = {k: ckpt[k] for k in state}
-    out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
-    _atomic_write(metrics_path, lambda f: f.writelines(json.dumps(r) + "\n" for r in state["history"]), "w")
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_write(metrics_path, lambda f: f.writelines(json.dumps(r) + "\n" for r in state["history"]), "w")
 
     def save(epoch: int, batch: int, partial: dict[str, Any] | None, wall: float) -> None:
+        rngs = [_rng_state()]
+        if ranks.world > 1:
+            rngs = [None] * ranks.world
+            dist.all_gather_object(rngs, _rng_state())
+        if not ranks.main:
+            return
         payload = {
             "format": CHECKPOINT_FORMAT,
             "config": dataclasses.asdict(cfg),
@@ -343,7 +419,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
             "scaler": amp.scaler.state_dict(),
-            "rng": _rng_state(),
+            "rng": rngs[0],
+            "rng_ranks": rngs,
             "epoch": epoch,
             "batch": batch,
             "partial": partial,
@@ -363,11 +440,13 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             resumed = epoch == state["epoch"]
             start = state["batch"] if resumed else 0
             tally = _Tally(state["partial"] if resumed else None, device)
-            bar = _progress(steps_per_epoch, start, f"epoch {epoch + 1}/{cfg.epochs} {label}", cfg.progress)
+            bar = _progress(
+                steps_per_epoch, start, f"epoch {epoch + 1}/{cfg.epochs} {label}", cfg.progress and ranks.main
+            )
             model.train()
             batch = start
-            for x, y in task.train.epoch(epoch, start):
-                loss, logits = train_step(opt, model, task.prepare(x), y, task.loss_fn, amp, cfg.max_grad_norm)
+            for x, y in train.epoch(epoch, start):
+                loss, logits = train_step(opt, net, task.prepare(x), y, task.loss_fn, amp, cfg.max_grad_norm)
                 lr = opt.param_groups[0]["lr"]
                 sched.step()
                 tally.add(loss, logits, y, task.classification)
@@ -376,40 +455,47 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                     bar.update(1)
                     if batch % 20 == 0 or batch == steps_per_epoch:
                         bar.set_postfix(loss=f"{tally.mean_loss():.4f}")
-                if interrupt.requested and batch < steps_per_epoch:
+                if _any_rank(interrupt.requested, ranks, device) and batch < steps_per_epoch:
                     if bar is not None:
                         bar.close()
-                    save(epoch, batch, tally.snapshot(), time.perf_counter() - wall0)
-                    print(
-                        f"checkpoint saved to {ckpt_path} (epoch {epoch + 1}, step {batch}); continue with --resume",
-                        file=sys.stderr,
-                    )
+                    save(epoch, batch, _sum_over_ranks(tally.snapshot(), ranks, device), time.perf_counter() - wall0)
+                    if ranks.main:
+                        print(
+                            f"checkpoint saved to {ckpt_path} (epoch {epoch + 1}, step {batch}); "
+                            "continue with --resume",
+                            file=sys.stderr,
+                        )
                     raise SystemExit(EXIT_INTERRUPTED)
             if bar is not None:
                 bar.close()
-            done = tally.snapshot()
+            done = _sum_over_ranks(tally.snapshot(), ranks, device)
             if not math.isfinite(done["loss"]):
                 raise FloatingPointError(f"the training loss became non-finite in epoch {epoch + 1}; lower --lr, --rho")
-            metrics = task.evaluate(model, amp)
-            record = {"epoch": epoch + 1, "train_loss": done["loss"] / done["seen"]}
-            if task.classification:
-                record["train_acc"] = done["correct"] / done["seen"]
-            record.update(metrics)
-            record.update({"lr": lr, "train_seconds": done["seconds"], "steps": steps_per_epoch})  # lr of the last step
-            if isinstance(opt, samopt.SAM):
-                record["mask_density"] = opt.mask_density()
+            record = None
+            if ranks.main:
+                metrics = task.evaluate(model, amp)
+                record = {"epoch": epoch + 1, "train_loss": done["loss"] / done["seen"]}
+                if task.classification:
+                    record["train_acc"] = done["correct"] / done["seen"]
+                record.update(metrics)
+                record.update({"lr": lr, "train_seconds": done["seconds"], "steps": steps_per_epoch})  # last step's lr
+                if isinstance(opt, samopt.SAM):
+                    record["mask_density"] = opt.mask_density()
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            record = _from_main(record, ranks)
             state["history"].append(record)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
             save(epoch + 1, 0, None, time.perf_counter() - wall0)
-            shown = ", ".join(
-                f"{k} {v:.4f}"
-                for k, v in record.items()
-                if k not in ("epoch", "lr", "steps") and not k.endswith("seconds")
-            )
-            print(f"{label} epoch {epoch + 1}/{cfg.epochs}: {shown} ({done['seconds']:.1f} s)", flush=True)
-            if interrupt.requested and epoch + 1 < cfg.epochs:
-                print(f"checkpoint saved to {ckpt_path}; continue with --resume", file=sys.stderr)
+            if ranks.main:
+                shown = ", ".join(
+                    f"{k} {v:.4f}"
+                    for k, v in record.items()
+                    if k not in ("epoch", "lr", "steps") and not k.endswith("seconds")
+                )
+                print(f"{label} epoch {epoch + 1}/{cfg.epochs}: {shown} ({done['seconds']:.1f} s)", flush=True)
+            if _any_rank(interrupt.requested, ranks, device) and epoch + 1 < cfg.epochs:
+                if ranks.main:
+                    print(f"checkpoint saved to {ckpt_path}; continue with --resume", file=sys.stderr)
                 raise SystemExit(EXIT_INTERRUPTED)
     history = state["history"]
     peak, peak_kind = _peak_memory_mib(device)
@@ -428,10 +514,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "peak_memory_mib": peak,
         "peak_memory_kind": peak_kind,
         "device": str(device),
+        "ranks": ranks.world,
         "out": str(out),
         "parameters": sum(p.numel() for p in model.parameters()),
         "history": history,
         "config": dataclasses.asdict(cfg),
     }
-    _atomic_write(out / "summary.json", lambda f: json.dump(summary, f, indent=1), "w")
+    if ranks.main:
+        _atomic_write(out / "summary.json", lambda f: json.dump(summary, f, indent=1), "w")
     return summary

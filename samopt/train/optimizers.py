@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 import samopt
 from samopt import _validate
@@ -70,10 +71,16 @@ def build_optimizer(
     steps_per_epoch: int,
     fisher_data: Iterable[Any] | None = None,
     fisher_loss: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+    *,
+    ddp: DistributedDataParallel | None = None,
+    world: int = 1,
 ) -> torch.optim.Optimizer:
     """The optimizer ``cfg.optimizer`` over ``model``'s parameters, configured from ``cfg`` (a RunConfig).
 
-    SSAM-F computes its Fisher information from ``fisher_loss`` on ``fisher_data``.
+    SSAM-F computes its Fisher information from ``fisher_loss`` on ``fisher_data``. On
+    ``world`` ranks, ``ddp`` is the model's DDP wrapper (the SAM family runs its first
+    pass under it as ``cfg.sync`` says) and each rank scores ``num_samples / world``
+    Fisher examples of its own.
     """
     name = cfg.optimizer
     if name not in OPTIMIZERS:
@@ -85,7 +92,7 @@ def build_optimizer(
     base = base_optimizer(cfg.base)
     kw = _base_kwargs(cfg, base)
     rho = cfg.rho if cfg.rho is not None else DEFAULT_RHO.get(name, 0.05)
-    engine = {"bn": cfg.bn, "max_grad_norm": cfg.max_grad_norm}
+    engine = {"bn": cfg.bn, "max_grad_norm": cfg.max_grad_norm, "sync": cfg.sync, "ddp": ddp}
     if name == "delta-sam":
         return samopt.DeltaSAM(
             params,
@@ -99,7 +106,7 @@ def build_optimizer(
             **engine,
             **kw,
         )
-    mask = _mask(cfg, model, steps_per_epoch, fisher_data, fisher_loss)
+    mask = _mask(cfg, model, steps_per_epoch, fisher_data, fisher_loss, world)
     return samopt.SAM(params, base, rho, adaptive=name == "asam", eta=cfg.eta, mask=mask, **engine, **kw)
 
 
@@ -109,6 +116,7 @@ def _mask(
     steps_per_epoch: int,
     fisher_data: Iterable[Any] | None,
     fisher_loss: Callable[..., Tensor],
+    world: int = 1,
 ) -> Mask | None:
     every = steps_per_epoch * cfg.mask_interval
     common = {"granularity": cfg.granularity, "seed": cfg.seed}
@@ -120,7 +128,7 @@ def _mask(
             fisher_data,
             fisher_loss,
             cfg.sparsity,
-            num_samples=cfg.num_samples,
+            num_samples=cfg.num_samples // world,
             fisher_labels=cfg.fisher_labels,
             update_interval=every,
             **common,

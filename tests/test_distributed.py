@@ -1,0 +1,417 @@
+"""samopt under torch.distributed: 2 CPU ranks with gloo, spawned by each test, against one-process references."""
+
+import math
+import os
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from helpers import mlp, seeded
+from torch.nn.parallel import DistributedDataParallel
+
+import samopt
+from samopt import distributed as D
+from samopt.delta import delta_weights
+from samopt.masks import DynamicSparseMask, FisherMask
+from samopt.train import loop
+from samopt.train.config import TrainConfig
+from samopt.train.launch import Ranks, Shard
+
+WORLD = 2
+STEPS = 4
+LR, RHO = 0.1, 0.2
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    """8 full batches of 8 examples; rank ``r`` of 2 trains on rows ``4r:4r+4`` of each."""
+    g = seeded(7)
+    return torch.randn(8, 8, 5, generator=g), torch.randint(0, 3, (8, 8), generator=g)
+
+
+def fisher_pool(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Rank ``rank``'s own Fisher examples: 3 batches of 4."""
+    g = seeded(20 + rank)
+    return [(torch.randn(4, 5, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(3)]
+
+
+def interleaved_pool() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One process's Fisher data seeing, per update, what each rank sees: rank 0's batch k, rank 1's batch k, ..."""
+    pools = [fisher_pool(r) for r in range(WORLD)]
+    return [pools[r][k] for k in range(3) for r in range(WORLD)]
+
+
+def build(method: str, model: torch.nn.Module, fisher_data, num_samples: int, **kw) -> samopt.SAM:
+    """The optimizer under test; SSAM-D's seed comes from the global seed (``torch.initial_seed()``)."""
+    if method == "sam":
+        return samopt.SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, **kw)
+    if method == "ssamf":
+        mask = FisherMask(model, fisher_data, F.cross_entropy, 0.5, num_samples=num_samples, update_interval=2)
+    else:
+        mask = DynamicSparseMask(0.5, total_steps=8, update_interval=1, drop="gradient", grow="random")
+    return samopt.SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, mask=mask, **kw)
+
+
+def sam_steps(opt: samopt.SAM, model: torch.nn.Module, batches) -> None:
+    for x, y in batches:
+
+        def closure(x=x, y=y):
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+
+
+def rank_batches(rank: int, steps: range = range(STEPS)):
+    x, y = data()
+    return [(x[k, 4 * rank : 4 * rank + 4], y[k, 4 * rank : 4 * rank + 4]) for k in steps]
+
+
+def full_batches(steps: range = range(STEPS)):
+    x, y = data()
+    return [(x[k], y[k]) for k in steps]
+
+
+# ---------------------------------------------------------------------------------- the ranks
+
+
+def _worker(rank: int, case: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(100 + rank)  # ranks seeded apart, as training scripts do (seed + rank)
+        result = CASES[case](rank, out)
+        torch.save(result, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(method: str, sync: str, wrap: str, rank: int, steps: int = STEPS):
+    model = mlp()
+    torch.manual_seed(100 + rank)
+    net = DistributedDataParallel(model) if wrap == "ddp" else model
+    opt = build(method, net, fisher_pool(rank), 4, sync=sync, ddp=net if wrap == "ddp" else None)
+    sam_steps(opt, net, rank_batches(rank, range(steps)))
+    masks = None if opt.mask is None else [m.clone() for m in opt.mask.masks]
+    return model, opt, masks
+
+
+def _case_global(rank: int, out: str) -> dict:
+    res = {}
+    for method in ("sam", "ssamf", "ssamd"):
+        for wrap in ("ddp", "plain"):
+            model, _, masks = _run(method, "global", wrap, rank)
+            res[method, wrap] = ([p.detach().clone() for p in model.parameters()], masks)
+    return res
+
+
+def _case_local(rank: int, out: str) -> dict:
+    res = {}
+    for wrap in ("ddp", "plain"):
+        model, _, _ = _run("sam", "local", wrap, rank, steps=3)
+        res["sam", wrap] = [p.detach().clone() for p in model.parameters()]
+    for method in ("ssamf", "ssamd"):  # the gradients (and Fisher data) differ across ranks: the masks must not
+        model, opt, masks = _run(method, "local", "plain", rank, steps=1)
+        history = [masks]
+        for k in range(1, 7):
+            sam_steps(opt, model, rank_batches(rank, range(k, k + 1)))
+            history.append([m.clone() for m in opt.mask.masks])
+        res[method] = history
+    return res
+
+
+def _case_resume(rank: int, out: str) -> dict:
+    model, opt, _ = _run("ssamd", "global", "plain", rank, steps=3)
+    if rank == 0:
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, f"{out}/ckpt.pt")
+    return {}
+
+
+def _case_delta(rank: int, out: str) -> dict:
+    model = mlp()
+    net = DistributedDataParallel(model)
+    opt = samopt.DeltaSAM(
+        net.parameters(), torch.optim.SGD, rho=RHO, estimator="logit", alpha=1.0, ddp=net, lr=LR
+    )  # fmt: skip
+    (x, y), = rank_batches(rank, range(1))  # fmt: skip
+
+    def closure():
+        logits = net(x)
+        return F.cross_entropy(logits, y, reduction="none"), logits
+
+    opt.step(closure)
+    return {"weights": [p.detach().clone() for p in model.parameters()], "lambda": opt.last_weights.clone()}
+
+
+#: SAM variants run over FSDP: keyword arguments of samopt.SAM.
+FSDP_VARIANTS = {"sam": {}, "asam": {"adaptive": True}, "clip": {"max_grad_norm": 0.05}}
+
+
+def fsdp_model() -> torch.nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = mlp()  # Linear(5, 7): 7 rows over 2 ranks, so the shards are uneven (4 + 3) and padded
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def _case_fsdp(rank: int, out: str) -> dict:
+    res = {}
+    for name, kw in FSDP_VARIANTS.items():
+        model = fsdp_model()
+        opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, **kw)
+        sam_steps(opt, model, rank_batches(rank))
+        res[name] = [p.full_tensor().detach().clone() for p in model.parameters()]
+    errors = []
+    for kw in ({"sync": "local"}, {"mask": samopt.masks.RandomMask(0.5)}):
+        try:
+            samopt.SAM(fsdp_model().parameters(), torch.optim.SGD, lr=LR, **kw)
+        except ValueError as e:
+            errors.append(str(e))
+    res["errors"] = errors
+    return res
+
+
+CASES = {
+    "global": _case_global,
+    "local": _case_local,
+    "resume": _case_resume,
+    "delta": _case_delta,
+    "fsdp": _case_fsdp,
+}
+
+
+def spawn(case: str, tmp_path) -> list[dict]:
+    mp.spawn(_worker, args=(case, str(tmp_path)), nprocs=WORLD, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+# ------------------------------------------------------------------------------- the tests
+
+
+def one_process(method: str, steps: int = STEPS) -> tuple[torch.nn.Module, samopt.SAM]:
+    """The same training in one process over the concatenated batches (SSAM-D seeded as rank 0 is)."""
+    model = mlp()
+    torch.manual_seed(100)
+    opt = build(method, model, interleaved_pool(), 8)
+    sam_steps(opt, model, full_batches(range(steps)))
+    return model, opt
+
+
+def close(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+
+
+def test_sync_global_on_two_ranks_equals_one_process_on_the_concatenated_batch(tmp_path):
+    ranks = spawn("global", tmp_path)
+    for method in ("sam", "ssamf", "ssamd"):
+        model, opt = one_process(method)
+        for wrap in ("ddp", "plain"):
+            for r in ranks:
+                weights, masks = r[method, wrap]
+                close(weights, [p.detach() for p in model.parameters()])
+                if masks is not None:
+                    assert all(torch.equal(a, b) for a, b in zip(masks, opt.mask.masks, strict=True)), (method, wrap)
+        assert not torch.equal(next(model.parameters()), mlp()[0].weight)  # it trained
+
+
+def test_sam_over_fsdp_sharded_parameters_equals_one_process(tmp_path):
+    ranks = spawn("fsdp", tmp_path)
+    for name, kw in FSDP_VARIANTS.items():
+        model = mlp()
+        opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, **kw)
+        sam_steps(opt, model, full_batches())
+        for r in ranks:
+            close(r[name], [p.detach() for p in model.parameters()])
+    for r in ranks:
+        assert "sync='local' needs each rank's own full gradient" in r["errors"][0]
+        assert "masks over FSDP-sharded parameters are not supported" in r["errors"][1]
+
+
+def hand_local_sam(steps: int) -> list[torch.Tensor]:
+    """sync="local" by hand: each rank's own e from its own gradient, the descent gradients averaged."""
+    w = [p.detach().clone() for p in mlp().parameters()]
+    for k in range(steps):
+        descent = [torch.zeros_like(t) for t in w]
+        for r in range(WORLD):
+            (x, y), = rank_batches(r, range(k, k + 1))  # fmt: skip
+            model = mlp()
+            with torch.no_grad():
+                for p, t in zip(model.parameters(), w, strict=True):
+                    p.copy_(t)
+            g = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+            norm = math.sqrt(sum(float(t.double().square().sum()) for t in g))
+            with torch.no_grad():
+                for p, gi in zip(model.parameters(), g, strict=True):
+                    p.add_(gi, alpha=RHO / norm)
+            h = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+            descent = [d + hi / WORLD for d, hi in zip(descent, h, strict=True)]
+        w = [t - LR * d for t, d in zip(w, descent, strict=True)]
+    return w
+
+
+def test_sync_local_averages_each_ranks_own_sam_gradient_and_masks_agree_across_ranks(tmp_path):
+    ranks = spawn("local", tmp_path)
+    expected = hand_local_sam(3)
+    for wrap in ("ddp", "plain"):  # DDP: pass 1 under no_sync(); plain: samopt averages only pass 2
+        for r in ranks:
+            close(r["sam", wrap], expected)
+    global_w = [p.detach() for p in one_process("sam", 3)[0].parameters()]
+    assert max(float((a - b).abs().max()) for a, b in zip(expected, global_w, strict=True)) > 1e-4  # not global
+    for method in ("ssamf", "ssamd"):
+        a, b = ranks[0][method], ranks[1][method]
+        assert len(a) == 7
+        for ma, mb in zip(a, b, strict=True):
+            assert all(torch.equal(x, y) for x, y in zip(ma, mb, strict=True)), method
+        assert any(not torch.equal(x, y) for x, y in zip(a[0], a[-1], strict=True)), method  # masks did change
+
+
+def test_a_two_rank_checkpoint_resumes_on_one_process(tmp_path):
+    spawn("resume", tmp_path)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    model = mlp()
+    model.load_state_dict(ckpt["model"])
+    torch.manual_seed(5)  # another seed: the mask's generator state comes from the checkpoint
+    opt = build("ssamd", model, None, 8)
+    opt.load_state_dict(ckpt["opt"])
+    sam_steps(opt, model, full_batches(range(3, 6)))
+    ref_model, ref_opt = one_process("ssamd", steps=6)
+    close([p.detach() for p in model.parameters()], [p.detach() for p in ref_model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(opt.mask.masks, ref_opt.mask.masks, strict=True))
+
+
+def test_delta_sam_weights_come_from_each_ranks_own_batch(tmp_path):
+    ranks = spawn("delta", tmp_path)
+    model = mlp()
+    params = list(model.parameters())
+    ascent = [torch.zeros_like(p) for p in params]
+    for r, res in enumerate(ranks):
+        (x, y), = rank_batches(r, range(1))  # fmt: skip
+        logits = model(x)
+        norms = (logits.softmax(-1) - F.one_hot(y, 3)).norm(dim=-1)  # the logit estimator's s_i
+        lam = delta_weights(norms.detach(), 1.0)
+        torch.testing.assert_close(res["lambda"], lam, rtol=0, atol=1e-7)
+        losses = F.cross_entropy(logits, y, reduction="none")
+        g = torch.autograd.grad((lam * losses).sum(), params)
+        ascent = [a + gi / WORLD for a, gi in zip(ascent, g, strict=True)]
+    norm = math.sqrt(sum(float(a.double().square().sum()) for a in ascent))
+    with torch.no_grad():
+        for p, a in zip(params, ascent, strict=True):
+            p.add_(a, alpha=RHO / norm)
+    (x, y), = full_batches(range(1))  # fmt: skip
+    descent = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+    w0 = [p.detach() for p in mlp().parameters()]
+    expected = [w - LR * d for w, d in zip(w0, descent, strict=True)]
+    for res in ranks:
+        close(res["weights"], expected)
+
+
+def test_collectives_are_no_ops_in_one_process_and_bad_arguments_are_named():
+    t = torch.arange(3.0)
+    D.all_reduce_([t], "mean")
+    assert torch.equal(t, torch.arange(3.0)) and D.world_size() == 1 and D.rank() == 0
+    with pytest.raises(ValueError, match="op must be one of 'mean', 'sum', 'max'; got 'avg'"):
+        D.all_reduce_([t], "avg")
+    model = mlp()
+    with pytest.raises(ValueError, match="sync must be one of 'global', 'local'; got 'm'"):
+        samopt.SAM(model.parameters(), torch.optim.SGD, sync="m", lr=0.1)
+    with pytest.raises(TypeError, match=r"ddp must be the torch\.nn\.parallel\.DistributedDataParallel wrapper"):
+        samopt.SAM(model.parameters(), torch.optim.SGD, ddp=model, lr=0.1)
+    with pytest.raises(TypeError, match=r"process_group must be a torch\.distributed\.ProcessGroup or None"):
+        samopt.SAM(model.parameters(), torch.optim.SGD, process_group=0, lr=0.1)
+
+
+# ------------------------------------------------------------------- samopt train under torchrun
+
+
+def _app_worker(rank: int, out: str, port: int, stop: int) -> None:
+    """What ``torchrun --nproc_per_node 2 samopt train ...`` runs on rank ``rank``; rank 1 gets a Ctrl-C at ``stop``."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from tests.test_app import tiny
+
+    if rank == 1 and stop:
+        real, calls = loop.train_step, [0]
+
+        def step(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == stop:
+                os.kill(os.getpid(), signal.SIGINT)
+            return real(*args, **kwargs)
+
+        loop.train_step = step
+    try:
+        summary = loop.run(tiny(Path(out), optimizer="ssam-f"))
+        code = 0
+    except SystemExit as e:
+        summary, code = None, e.code
+    torch.save({"summary": summary, "code": code}, f"{out}/rank{rank}.pt")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_samopt_train_on_two_ranks_stops_together_and_resumes_on_one(tmp_path):
+    from tests.test_app import tiny
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    for out, stop in ((whole, 0), (cut, 6)):
+        out.mkdir()
+        mp.spawn(_app_worker, args=(str(out), _free_port(), stop), nprocs=WORLD, join=True)
+    ranks = [torch.load(whole / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    assert [r["code"] for r in ranks] == [0, 0]
+    assert ranks[0]["summary"]["ranks"] == 2 and ranks[0]["summary"]["history"] == ranks[1]["summary"]["history"]
+    # a Ctrl-C on rank 1 only: both ranks finish that step, rank 0 saves, both exit with 130
+    assert [torch.load(cut / f"rank{r}.pt", weights_only=False)["code"] for r in range(WORLD)] == [130, 130]
+    saved = torch.load(cut / "run" / "checkpoint.pt", weights_only=True)
+    assert (saved["epoch"], saved["batch"]) == (1, 2) and len(saved["rng_ranks"]) == 2
+    assert sorted(p.name for p in (cut / "run").iterdir()) == ["checkpoint.pt", "metrics.jsonl"]
+    # the 2-rank runs agree up to the interrupt; one process continues at global batch 6 of 8
+    real, steps = loop.train_step, [0]
+
+    def counted(*args, **kwargs):
+        steps[0] += 1
+        return real(*args, **kwargs)
+
+    loop.train_step = counted
+    try:
+        resumed = loop.run(tiny(cut, optimizer="ssam-f", resume=True))
+    finally:
+        loop.train_step = real
+    assert steps[0] == 2 and resumed["ranks"] == 1
+    untimed = [
+        {k: v for k, v in r["history"][0].items() if k != "train_seconds"} for r in (resumed, ranks[0]["summary"])
+    ]
+    assert untimed[0] == untimed[1]
+    assert [r["epoch"] for r in resumed["history"]] == [1, 2] and math.isfinite(resumed["history"][1]["train_loss"])
+
+
+def test_batches_are_split_evenly_over_the_ranks():
+    class Batches:
+        def __len__(self):
+            return 2
+
+        def epoch(self, epoch, start=0):
+            for k in range(start, 2):
+                yield torch.arange(6) + 10 * k, torch.arange(6)
+
+    shard = Shard(Batches(), Ranks(rank=1, world=2))
+    assert len(shard) == 2
+    assert [x.tolist() for x, _ in shard.epoch(0)] == [[3, 4, 5], [13, 14, 15]]
+    assert [x.tolist() for x, _ in shard.epoch(0, start=1)] == [[13, 14, 15]]
+    with pytest.raises(ValueError, match="a batch of 6 examples cannot be split over 4 ranks"):
+        list(Shard(Batches(), Ranks(rank=0, world=4)).epoch(0))
+    cfg = TrainConfig(batch_size=64, num_samples=6)
+    with pytest.raises(ValueError, match=r"num_samples \(6\) must be a multiple of the number of ranks \(4\)"):
+        loop._run(cfg, Ranks(rank=0, world=4), torch.device("cpu"))
