@@ -377,3 +377,9 @@ def test_a_setting_missing_from_an_older_checkpoint_counts_as_its_default():
     saved = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "sync"}  # written before --sync existed
     assert loop.config_differences(saved, cfg) == []
     assert loop.config_differences(saved, cfg.replace(sync="local")) == ["sync: checkpoint 'global', now 'local'"]
+
+
+def test_compare_under_torchrun_is_refused_with_the_way_out(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["compare", "--optimizers", "sgd", "--dataset", "synthetic"]) == 2
+    assert "under torchrun, launch each `samopt train` / `samopt glue` run with torchrun" in capsys.readouterr().err

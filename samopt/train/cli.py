@@ -181,6 +181,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     kind = GlueConfig if args.command.startswith("glue") else TrainConfig
     recipe = getattr(args, "recipe", None)
     try:
+        if args.command.endswith("compare") and os.environ.get("WORLD_SIZE", "1") != "1":
+            raise ValueError(
+                "compare runs its runs one after another in one process; under torchrun, launch each "
+                "`samopt train` / `samopt glue` run with torchrun instead"
+            )
         if args.command in ("train", "glue"):
             from samopt.train.loop import run
 
