@@ -180,6 +180,8 @@ class DeltaSAM(SAM):
         self.reweight_descent = _validate.boolean("reweight_descent", reweight_descent)
         _validate.seed_or_none("seed", seed)
         super().__init__(params, base_optimizer, rho, **kwargs)
+        if self._shard_group is not None:
+            raise ValueError("DeltaSAM over FSDP-sharded (DTensor) parameters is not supported; use DDP")
         first = self.param_groups[0]["params"][0]
         self._generator = torch.Generator(device=first.device)
         self._generator.manual_seed(torch.initial_seed() if seed is None else seed)

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from samopt import _validate
+from samopt import distributed as D
 from samopt.bn import BufferGuard
 from samopt.sam import SAM
 
@@ -92,6 +93,8 @@ class PerInstanceSAM(SAM):
             raise ValueError("PerInstanceSAM does not support a GradScaler; it is a reference implementation")
         if self._pending is not None:
             raise RuntimeError("step() called between first_step() and second_step(); call second_step() first")
+        if D.world_size(self.process_group) > 1:
+            raise RuntimeError("PerInstanceSAM is a one-process reference; it does not run on several ranks")
         self.zero_grad(set_to_none=True)
         with torch.no_grad():
             full = self._losses(closure(None), None)  # the one pass that updates BatchNorm statistics

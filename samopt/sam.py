@@ -143,18 +143,21 @@ class SAM(torch.optim.Optimizer):
             if there is one: it averages the gradients in backward, and :meth:`step`
             runs the first pass (forward and backward) under its ``no_sync()`` when
             ``sync="local"`` (two-phase API: run it under :meth:`first_pass`).
-            ``None`` (a plain model on each rank): samopt averages the gradients
-            itself, after the first pass (``"global"``) and after the second. Do not
-            give a DDP-wrapped model without ``ddp=``: with ``sync="local"`` its first
-            pass would still be averaged.
-        process_group: the ranks to average over (``None``: the default group).
+        average_grads: ``True`` for a plain (unwrapped) model on each rank: samopt
+            averages the gradients itself, after the first pass (``"global"``) and
+            after the second. ``False`` (default): gradients are averaged by whatever
+            wraps the model (DDP, FSDP, DeepSpeed, a trainer) or not at all.
+            ``sync="local"`` on several ranks needs ``ddp=`` or ``average_grads=True``:
+            otherwise samopt cannot tell that the first pass is not averaged.
+        process_group: the ranks to average over and agree on masks with (``None``:
+            ``ddp``'s group, else the default group).
+        **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ...).
 
     FSDP (``torch.distributed.fsdp.fully_shard``, parameters as sharded ``DTensor``):
     construct SAM after sharding; FSDP reduce-scatters the gradients, samopt perturbs
     each rank's shard in place and takes the norm over all shards (one all-reduce of a
     scalar), so ``e`` is exactly one process's. Only ``sync="global"`` and no mask
-    (a global top-k would need every shard's scores).
-        **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ...).
+    (a global top-k would need every shard's scores); not with :class:`DeltaSAM`.
 
     Closure API (torch semantics: the closure computes the loss, calls
     ``backward()`` and returns the loss; samopt zeroes gradients before each call
@@ -226,6 +229,7 @@ class SAM(torch.optim.Optimizer):
         perturb_in_place: bool = False,
         sync: str = "global",
         ddp: DistributedDataParallel | None = None,
+        average_grads: bool = False,
         process_group: dist.ProcessGroup | None = None,
         **base_kwargs: Any,
     ) -> None:
@@ -259,6 +263,11 @@ class SAM(torch.optim.Optimizer):
             )
         if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
             raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got {process_group!r}")
+        self.average_grads = _validate.boolean("average_grads", average_grads)
+        if ddp is not None and self.average_grads:
+            raise ValueError("give ddp= (DDP averages the gradients) or average_grads=True (samopt does), not both")
+        if process_group is None and ddp is not None:
+            process_group = ddp.process_group
         self.ddp, self.process_group = ddp, process_group
         if mask is not None and not isinstance(mask, Mask):
             raise TypeError(f"mask must be a samopt.masks.Mask (e.g. RandomMask(sparsity=0.5)) or None, got {mask!r}")
@@ -294,6 +303,8 @@ class SAM(torch.optim.Optimizer):
                 f"sync={self.sync!r} needs each rank's own full gradient, which FSDP does not keep (it "
                 "reduce-scatters in backward); use sync='global' with FSDP"
             )
+        if self.average_grads:
+            raise ValueError("average_grads=True with FSDP-sharded parameters: FSDP averages (reduce-scatters) them")
         if self.mask is not None:
             raise ValueError(
                 "masks over FSDP-sharded parameters are not supported (the top-k needs every shard's scores); "
@@ -344,10 +355,26 @@ class SAM(torch.optim.Optimizer):
         with self.ddp.no_sync() if self.ddp is not None and self.sync == "local" else contextlib.nullcontext():
             yield
 
-    def _average(self, grads: list[Tensor]) -> None:
-        """Average ``grads`` over the ranks, unless DDP already did (a no-op in one process)."""
-        if self.ddp is None and self._shard_group is None:  # FSDP reduce-scatters them itself
-            D.all_reduce_(grads, "mean", self.process_group)
+    def _average(self, grads: list[Tensor], force: bool = False) -> None:
+        """Average ``grads`` over the ranks with ``average_grads=True`` (or ``force``); a no-op in one process.
+
+        Every rank must hold gradients of the same parameters: that is checked first
+        (one small all-reduce), so a rank with other ones fails on every rank instead of
+        leaving the others waiting.
+        """
+        if not (self.average_grads or force) or D.world_size(self.process_group) == 1:
+            return
+        numel = sum(g.numel() for g in grads)
+        dev = grads[0].device if grads else self._all_params()[0].device
+        bounds = torch.tensor([len(grads), numel, -len(grads), -numel], dtype=torch.float64, device=dev)
+        D.all_reduce_([bounds], "max", self.process_group)
+        if bounds[0] != -bounds[2] or bounds[1] != -bounds[3]:
+            raise RuntimeError(
+                "the ranks hold gradients of different parameters (a parameter unused on some ranks?): "
+                f"this rank has {len(grads)} gradients ({numel} entries), others between {int(-bounds[2])} and "
+                f"{int(bounds[0])}; every rank's closure must produce gradients for the same parameters"
+            )
+        D.all_reduce_(grads, "mean", self.process_group)
 
     def _collect(self) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]:
         """Each group with its parameters that have a gradient, and those gradients (this rank's
@@ -397,13 +424,18 @@ class SAM(torch.optim.Optimizer):
         for i, (group, _, _) in enumerate(collected):
             _check_group(i, group)
         grads = [g for _, _, gs in collected for g in gs]
+        if self.sync == "global":
+            self._average(grads)
+        elif self.ddp is None and not self.average_grads and D.world_size(self.process_group) > 1:
+            raise ValueError(
+                "sync='local' on several ranks needs ddp= (the DistributedDataParallel wrapper, whose first pass "
+                "samopt runs under no_sync()) or average_grads=True (a plain model on each rank)"
+            )
         if not grads:
             raise RuntimeError(
                 "no parameter has a gradient in the clean pass (at w): the closure, or your code "
                 "before first_step(), must call loss.backward()"
             )
-        if self.sync == "global":
-            self._average(grads)
         found_inf = False
         if scaler is not None:
             if any(g.dtype == torch.float16 for g in grads):
@@ -559,12 +591,14 @@ class SAM(torch.optim.Optimizer):
                 f"(first_step: {pending.scaler!r}, second_step: {scaler!r}); the update was not applied"
             )
         grads = [g for _, _, gs in self._collect() for g in gs]
+        # a skipped step in local mode kept each rank's own first-pass gradients: averaging them spreads the
+        # overflow to every rank's scaler, so all lower their scale alike
+        self._average(grads, force=pending.skip and self.sync == "local")
         if not grads:
             raise RuntimeError(
                 "no parameter has a gradient in the perturbed pass (at w + e): call loss.backward() "
                 "between first_step() and second_step()"
             )
-        self._average(grads)
         if scaler is not None:
             scaler.unscale_(self)
         total = self._over_shards(F.global_norm(grads))

@@ -23,6 +23,7 @@ from samopt.train.config import TrainConfig
 from samopt.train.launch import Ranks, Shard
 
 WORLD = 2
+SYNCS = ("global", "local")
 STEPS = 4
 LR, RHO = 0.1, 0.2
 
@@ -94,7 +95,8 @@ def _run(method: str, sync: str, wrap: str, rank: int, steps: int = STEPS):
     model = mlp()
     torch.manual_seed(100 + rank)
     net = DistributedDataParallel(model) if wrap == "ddp" else model
-    opt = build(method, net, fisher_pool(rank), 4, sync=sync, ddp=net if wrap == "ddp" else None)
+    wrapping = {"ddp": net} if wrap == "ddp" else {"average_grads": True}  # plain: samopt averages
+    opt = build(method, net, fisher_pool(rank), 4, sync=sync, **wrapping)
     sam_steps(opt, net, rank_batches(rank, range(steps)))
     masks = None if opt.mask is None else [m.clone() for m in opt.mask.masks]
     return model, opt, masks
@@ -132,19 +134,28 @@ def _case_resume(rank: int, out: str) -> dict:
 
 
 def _case_delta(rank: int, out: str) -> dict:
-    model = mlp()
-    net = DistributedDataParallel(model)
-    opt = samopt.DeltaSAM(
-        net.parameters(), torch.optim.SGD, rho=RHO, estimator="logit", alpha=1.0, ddp=net, lr=LR
-    )  # fmt: skip
-    (x, y), = rank_batches(rank, range(1))  # fmt: skip
+    res = {}
+    for sync in ("global", "local"):
+        model = mlp()
+        net = DistributedDataParallel(model)
+        opt = samopt.DeltaSAM(
+            net.parameters(), torch.optim.SGD, rho=RHO, estimator="logit", alpha=1.0, sync=sync, ddp=net, lr=LR
+        )  # fmt: skip
+        (x, y), = rank_batches(rank, range(1))  # fmt: skip
 
-    def closure():
-        logits = net(x)
-        return F.cross_entropy(logits, y, reduction="none"), logits
+        def closure(net=net, x=x, y=y):
+            logits = net(x)
+            return F.cross_entropy(logits, y, reduction="none"), logits
 
-    opt.step(closure)
-    return {"weights": [p.detach().clone() for p in model.parameters()], "lambda": opt.last_weights.clone()}
+        opt.step(closure)
+        res[sync] = {"weights": [p.detach().clone() for p in model.parameters()], "lambda": opt.last_weights.clone()}
+    model = mlp()  # sync="local" without ddp= or average_grads=True: refused on every rank, nobody waits
+    opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=RHO, sync="local", lr=LR)
+    try:
+        sam_steps(opt, model, rank_batches(rank, range(1)))
+    except ValueError as e:
+        res["error"] = str(e)
+    return res
 
 
 #: SAM variants run over FSDP: keyword arguments of samopt.SAM.
@@ -288,30 +299,44 @@ def test_a_two_rank_checkpoint_resumes_on_one_process(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(opt.mask.masks, ref_opt.mask.masks, strict=True))
 
 
-def test_delta_sam_weights_come_from_each_ranks_own_batch(tmp_path):
-    ranks = spawn("delta", tmp_path)
-    model = mlp()
-    params = list(model.parameters())
-    ascent = [torch.zeros_like(p) for p in params]
-    for r, res in enumerate(ranks):
+def hand_delta_sam(rank_results: list[dict], sync: str) -> list[torch.Tensor]:
+    """One δ-SAM step by hand: each rank's weights from its own batch; the ascent gradients averaged over the
+    ranks (global) or each rank's own (local); the descent gradients at each rank's w + e averaged."""
+    w0 = [p.detach() for p in mlp().parameters()]
+    ascents, descent = [], [torch.zeros_like(t) for t in w0]
+    for r, res in enumerate(rank_results):
+        model = mlp()
         (x, y), = rank_batches(r, range(1))  # fmt: skip
         logits = model(x)
         norms = (logits.softmax(-1) - F.one_hot(y, 3)).norm(dim=-1)  # the logit estimator's s_i
         lam = delta_weights(norms.detach(), 1.0)
-        torch.testing.assert_close(res["lambda"], lam, rtol=0, atol=1e-7)
-        losses = F.cross_entropy(logits, y, reduction="none")
-        g = torch.autograd.grad((lam * losses).sum(), params)
-        ascent = [a + gi / WORLD for a, gi in zip(ascent, g, strict=True)]
-    norm = math.sqrt(sum(float(a.double().square().sum()) for a in ascent))
-    with torch.no_grad():
-        for p, a in zip(params, ascent, strict=True):
-            p.add_(a, alpha=RHO / norm)
-    (x, y), = full_batches(range(1))  # fmt: skip
-    descent = torch.autograd.grad(F.cross_entropy(model(x), y), params)
-    w0 = [p.detach() for p in mlp().parameters()]
-    expected = [w - LR * d for w, d in zip(w0, descent, strict=True)]
+        torch.testing.assert_close(res[sync]["lambda"], lam, rtol=0, atol=1e-7)  # from this rank's batch alone
+        g = torch.autograd.grad((lam * F.cross_entropy(logits, y, reduction="none")).sum(), list(model.parameters()))
+        ascents.append(g)
+    if sync == "global":
+        ascents = [[sum(a[i] for a in ascents) / WORLD for i in range(len(w0))]] * WORLD
+    for r, a in enumerate(ascents):
+        model = mlp()
+        norm = math.sqrt(sum(float(t.double().square().sum()) for t in a))
+        with torch.no_grad():
+            for p, t in zip(model.parameters(), a, strict=True):
+                p.add_(t, alpha=RHO / norm)
+        (x, y), = rank_batches(r, range(1))  # fmt: skip
+        h = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+        descent = [d + hi / WORLD for d, hi in zip(descent, h, strict=True)]
+    return [w - LR * d for w, d in zip(w0, descent, strict=True)]
+
+
+def test_delta_sam_weights_come_from_each_ranks_own_batch(tmp_path):
+    ranks = spawn("delta", tmp_path)
+    for sync in ("global", "local"):
+        expected = hand_delta_sam(ranks, sync)
+        for res in ranks:
+            close(res[sync]["weights"], expected)
+    a, b = (hand_delta_sam(ranks, s) for s in SYNCS)
+    assert max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True)) > 1e-4  # the modes differ
     for res in ranks:
-        close(res["weights"], expected)
+        assert "sync='local' on several ranks needs ddp=" in res["error"]
 
 
 def test_collectives_are_no_ops_in_one_process_and_bad_arguments_are_named():
@@ -332,7 +357,7 @@ def test_collectives_are_no_ops_in_one_process_and_bad_arguments_are_named():
 # ------------------------------------------------------------------- samopt train under torchrun
 
 
-def _app_worker(rank: int, out: str, port: int, stop: int) -> None:
+def _app_worker(rank: int, out: str, port: int, stop: int, resume: bool = False) -> None:
     """What ``torchrun --nproc_per_node 2 samopt train ...`` runs on rank ``rank``; rank 1 gets a Ctrl-C at ``stop``."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -349,11 +374,15 @@ def _app_worker(rank: int, out: str, port: int, stop: int) -> None:
 
         loop.train_step = step
     try:
-        summary = loop.run(tiny(Path(out), optimizer="ssam-f"))
+        summary = loop.run(tiny(Path(out), optimizer="ssam-f", resume=resume))
         code = 0
     except SystemExit as e:
         summary, code = None, e.code
     torch.save({"summary": summary, "code": code}, f"{out}/rank{rank}.pt")
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / "run" / "checkpoint.pt", weights_only=True)["model"]
 
 
 def _free_port() -> int:
@@ -365,8 +394,8 @@ def _free_port() -> int:
 def test_samopt_train_on_two_ranks_stops_together_and_resumes_on_one(tmp_path):
     from tests.test_app import tiny
 
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    for out, stop in ((whole, 0), (cut, 6)):
+    whole, cut, cut2 = tmp_path / "whole", tmp_path / "cut", tmp_path / "cut2"
+    for out, stop in ((whole, 0), (cut, 6), (cut2, 6)):
         out.mkdir()
         mp.spawn(_app_worker, args=(str(out), _free_port(), stop), nprocs=WORLD, join=True)
     ranks = [torch.load(whole / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
@@ -395,6 +424,16 @@ def test_samopt_train_on_two_ranks_stops_together_and_resumes_on_one(tmp_path):
     ]
     assert untimed[0] == untimed[1]
     assert [r["epoch"] for r in resumed["history"]] == [1, 2] and math.isfinite(resumed["history"][1]["train_loss"])
+    # on 2 ranks again, the interrupted run continues exactly as the uninterrupted one (per-rank RNG restored,
+    # the interrupted epoch's saved tally counted once)
+    mp.spawn(_app_worker, args=(str(cut2), _free_port(), 0, True), nprocs=WORLD, join=True)
+    again = torch.load(cut2 / "rank0.pt", weights_only=False)["summary"]
+    for a, b in zip(again["history"], ranks[0]["summary"]["history"], strict=True):
+        assert {k: v for k, v in a.items() if k != "train_seconds"} == {
+            k: v for k, v in b.items() if k != "train_seconds"
+        }
+    w_again, w_whole = _weights(cut2), _weights(whole)
+    assert all(torch.equal(w_again[k], w_whole[k]) for k in w_whole)
 
 
 def test_batches_are_split_evenly_over_the_ranks():
@@ -412,6 +451,8 @@ def test_batches_are_split_evenly_over_the_ranks():
     assert [x.tolist() for x, _ in shard.epoch(0, start=1)] == [[13, 14, 15]]
     with pytest.raises(ValueError, match="a batch of 6 examples cannot be split over 4 ranks"):
         list(Shard(Batches(), Ranks(rank=0, world=4)).epoch(0))
-    cfg = TrainConfig(batch_size=64, num_samples=6)
+    cfg = TrainConfig(optimizer="ssam-f", batch_size=64, num_samples=6)
     with pytest.raises(ValueError, match=r"num_samples \(6\) must be a multiple of the number of ranks \(4\)"):
         loop._run(cfg, Ranks(rank=0, world=4), torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"batch_size \(66\) must be a multiple of the number of ranks \(4\)"):
+        loop._run(TrainConfig(batch_size=66, num_samples=6), Ranks(rank=0, world=4), torch.device("cpu"))

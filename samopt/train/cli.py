@@ -21,6 +21,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
+from samopt.sam import SYNC_MODES
 from samopt.train import data as datasets
 from samopt.train.config import RECIPES, GlueConfig, RunConfig, TrainConfig, resolve
 from samopt.train.glue import TASKS
@@ -34,6 +35,7 @@ _CHOICES = {
     "optimizer": OPTIMIZERS,
     "schedule": SCHEDULES,
     "amp": AMP_MODES,
+    "sync": SYNC_MODES,
 }
 _IMAGE_CHOICES = {"dataset": datasets.DATASETS, "model": tuple(MODELS)}
 _GLUE_CHOICES = {"task": tuple(TASKS)}
@@ -58,6 +60,7 @@ _HELP = {
     "out": "output directory (default runs/<dataset>-<model>-<optimizer>-s<seed>)",
     "resume": "continue the run in --out from its checkpoint",
     "device": "auto, cpu, cuda or cuda:N",
+    "sync": "under torchrun, the SAM family's perturbation from the all-reduced gradient or each rank's own",
 }
 
 

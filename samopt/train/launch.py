@@ -33,7 +33,6 @@ class Ranks:
 
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
 
     @property
     def main(self) -> bool:
@@ -78,7 +77,7 @@ def setup(device: str) -> tuple[Ranks, str]:
         device = "cpu"
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
-    return Ranks(rank, world, local), device
+    return Ranks(rank, world), device
 
 
 class Shard:

@@ -362,7 +362,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _run(cfg: RunConfig, ranks: Ranks, device: torch.device) -> dict[str, Any]:
-    for name in ("batch_size", "num_samples"):
+    for name in ("batch_size", "num_samples") if cfg.optimizer == "ssam-f" else ("batch_size",):
         if getattr(cfg, name) % ranks.world:
             raise ValueError(
                 f"{name} ({getattr(cfg, name)}) must be a multiple of the number of ranks ({ranks.world}): "
@@ -379,7 +379,11 @@ def _run(cfg: RunConfig, ranks: Ranks, device: torch.device) -> dict[str, Any]:
     if ckpt is None and ckpt_path.exists():
         raise CheckpointError(f"{out} already holds a checkpoint: pass --resume to continue it, or use another --out")
     ranks.barrier()  # no rank writes into out before every rank has checked it
+    if not ranks.main:
+        ranks.barrier()  # rank 0 builds the task first: it alone downloads and unpacks a missing data set
     task = _task_module(cfg).build_task(cfg, device)  # seeds the model's initialisation with cfg.seed
+    if ranks.main:
+        ranks.barrier()
     model, steps_per_epoch = task.model, len(task.train)
     train = Shard(task.train, ranks)
     fisher = _FisherStream(Shard(task.fisher, ranks)) if task.fisher is not None else None
@@ -439,7 +443,8 @@ def _run(cfg: RunConfig, ranks: Ranks, device: torch.device) -> dict[str, Any]:
         for epoch in range(state["epoch"], cfg.epochs):
             resumed = epoch == state["epoch"]
             start = state["batch"] if resumed else 0
-            tally = _Tally(state["partial"] if resumed else None, device)
+            # the saved part of an interrupted epoch is already summed over the ranks: rank 0 carries it
+            tally = _Tally(state["partial"] if resumed and ranks.main else None, device)
             bar = _progress(
                 steps_per_epoch, start, f"epoch {epoch + 1}/{cfg.epochs} {label}", cfg.progress and ranks.main
             )
