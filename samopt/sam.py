@@ -136,8 +136,8 @@ class SAM(torch.optim.Optimizer):
             ``"global"`` (default): the gradient averaged over all ranks, so ``e`` is
             the same everywhere and N ranks compute what one process computes on the
             concatenated batch (as the official Sparse SAM code does: its first pass
-            runs through DDP). ``"local"``: each rank's own gradient, no communication
-            in the first pass: m-sharpness with ``m`` the per-rank batch, as SAM
+            runs through DDP). ``"local"``: each rank's own gradient, no gradient
+            all-reduce in the first pass: m-sharpness with ``m`` the per-rank batch, as SAM
             (Foret et al.) ran on TPUs. The descent gradients are averaged in both.
         ddp: the :class:`~torch.nn.parallel.DistributedDataParallel` wrapper of the model,
             if there is one: it averages the gradients in backward, and :meth:`step`
