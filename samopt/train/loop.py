@@ -56,6 +56,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import samopt
 from samopt import _validate
+from samopt import distributed as D
 from samopt.train.config import GlueConfig, RunConfig
 from samopt.train.launch import Ranks, Shard, setup
 from samopt.train.optimizers import AMP_MODES, OPTIMIZERS, Amp, build_optimizer, train_step
@@ -318,9 +319,9 @@ def _sum_over_ranks(snapshot: dict[str, Any], ranks: Ranks, device: torch.device
     if ranks.world == 1:
         return snapshot
     t = torch.tensor([snapshot["loss"], snapshot["correct"], snapshot["seen"]], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
     secs = torch.tensor([snapshot["seconds"]], dtype=torch.float64, device=device)
-    dist.all_reduce(secs, op=dist.ReduceOp.MAX)
+    D.all_reduce_([t], "sum")
+    D.all_reduce_([secs], "max")
     return {"loss": float(t[0]), "correct": int(t[1]), "seen": int(t[2]), "seconds": float(secs)}
 
 
@@ -329,7 +330,7 @@ def _any_rank(flag: bool, ranks: Ranks, device: torch.device) -> bool:
     if ranks.world == 1:
         return flag
     t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    D.all_reduce_([t], "max")
     return bool(t.item())
 
 
