@@ -14,7 +14,7 @@ from samopt import functional, masks
 from samopt.bn import BufferGuard
 from samopt.delta import DeltaSAM
 from samopt.per_instance import PerInstanceSAM
-from samopt.sam import SAM
+from samopt.sam import SAM, NonFiniteGradientError
 from samopt.ssam import SSAMD, SSAMF
 
 __version__ = "0.1.0"
@@ -25,6 +25,7 @@ __all__ = [
     "SSAMF",
     "BufferGuard",
     "DeltaSAM",
+    "NonFiniteGradientError",
     "PerInstanceSAM",
     "__version__",
     "functional",

@@ -44,7 +44,7 @@ from torch import Tensor
 from samopt import _validate
 from samopt.bn import BufferGuard
 from samopt.per_sample import chunk_size_for
-from samopt.sam import SAM, _Pending
+from samopt.sam import SAM, NonFiniteGradientError, _Pending
 
 __all__ = ["ESTIMATORS", "DeltaSAM", "delta_weights"]
 
@@ -322,7 +322,7 @@ class DeltaSAM(SAM):
                 if bool(torch.isfinite(scores).all()):
                     lam = delta_weights(scores, self.alpha, clip=self.clip, kappa_rel=self.kappa_rel).to(losses.device)
                 elif scaler is None or not scaler.is_enabled():
-                    raise RuntimeError(
+                    raise NonFiniteGradientError(
                         f"non-finite per-example norm estimate from estimator={self.estimator!r}; "
                         "the weights are unchanged"
                     )

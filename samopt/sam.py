@@ -25,7 +25,7 @@ from samopt import functional as F
 from samopt.bn import BufferGuard
 from samopt.masks import Mask
 
-__all__ = ["SAM"]
+__all__ = ["SAM", "NonFiniteGradientError"]
 
 #: Hyperparameters SAM keeps in every parameter group, beside the base optimizer's.
 GROUP_KEYS = ("rho", "adaptive", "eta")
@@ -37,6 +37,14 @@ SYNC_MODES = ("global", "local")
 STATE_FORMAT = 1
 
 Closure = Callable[[], Any]
+
+
+class NonFiniteGradientError(RuntimeError, FloatingPointError):
+    """A non-finite gradient (or δ-SAM norm estimate) without a GradScaler to skip the step; the weights are at ``w``.
+
+    A ``RuntimeError`` (as before it had a name) and a ``FloatingPointError`` (so
+    ``samopt train`` reports it as a diverged run, not a crash).
+    """
 
 
 def _check_group(index: int, group: dict[str, Any]) -> None:
@@ -452,7 +460,7 @@ class SAM(torch.optim.Optimizer):
         pending = _Pending(scaler=scaler)
         if found_inf or not math.isfinite(total):
             if scaler is None:
-                raise RuntimeError(
+                raise NonFiniteGradientError(
                     f"non-finite gradient in the clean pass (at w): gradient norm {total}; the weights are "
                     "unchanged. For fp16 pass a GradScaler (opt.step(closure, scaler=scaler))"
                 )
@@ -605,7 +613,7 @@ class SAM(torch.optim.Optimizer):
         total_f = total.item()
         if pending.skip or not math.isfinite(total_f):
             if scaler is None:
-                raise RuntimeError(
+                raise NonFiniteGradientError(
                     f"non-finite gradient in the perturbed pass (at w + e): gradient norm {total_f}; the weights "
                     "are restored to w and not updated. For fp16 pass a GradScaler (opt.step(closure, scaler=scaler))"
                 )

@@ -158,8 +158,9 @@ def test_non_finite_gradient_without_scaler_raises_naming_the_pass(bad_pass, nam
         loss.backward()
         return loss
 
-    with pytest.raises(RuntimeError, match=f"non-finite gradient in the {name}"):
+    with pytest.raises(samopt.NonFiniteGradientError, match=f"non-finite gradient in the {name}") as e:
         opt.step(closure)
+    assert isinstance(e.value, RuntimeError) and isinstance(e.value, FloatingPointError)
     assert_equal_tensors(weights(model), w0)
     opt.state_dict()  # not stuck in the perturbed state
 

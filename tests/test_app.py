@@ -383,3 +383,12 @@ def test_compare_under_torchrun_is_refused_with_the_way_out(monkeypatch, capsys)
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert cli.main(["compare", "--optimizers", "sgd", "--dataset", "synthetic"]) == 2
     assert "under torchrun, launch each `samopt train` / `samopt glue` run with torchrun" in capsys.readouterr().err
+
+
+def test_a_diverging_run_stops_with_a_clear_error_not_a_traceback(tmp_path, capsys):
+    with pytest.raises(FloatingPointError, match=r"the training diverged in epoch 1, step \d+ \(non-finite gradient"):
+        run(tiny(tmp_path, optimizer="sam", lr=1e35, epochs=1))
+    code = cli.main(["train", "--dataset", "synthetic", "--synthetic-size", "320", "--train-subset", "256",
+                     "--batch-size", "64", "--epochs", "1", "--optimizer", "sam", "--lr", "1e35", "--no-progress",
+                     "--out", str(tmp_path / "cli")])  # fmt: skip
+    assert code == 2 and "samopt train: error: the training diverged" in capsys.readouterr().err

@@ -452,7 +452,13 @@ def _run(cfg: RunConfig, ranks: Ranks, device: torch.device) -> dict[str, Any]:
             model.train()
             batch = start
             for x, y in train.epoch(epoch, start):
-                loss, logits = train_step(opt, net, task.prepare(x), y, task.loss_fn, amp, cfg.max_grad_norm)
+                try:
+                    loss, logits = train_step(opt, net, task.prepare(x), y, task.loss_fn, amp, cfg.max_grad_norm)
+                except samopt.NonFiniteGradientError as e:
+                    raise FloatingPointError(
+                        f"the training diverged in epoch {epoch + 1}, step {batch + 1} ({str(e).split(';')[0]}); "
+                        "lower --lr, --rho"
+                    ) from e
                 lr = opt.param_groups[0]["lr"]
                 sched.step()
                 tally.add(loss, logits, y, task.classification)
