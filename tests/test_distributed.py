@@ -2,7 +2,6 @@
 
 import math
 import os
-import signal
 import socket
 from pathlib import Path
 
@@ -361,18 +360,10 @@ def _app_worker(rank: int, out: str, port: int, stop: int, resume: bool = False)
     """What ``torchrun --nproc_per_node 2 samopt train ...`` runs on rank ``rank``; rank 1 gets a Ctrl-C at ``stop``."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from tests.test_app import tiny
+    from tests.test_app import _interrupt_at, tiny
 
     if rank == 1 and stop:
-        real, calls = loop.train_step, [0]
-
-        def step(*args, **kwargs):
-            calls[0] += 1
-            if calls[0] == stop:
-                os.kill(os.getpid(), signal.SIGINT)
-            return real(*args, **kwargs)
-
-        loop.train_step = step
+        _interrupt_at(pytest.MonkeyPatch(), stop)  # this process ends with the run: nothing to undo
     try:
         summary = loop.run(tiny(Path(out), optimizer="ssam-f", resume=resume))
         code = 0
