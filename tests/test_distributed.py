@@ -86,6 +86,7 @@ def _worker(rank: int, case: str, out: str) -> None:
         torch.manual_seed(100 + rank)  # ranks seeded apart, as training scripts do (seed + rank)
         result = CASES[case](rank, out)
         torch.save(result, f"{out}/rank{rank}.pt")
+        dist.barrier()  # no rank tears the group down while another still talks to it
     finally:
         dist.destroy_process_group()
 

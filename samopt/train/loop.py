@@ -355,10 +355,18 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     joined = not (dist.is_available() and dist.is_initialized())
     ranks, device_name = setup(cfg.device)
     joined = joined and ranks.world > 1
+    together = False  # whether every rank leaves together (a normal end, or a stop all ranks agreed on)
     try:
-        return _run(cfg, ranks, _device(device_name))
+        summary = _run(cfg, ranks, _device(device_name))
+        together = True
+        return summary
+    except SystemExit:
+        together = True
+        raise
     finally:
         if joined:
+            if together:
+                ranks.barrier()  # no rank tears the group down while another still talks to it
             dist.destroy_process_group()
 
 
