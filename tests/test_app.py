@@ -3,10 +3,10 @@
 import dataclasses
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -188,7 +188,7 @@ def _interrupt_at(monkeypatch, n: int) -> None:
     def step(*args, **kwargs):
         calls[0] += 1
         if calls[0] == n:
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # as a terminal's Ctrl-C
         return real(*args, **kwargs)
 
     monkeypatch.setattr(loop, "train_step", step)

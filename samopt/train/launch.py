@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -76,7 +77,15 @@ def setup(device: str) -> tuple[Ranks, str]:
     elif device == "auto":
         device = "cpu"
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+        # the group's communication threads start with Ctrl-C and SIGTERM blocked, so the kernel hands them to
+        # the Python thread (which finishes the step and saves), never to a thread inside a blocking receive
+        blocked = {signal.SIGINT, signal.SIGTERM}
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked) if hasattr(signal, "pthread_sigmask") else None
+        try:
+            dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+        finally:
+            if old is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
     return Ranks(rank, world), device
 
 
