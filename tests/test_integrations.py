@@ -1,8 +1,9 @@
 """samopt inside Hugging Face's Trainer and Lightning: the same weights as the plain samopt loop on the same batches.
 
-On the CPU (CI) these run in fp32 and bf16. ``SAMOPT_TEST_DEVICE=cuda pytest tests/test_integrations.py``
-runs them on a GPU, where fp16 with the frameworks' own GradScaler is added (CPU autocast has no fp16
-GradScaler path in either framework); ``docs/benchmarks.md`` records such a run.
+They run in fp32, bf16 and fp16 (with the frameworks' GradScaler). Both frameworks refuse fp16 on the
+CPU, where torch has fp16 autocast and a GradScaler all the same, so on the CPU (CI) the tests switch on the
+frameworks' own fp16 machinery by hand (:func:`hf_fp16_on_the_cpu`, :func:`lightning_precision`).
+``SAMOPT_TEST_DEVICE=cuda pytest tests/test_integrations.py`` runs them on a GPU, as the frameworks do it there.
 """
 
 import copy
@@ -21,7 +22,7 @@ from samopt.train.glue import model_path, read_split
 GLUE = Path(__file__).resolve().parent / "data" / "glue"  # real GLUE dev files, see its README
 DEVICE = torch.device(os.environ.get("SAMOPT_TEST_DEVICE", "cpu"))
 CUDA = DEVICE.type == "cuda"
-MIXED = ("bf16", "fp16") if CUDA else ("bf16",)  # fp16 needs a GradScaler, which the frameworks use on CUDA only
+MIXED = ("bf16", "fp16")
 
 
 def rng_state():
@@ -39,9 +40,19 @@ def autocast(precision):
     return torch.autocast(DEVICE.type, dtype=dtype, enabled=precision != "fp32")
 
 
-def grad_scaler(precision):
+def grad_scaler(precision, init_scale=2.0**16):
     """The scaler both frameworks make for fp16: GradScaler's defaults (initial scale 2**16)."""
-    return torch.amp.GradScaler(DEVICE.type, enabled=precision == "fp16")
+    return torch.amp.GradScaler(DEVICE.type, init_scale=init_scale, enabled=precision == "fp16")
+
+
+def hf_fp16_on_the_cpu(trainer, init_scale=2.0**16):
+    """What accelerate does for ``fp16=True`` on a GPU (fp16 autocast around the forward, a GradScaler for the
+    backward and the step), switched on for the CPU, where accelerate leaves fp16 off. Call before ``train()``."""
+    assert trainer.accelerator.mixed_precision == "fp16"
+    if not CUDA:
+        trainer.accelerator.native_amp = True
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    return trainer
 
 
 class Pairs(torch.utils.data.Dataset):
@@ -61,9 +72,13 @@ class Pairs(torch.utils.data.Dataset):
         return {**{k: v[i] for k, v in self.enc.items()}, "labels": self.labels[i]}
 
 
-def minilm() -> torch.nn.Module:
+def minilm(**config) -> torch.nn.Module:
     torch.manual_seed(0)
-    return transformers.AutoModelForSequenceClassification.from_pretrained(model_path("all-MiniLM-L6-v2"), num_labels=2)
+    path = model_path("all-MiniLM-L6-v2")
+    # fp32 master weights whatever the file's dtype (a copy saved in fp16 would otherwise load as fp16)
+    return transformers.AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=2, dtype=torch.float32, **config
+    )
 
 
 class Recording(SAMTrainer):
@@ -104,16 +119,26 @@ def sam_sgd(model, **kw):
 # fp32: equal to 1e-6 after two AdamW steps. bf16/fp16: AdamW's first steps (about lr * sign(g)) turn rounding
 # differences in near-zero gradients into lr-sized ones, so the mixed-precision runs use SGD, where the weights
 # agree to 2e-6 of a 1.6e-3 move (rounding: accelerate's autocast wraps model.forward, the plain loop the loss).
-@pytest.mark.parametrize("precision, make, atol", [("fp32", sam, 1e-6)] + [(p, sam_sgd, 1e-5) for p in MIXED])
-def test_trainer_with_accumulation_and_clipping_equals_the_plain_samopt_loop(tmp_path, precision, make, atol):
+# The gradient's norm is about 1: clipping at 0.5 acts on it; fp16 clips at 10 instead, which only a gradient
+# left scaled by the GradScaler (x 2**16) would reach (clipping at 0.5 would hide one).
+# model_accepts_loss_kwargs = False: the Trainer then averages the micro-batches' mean losses, as the plain
+# loop does; MiniLM's head takes **kwargs but ignores num_items_in_batch, so by default the Trainer sums them
+# (transformers#47688; test_trainer_with_rho_0_is_the_trainer pins that SAMTrainer follows the Trainer there).
+@pytest.mark.parametrize(
+    "precision, make, clip, atol", [("fp32", sam, 0.5, 1e-6), ("bf16", sam_sgd, 0.5, 1e-5), ("fp16", sam_sgd, 10, 1e-5)]
+)
+def test_trainer_with_accumulation_and_clipping_equals_the_plain_samopt_loop(tmp_path, precision, make, clip, atol):
     model = minilm()
     reference = copy.deepcopy(model).to(DEVICE)
-    settings = args(tmp_path, bf16=precision == "bf16", fp16=precision == "fp16")
+    settings = args(tmp_path, max_grad_norm=clip, bf16=precision == "bf16", fp16=precision == "fp16")
     trainer = Recording(model=model, args=settings, train_dataset=Pairs(), optimizers=(make(model), None))
+    trainer.model_accepts_loss_kwargs = False
+    if precision == "fp16":
+        hf_fp16_on_the_cpu(trainer)
     trainer.train()
     assert len(trainer.seen) == 4  # 2 updates x 2 micro-batches
     # the plain loop: the closure runs both micro-batches of a window, SAM clips the gradient at w + e
-    opt = make(reference, max_grad_norm=0.5)
+    opt = make(reference, max_grad_norm=clip)
     scaler = grad_scaler(precision)
     reference.train()
     set_rng_state(trainer.rng)  # the same dropout masks, drawn in the same order
@@ -139,6 +164,53 @@ def test_trainer_with_accumulation_and_clipping_equals_the_plain_samopt_loop(tmp
     assert moved > 100 * atol  # it trained, by far more than the tolerance
 
 
+def test_trainer_with_rho_0_is_the_trainer(tmp_path):
+    """With rho 0 and no dropout the pass at w + e recomputes the clean gradient, so SAMTrainer must be the
+    Trainer itself: the same loss scaling over an accumulation window, whatever the Trainer decides it is (it
+    sums MiniLM's micro-batch means: transformers#47688), and the same updates and logged losses."""
+
+    def train(trainer_class, optimizer):
+        model = minilm(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        settings = args(tmp_path, max_grad_norm=10, logging_steps=1)  # above the gradient's norm: no clipping
+        trainer = trainer_class(model=model, args=settings, train_dataset=Pairs(), optimizers=(optimizer(model), None))
+        trainer.train()
+        return model, [r["loss"] for r in trainer.state.log_history if "loss" in r]
+
+    ours, our_losses = train(SAMTrainer, lambda m: samopt.SAM(m.parameters(), torch.optim.SGD, rho=0.0, lr=1e-2))
+    theirs, their_losses = train(transformers.Trainer, lambda m: torch.optim.SGD(m.parameters(), lr=1e-2))
+    assert our_losses == pytest.approx(their_losses, rel=1e-6) and len(our_losses) == 2
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), name
+    initial = minilm().to(DEVICE).classifier.weight
+    assert float((ours.classifier.weight - initial).abs().max()) > 1e-4  # it trained, by 100x the tolerance
+
+
+def momentum_sam(model):
+    return samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=1e-2, momentum=0.9)
+
+
+def momentum_delta(model):
+    return samopt.DeltaSAM(model.parameters(), torch.optim.SGD, rho=0.05, seed=0, lr=1e-2, momentum=0.9)
+
+
+@pytest.mark.parametrize("make", [momentum_sam, momentum_delta])
+def test_trainer_fp16_overflow_skips_the_update_and_the_lr_step(tmp_path, make):
+    model = minilm()
+    before = copy.deepcopy(model).to(DEVICE)
+    opt = make(model)
+    settings = args(tmp_path, fp16=True, lr_scheduler_type="linear", warmup_steps=1)
+    trainer = SAMTrainer(model=model, args=settings, train_dataset=Pairs(), optimizers=(opt, None))
+    if CUDA:  # the Trainer's own scaler, made at a scale no fp16 gradient survives
+        trainer.accelerator.scaler = torch.amp.GradScaler("cuda", init_scale=2.0**100)
+    else:
+        hf_fp16_on_the_cpu(trainer, init_scale=2.0**100)
+    trainer.train()
+    assert trainer.accelerator.scaler.get_scale() == 2.0**98  # both updates overflowed and were skipped
+    assert trainer.lr_scheduler.last_epoch == 0 and not opt.state  # no LR step, no momentum buffer
+    for (name, a), b in zip(model.named_parameters(), before.parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def delta(model, **kw):
     return samopt.DeltaSAM(model.parameters(), torch.optim.AdamW, rho=0.05, seed=0, lr=1e-4, weight_decay=0.01, **kw)
 
@@ -153,6 +225,8 @@ def test_trainer_runs_delta_sam_over_each_accumulation_window(tmp_path, precisio
     reference = copy.deepcopy(model).to(DEVICE)
     settings = args(tmp_path, logging_steps=1, bf16=precision == "bf16", fp16=precision == "fp16")
     trainer = Recording(model=model, args=settings, train_dataset=Pairs(), optimizers=(make(model), None))
+    if precision == "fp16":
+        hf_fp16_on_the_cpu(trainer)
     trainer.train()
     opt = make(reference, max_grad_norm=0.5)  # probes with the same seed, the window as one batch
     scaler = grad_scaler(precision)
@@ -215,6 +289,7 @@ def test_trainer_checkpoint_resume_keeps_the_sparse_mask_and_optimizer_state(tmp
 # ------------------------------------------------------------------ Lightning
 
 import lightning  # noqa: E402
+from lightning.pytorch.plugins import MixedPrecision  # noqa: E402
 
 from samopt.integrations.lightning import SAMModule  # noqa: E402
 
@@ -257,7 +332,13 @@ def loader():
     return torch.utils.data.DataLoader(data, batch_size=8)  # 6 batches: 3 updates per epoch
 
 
-PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}  # Lightning's names
+def lightning_precision(precision, init_scale=None):
+    """The Trainer arguments for ``precision``. Lightning refuses ``"16-mixed"`` on the CPU, but runs its fp16
+    plugin there when given one: autocast to fp16 and a GradScaler, as on a GPU."""
+    if precision == "fp16" and (init_scale is not None or not CUDA):
+        scaler = torch.amp.GradScaler(DEVICE.type, init_scale=init_scale or 2.0**16)
+        return {"plugins": [MixedPrecision("16-mixed", DEVICE.type, scaler=scaler)]}
+    return {"precision": {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}[precision]}
 
 
 def lightning_trainer(tmp_path, **kw):
@@ -275,7 +356,7 @@ def lightning_trainer(tmp_path, **kw):
 
 
 def fit(module, tmp_path, precision="fp32", **kw):
-    trainer = lightning_trainer(tmp_path, precision=PRECISION[precision], **kw)
+    trainer = lightning_trainer(tmp_path, **lightning_precision(precision), **kw)
     trainer.fit(module, loader())
     return trainer
 
@@ -359,6 +440,19 @@ def test_lightning_delta_sam_equals_the_plain_loop(tmp_path, precision):
         scaler.update()
     for a, b in zip(module.net.state_dict().values(), net.state_dict().values(), strict=True):
         assert torch.allclose(a.float(), b.float(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("module_class", [Classifier, DeltaClassifier])
+def test_lightning_fp16_overflow_skips_the_update_and_the_lr_step(tmp_path, module_class):
+    module = module_class(mlp_with_bn_and_dropout())
+    before = copy.deepcopy(module.net)
+    trainer = lightning_trainer(tmp_path, **lightning_precision("fp16", init_scale=2.0**100))
+    trainer.fit(module, loader())
+    assert trainer.precision_plugin.scaler.get_scale() == 2.0**97  # the 3 updates overflowed and were skipped
+    opt = module.optimizers().optimizer
+    assert not opt.state and opt.param_groups[0]["lr"] == 0.1  # no momentum buffer, no LR step
+    for a, b in zip(module.net.parameters(), before.parameters(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_trainer_with_a_fisher_mask_over_named_inputs(tmp_path):
