@@ -15,6 +15,15 @@ machinery and changes three things:
 - ``max_grad_norm`` clips the gradient taken at ``w + e`` (the one the update uses),
   inside the engine, instead of the clean gradient, which SAM normalises anyway.
 
+The loss at ``w + e`` is scaled over the accumulation window exactly as the ``Trainer``
+scales the clean one. Note that the ``Trainer`` does not divide by
+``gradient_accumulation_steps`` for a model whose ``forward`` takes ``**kwargs``, expecting
+it to normalise by ``num_items_in_batch``; heads that ignore it (BERT's sequence
+classification among them, transformers#47688) then train on the *sum* of the
+micro-batches' mean losses, with or without samopt. ``trainer.model_accepts_loss_kwargs =
+False`` restores the mean. SAM's perturbation does not depend on that scale; the update
+(with SGD), and what ``max_grad_norm`` clips, do.
+
 Checkpoints go through the ``Trainer``'s own ``save``/``resume_from_checkpoint``:
 ``SAM.state_dict()`` holds the base optimizer's state, masks and their RNG.
 
@@ -30,7 +39,7 @@ losses from :meth:`SAMTrainer.per_example_loss` (cross-entropy on ``logits`` by
 default). The window's graphs are then held together, so its memory is that of the
 whole effective batch, not of one micro-batch.
 
-Needs ``transformers`` and ``accelerate`` (``pip install 'samopt[hf]'``).
+Needs ``transformers`` >= 5.8 and ``accelerate`` (``pip install 'samopt[hf]'``).
 """
 
 from __future__ import annotations
@@ -44,9 +53,17 @@ from torch import nn
 import samopt
 
 try:
+    import transformers
+    from packaging.version import Version
     from transformers import Trainer
 except ImportError as e:  # pragma: no cover - exercised only without the optional dependency
     raise ImportError("samopt.integrations.hf needs transformers and accelerate: pip install 'samopt[hf]'") from e
+if Version(transformers.__version__) < Version("5.8"):  # pragma: no cover - older Trainers are refused
+    # 5.3-5.7 have the hooks SAMTrainer overrides, but they let accelerate divide a window's losses by its length on
+    # top of their own rule, and a resumed run differs from an uninterrupted one; 5.8 is the oldest release tested.
+    raise ImportError(
+        f"samopt.integrations.hf needs transformers >= 5.8 (found {transformers.__version__}): pip install 'samopt[hf]'"
+    )
 
 __all__ = ["SAMTrainer"]
 
@@ -157,7 +174,7 @@ class SAMTrainer(Trainer):
             loss = self.compute_loss(model, self._prepare_inputs(inputs), num_items_in_batch=num_items)
         if self.args.n_gpu > 1:
             loss = loss.mean()
-        scaled = self.loss_is_scaled_for_ga
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)  # a Trainer attribute since transformers 5.20
         if scaled is None:
             scaled = (self.model_accepts_loss_kwargs and num_items is not None) or self.compute_loss_func is not None
         return loss if scaled else loss / steps
