@@ -551,6 +551,7 @@ class SAM(torch.optim.Optimizer):
                 for p, b in zip(ps, bufs, strict=True):
                     pending.swapped.append((p, p.data))
                     p.data = b
+        torch.clear_autocast_cache()  # an enclosing autocast region would otherwise reuse its casts of the old values
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -567,6 +568,7 @@ class SAM(torch.optim.Optimizer):
             p.data = w
         for ps, bs in F._buckets(pending.params, pending.backups):
             torch._foreach_copy_(ps, bs)
+        torch.clear_autocast_cache()  # and the copies made at w + e (restore() runs before each update, too)
         if self._guard is not None:
             self._guard.restore()
 

@@ -1,5 +1,7 @@
 """Mixed precision: fp16 with a GradScaler (closure and two-phase), bf16 without, non-finite gradients."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -141,6 +143,43 @@ def test_bf16_autocast_needs_no_scaler():
     d16 = torch.cat([p.detach().reshape(-1) for p in bf16.parameters()]) - w0
     assert all(p.dtype == torch.float32 for p in bf16.parameters())
     assert torch.nn.functional.cosine_similarity(d32, d16, dim=0) > 0.99
+
+
+def bf16_region(on: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("optimizer", ["sam", "sam-in-place", "delta-sam"])
+def test_a_step_inside_one_autocast_region_computes_at_w_plus_e(optimizer):
+    """autocast keeps its bf16 copy of each weight until the outermost region exits, so steps run inside one
+    region (as Lightning < 2.5.5 runs training_step, or around a whole loop) would compute at w + e, at δ-SAM's
+    probes and after an update with stale copies unless samopt drops them whenever it moves the weights."""
+    x, y = vector_batch(n=16)
+
+    def train(outer: bool) -> list[torch.Tensor]:
+        model = mlp()
+        if optimizer == "delta-sam":
+            opt = samopt.DeltaSAM(model.parameters(), torch.optim.SGD, rho=0.5, seed=0, lr=0.1)
+        else:
+            in_place = optimizer == "sam-in-place"
+            opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.5, perturb_in_place=in_place, lr=0.1)
+
+        def closure():
+            with bf16_region(not outer):
+                out = model(x)
+            if optimizer == "delta-sam":
+                return F.cross_entropy(out.float(), y, reduction="none")
+            loss = F.cross_entropy(out.float(), y)
+            loss.backward()
+            return loss
+
+        with bf16_region(outer):  # one region around all three steps, as around a whole training loop
+            for _ in range(3):
+                opt.step(closure)
+        return weights(model)
+
+    assert torch.is_autocast_cache_enabled()
+    assert_equal_tensors(train(outer=True), train(outer=False))
 
 
 @pytest.mark.parametrize("bad_pass, name", [(1, r"clean pass \(at w\)"), (2, r"perturbed pass \(at w \+ e\)")])
