@@ -121,7 +121,9 @@ class DeltaSAM(SAM):
             - ``"logit"``: the exact norm of the gradient of ``l_i`` with respect to
               its own logits (``||softmax(z_i) - onehot(y_i)||`` for cross-entropy),
               from the clean pass's graph, at almost no cost. The closure must
-              return ``(losses, logits)``.
+              return ``(losses, logits)``: the logits the losses were computed from,
+              or a list of them, one per chunk of the batch (per micro-batch, in
+              order), when the losses of each chunk come from its own forward.
             - ``"exact"``: the true per-example gradient norms, from one batched
               (``vmap``) backward per chunk of examples through the clean graph.
               Slow and memory-hungry; for validation and small models.
@@ -191,7 +193,7 @@ class DeltaSAM(SAM):
 
     # ----------------------------------------------------------------- closure
 
-    def _losses(self, out: Any, *, need_logits: bool) -> tuple[Tensor, Tensor | None]:
+    def _losses(self, out: Any, *, need_logits: bool) -> tuple[Tensor, Any]:
         logits = None
         if isinstance(out, (tuple, list)):
             if len(out) != 2:
@@ -203,10 +205,17 @@ class DeltaSAM(SAM):
                 "the closure must return the per-example losses, a 1-D tensor of shape (batch,) "
                 f"(e.g. F.cross_entropy(..., reduction='none')), without calling backward(); got {what}"
             )
-        if need_logits and (logits is None or not torch.is_tensor(logits) or logits.shape[0] != out.shape[0]):
-            raise ValueError(
-                'estimator="logit" needs the closure to return (losses, logits) with logits of shape (batch, ...)'
-            )
+        if need_logits:
+            chunks = logits if isinstance(logits, (list, tuple)) else [logits]
+            if (
+                not chunks
+                or not all(torch.is_tensor(z) and z.dim() > 0 for z in chunks)
+                or (sum(z.shape[0] for z in chunks) != out.shape[0])
+            ):
+                raise ValueError(
+                    'estimator="logit" needs the closure to return (losses, logits) with logits of shape (batch, ...), '
+                    "or a list of the logits of consecutive chunks of the batch"
+                )
         return out, logits
 
     def _params(self) -> list[Tensor]:
@@ -214,12 +223,19 @@ class DeltaSAM(SAM):
 
     # -------------------------------------------------------------- estimators
 
-    def _estimate(self, losses: Tensor, logits: Tensor | None, probes: list[Tensor] | None) -> Tensor:
+    def _estimate(self, losses: Tensor, logits: Any, probes: list[Tensor] | None) -> Tensor:
         if self.estimator == "logit":
-            if not logits.requires_grad:  # type: ignore[union-attr]
-                raise ValueError('estimator="logit": the closure must return the logits the losses were computed from')
-            (g,) = torch.autograd.grad(losses.sum(), logits, retain_graph=True)
-            return g.detach().float().reshape(g.shape[0], -1).norm(dim=1)
+            chunks = list(logits) if isinstance(logits, (list, tuple)) else [logits]
+            used = all(z.requires_grad for z in chunks)
+            if used:
+                grads = torch.autograd.grad(losses.sum(), chunks, retain_graph=True, allow_unused=True)
+                used = all(g is not None for g in grads)
+            if not used:
+                raise ValueError(
+                    'estimator="logit": the closure must return the logits the losses were computed from '
+                    "(for losses from several forwards, the list of their logits, not their concatenation)"
+                )
+            return torch.cat([g.detach().float().reshape(g.shape[0], -1).norm(dim=1) for g in grads])
         if self.estimator == "exact":
             return self._exact_norms(losses)
         clean = losses.detach().float()

@@ -147,6 +147,31 @@ def test_logit_estimator_is_the_analytic_logit_gradient_norm():
     torch.testing.assert_close(opt.last_scores, expected, rtol=1e-6, atol=1e-7)
 
 
+def test_logit_estimator_takes_the_logits_of_each_chunk_of_the_batch():
+    """Losses from several forwards (micro-batches) come with the list of their logits; the concatenated logits
+    are not in the losses' graph, and are refused with an error that says what to return."""
+    x, y = vector_batch(n=8)
+    model = mlp()
+    with torch.no_grad():
+        z = model(x)
+    expected = (z.softmax(-1) - F.one_hot(y, 3).float()).norm(dim=1)
+
+    def chunked(concatenate=False):
+        parts = [(F.cross_entropy(z := model(x[i : i + 3]), y[i : i + 3], reduction="none"), z) for i in (0, 3, 6)]
+        logits = [p[1] for p in parts]
+        return torch.cat([p[0] for p in parts]), torch.cat(logits) if concatenate else logits
+
+    opt = samopt.DeltaSAM(model.parameters(), torch.optim.SGD, rho=0.05, estimator="logit", lr=0.1)
+    w = weights(model)
+    with pytest.raises(ValueError, match=r"the list of their logits, not their concatenation"):
+        opt.step(lambda: chunked(concatenate=True))
+    assert_equal_tensors(weights(model), w)
+    opt.step(chunked)
+    torch.testing.assert_close(opt.last_scores, expected, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match=r"or a list of the logits of consecutive chunks of the batch"):
+        opt.step(lambda: (chunked()[0], chunked()[1][:2]))  # logits of 6 examples for 8 losses
+
+
 def spearman(a, b):
     ra = a.argsort().argsort().double()
     rb = b.argsort().argsort().double()

@@ -219,7 +219,14 @@ def delta_sgd(model, **kw):
     return samopt.DeltaSAM(model.parameters(), torch.optim.SGD, rho=0.05, seed=0, lr=1e-2, **kw)
 
 
-@pytest.mark.parametrize("precision, make, atol", [("fp32", delta, 1e-6)] + [(p, delta_sgd, 1e-5) for p in MIXED])
+def delta_logit(model, **kw):
+    return delta(model, estimator="logit", **kw)
+
+
+@pytest.mark.parametrize(
+    "precision, make, atol",
+    [("fp32", delta, 1e-6), ("fp32", delta_logit, 1e-6)] + [(p, delta_sgd, 1e-5) for p in MIXED],
+)
 def test_trainer_runs_delta_sam_over_each_accumulation_window(tmp_path, precision, make, atol):
     model = minilm()
     reference = copy.deepcopy(model).to(DEVICE)
@@ -241,7 +248,7 @@ def test_trainer_runs_delta_sam_over_each_accumulation_window(tmp_path, precisio
                 with autocast(precision):
                     logits = reference(**{k: v for k, v in batch.items() if k != "labels"}).logits
                 parts.append((F.cross_entropy(logits.float(), batch["labels"], reduction="none"), logits))
-            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            return torch.cat([p[0] for p in parts]), [p[1] for p in parts]
 
         losses.append(float(opt.step(closure, scaler=scaler)))
         scaler.update()
@@ -406,22 +413,27 @@ def test_lightning_checkpoint_resume(tmp_path):
 
 
 class DeltaClassifier(Classifier):
+    estimator = "probe"
+
     def sam_per_example_loss(self, batch):
         x, y = batch
         logits = self.net(x)
         return F.cross_entropy(logits, y, reduction="none"), logits
 
     def configure_optimizers(self):
-        return samopt.DeltaSAM(self.parameters(), torch.optim.SGD, rho=0.1, seed=0, lr=0.1, momentum=0.9)
+        return samopt.DeltaSAM(
+            self.parameters(), torch.optim.SGD, rho=0.1, seed=0, estimator=self.estimator, lr=0.1, momentum=0.9
+        )
 
 
-@pytest.mark.parametrize("precision", ["fp32", *MIXED])
-def test_lightning_delta_sam_equals_the_plain_loop(tmp_path, precision):
+@pytest.mark.parametrize("precision, estimator", [(p, "probe") for p in ("fp32", *MIXED)] + [("fp32", "logit")])
+def test_lightning_delta_sam_equals_the_plain_loop(tmp_path, precision, estimator):
     module = DeltaClassifier(mlp_with_bn_and_dropout())
+    module.estimator = estimator
     trainer = fit(module, tmp_path, precision)
     assert trainer.global_step == 3
     net = mlp_with_bn_and_dropout().to(DEVICE)
-    opt = samopt.DeltaSAM(net.parameters(), torch.optim.SGD, rho=0.1, seed=0, lr=0.1, momentum=0.9)
+    opt = samopt.DeltaSAM(net.parameters(), torch.optim.SGD, rho=0.1, seed=0, estimator=estimator, lr=0.1, momentum=0.9)
     scaler = grad_scaler(precision)
     net.train()
     set_rng_state(module.rng)
@@ -434,7 +446,7 @@ def test_lightning_delta_sam_equals_the_plain_loop(tmp_path, precision):
                 with autocast(precision):
                     logits = net(x)
                     parts.append((F.cross_entropy(logits, y, reduction="none"), logits))
-            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            return torch.cat([p[0] for p in parts]), [p[1] for p in parts]
 
         opt.step(closure, scaler=scaler)
         scaler.update()

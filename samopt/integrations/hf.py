@@ -145,7 +145,7 @@ class SAMTrainer(Trainer):
 
         def closure() -> tuple[torch.Tensor, torch.Tensor]:  # the whole window is one δ-SAM batch
             parts = [self.per_example_loss(model, inputs) for model, inputs, _, _ in window]
-            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            return torch.cat([p[0] for p in parts]), [p[1] for p in parts]  # logits per micro-batch
 
         scaler = self._scaler()
         scale = scaler.get_scale() if scaler is not None else None

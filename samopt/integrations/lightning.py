@@ -115,7 +115,7 @@ class SAMModule(L.LightningModule):
 
             def closure() -> tuple[Tensor, Tensor]:
                 parts = [self.sam_per_example_loss(batch) for batch in window]
-                return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+                return torch.cat([p[0] for p in parts]), [p[1] for p in parts]  # logits per batch
 
             loss = opt.step(closure, scaler=scaler).detach()
         else:
