@@ -10,7 +10,8 @@ Lightning's automatic optimisation calls ``optimizer.step(closure)`` and, with f
 - every ``accumulate_grad_batches`` batches (and at the end of an epoch) it calls
   :meth:`samopt.SAM.first_step`, recomputes the losses of the window's batches at
   ``w + e``, calls :meth:`samopt.SAM.second_step` and updates the fp16 scaler; an
-  overflow skips the update;
+  overflow skips the update. As in Lightning's own accumulation, each batch's loss is
+  divided by ``accumulate_grad_batches``, in a shorter last window of an epoch too;
 - LR schedulers from ``configure_optimizers`` step after each update (``interval``
   ``"step"``) or each epoch; ``global_step`` counts updates, as Lightning's own loop does.
 
