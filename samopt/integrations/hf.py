@@ -143,7 +143,7 @@ class SAMTrainer(Trainer):
     def _delta_step(self, opt: samopt.DeltaSAM) -> torch.Tensor:
         window, self._window = self._window, []
 
-        def closure() -> tuple[torch.Tensor, torch.Tensor]:  # the whole window is one δ-SAM batch
+        def closure() -> tuple[torch.Tensor, list[torch.Tensor]]:  # the whole window is one δ-SAM batch
             parts = [self.per_example_loss(model, inputs) for model, inputs, _, _ in window]
             return torch.cat([p[0] for p in parts]), [p[1] for p in parts]  # logits per micro-batch
 

@@ -114,7 +114,7 @@ class SAMModule(L.LightningModule):
         loss = None
         if isinstance(opt, samopt.DeltaSAM):
 
-            def closure() -> tuple[Tensor, Tensor]:
+            def closure() -> tuple[Tensor, list[Tensor]]:
                 parts = [self.sam_per_example_loss(batch) for batch in window]
                 return torch.cat([p[0] for p in parts]), [p[1] for p in parts]  # logits per batch
 
