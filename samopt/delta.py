@@ -193,29 +193,29 @@ class DeltaSAM(SAM):
 
     # ----------------------------------------------------------------- closure
 
-    def _losses(self, out: Any, *, need_logits: bool) -> tuple[Tensor, Any]:
+    def _losses(self, out: Any, *, need_logits: bool) -> tuple[Tensor, list[Tensor] | None]:
+        """The closure's per-example losses, and its logits as a list of chunks (``None`` if it gave none)."""
         logits = None
         if isinstance(out, (tuple, list)):
             if len(out) != 2:
                 raise TypeError(f"the closure must return losses or (losses, logits), got a {len(out)}-tuple")
             out, logits = out
+            logits = list(logits) if isinstance(logits, (list, tuple)) else [logits]
         if not torch.is_tensor(out) or out.dim() != 1 or out.numel() == 0:
             what = f"shape {tuple(out.shape)}" if torch.is_tensor(out) else type(out).__name__
             raise ValueError(
                 "the closure must return the per-example losses, a 1-D tensor of shape (batch,) "
                 f"(e.g. F.cross_entropy(..., reduction='none')), without calling backward(); got {what}"
             )
-        if need_logits:
-            chunks = logits if isinstance(logits, (list, tuple)) else [logits]
-            if (
-                not chunks
-                or not all(torch.is_tensor(z) and z.dim() > 0 for z in chunks)
-                or (sum(z.shape[0] for z in chunks) != out.shape[0])
-            ):
-                raise ValueError(
-                    'estimator="logit" needs the closure to return (losses, logits) with logits of shape (batch, ...), '
-                    "or a list of the logits of consecutive chunks of the batch"
-                )
+        if need_logits and (
+            not logits
+            or not all(torch.is_tensor(z) and z.dim() > 0 for z in logits)
+            or (sum(z.shape[0] for z in logits) != out.shape[0])
+        ):
+            raise ValueError(
+                'estimator="logit" needs the closure to return (losses, logits) with logits of shape (batch, ...), '
+                "or a list of the logits of consecutive chunks of the batch"
+            )
         return out, logits
 
     def _params(self) -> list[Tensor]:
@@ -223,12 +223,11 @@ class DeltaSAM(SAM):
 
     # -------------------------------------------------------------- estimators
 
-    def _estimate(self, losses: Tensor, logits: Any, probes: list[Tensor] | None) -> Tensor:
+    def _estimate(self, losses: Tensor, logits: list[Tensor] | None, probes: list[Tensor] | None) -> Tensor:
         if self.estimator == "logit":
-            chunks = list(logits) if isinstance(logits, (list, tuple)) else [logits]
-            used = all(z.requires_grad for z in chunks)
+            used = all(z.requires_grad for z in logits)  # type: ignore[union-attr]
             if used:
-                grads = torch.autograd.grad(losses.sum(), chunks, retain_graph=True, allow_unused=True)
+                grads = torch.autograd.grad(losses.sum(), logits, retain_graph=True, allow_unused=True)
                 used = all(g is not None for g in grads)
             if not used:
                 raise ValueError(
