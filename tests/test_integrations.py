@@ -2,7 +2,7 @@
 
 They run in fp32, bf16 and fp16 (with the frameworks' GradScaler). Both frameworks refuse fp16 on the
 CPU, where torch has fp16 autocast and a GradScaler all the same, so on the CPU (CI) the tests switch on the
-frameworks' own fp16 machinery by hand (:func:`hf_fp16_on_the_cpu`, :func:`lightning_precision`).
+frameworks' own fp16 machinery by hand (:func:`hf_fp16`, :func:`lightning_precision`).
 ``SAMOPT_TEST_DEVICE=cuda pytest tests/test_integrations.py`` runs them on a GPU, as the frameworks do it there.
 """
 
@@ -40,18 +40,19 @@ def autocast(precision):
     return torch.autocast(DEVICE.type, dtype=dtype, enabled=precision != "fp32")
 
 
-def grad_scaler(precision, init_scale=2.0**16):
+def grad_scaler(precision):
     """The scaler both frameworks make for fp16: GradScaler's defaults (initial scale 2**16)."""
-    return torch.amp.GradScaler(DEVICE.type, init_scale=init_scale, enabled=precision == "fp16")
+    return torch.amp.GradScaler(DEVICE.type, enabled=precision == "fp16")
 
 
-def hf_fp16_on_the_cpu(trainer, init_scale=2.0**16):
-    """What accelerate does for ``fp16=True`` on a GPU (fp16 autocast around the forward, a GradScaler for the
-    backward and the step), switched on for the CPU, where accelerate leaves fp16 off. Call before ``train()``."""
+def hf_fp16(trainer, init_scale=None):
+    """A Trainer made with ``fp16=True``, ready to ``train()``. On a GPU accelerate has set up fp16 autocast around
+    the forward and a GradScaler; on the CPU, where accelerate leaves fp16 off, the same is switched on here. With
+    ``init_scale`` the scaler is replaced by one starting at that scale."""
     assert trainer.accelerator.mixed_precision == "fp16"
-    if not CUDA:
+    if not CUDA or init_scale is not None:
         trainer.accelerator.native_amp = True
-        trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+        trainer.accelerator.scaler = torch.amp.GradScaler(DEVICE.type, init_scale=init_scale or 2.0**16)
     return trainer
 
 
@@ -134,7 +135,7 @@ def test_trainer_with_accumulation_and_clipping_equals_the_plain_samopt_loop(tmp
     trainer = Recording(model=model, args=settings, train_dataset=Pairs(), optimizers=(make(model), None))
     trainer.model_accepts_loss_kwargs = False
     if precision == "fp16":
-        hf_fp16_on_the_cpu(trainer)
+        hf_fp16(trainer)
     trainer.train()
     assert len(trainer.seen) == 4  # 2 updates x 2 micro-batches
     # the plain loop: the closure runs both micro-batches of a window, SAM clips the gradient at w + e
@@ -200,10 +201,7 @@ def test_trainer_fp16_overflow_skips_the_update_and_the_lr_step(tmp_path, make):
     opt = make(model)
     settings = args(tmp_path, fp16=True, lr_scheduler_type="linear", warmup_steps=1)
     trainer = SAMTrainer(model=model, args=settings, train_dataset=Pairs(), optimizers=(opt, None))
-    if CUDA:  # the Trainer's own scaler, made at a scale no fp16 gradient survives
-        trainer.accelerator.scaler = torch.amp.GradScaler("cuda", init_scale=2.0**100)
-    else:
-        hf_fp16_on_the_cpu(trainer, init_scale=2.0**100)
+    hf_fp16(trainer, init_scale=2.0**100)  # a scale no fp16 gradient survives
     trainer.train()
     assert trainer.accelerator.scaler.get_scale() == 2.0**98  # both updates overflowed and were skipped
     assert trainer.lr_scheduler.last_epoch == 0 and not opt.state  # no LR step, no momentum buffer
@@ -233,7 +231,7 @@ def test_trainer_runs_delta_sam_over_each_accumulation_window(tmp_path, precisio
     settings = args(tmp_path, logging_steps=1, bf16=precision == "bf16", fp16=precision == "fp16")
     trainer = Recording(model=model, args=settings, train_dataset=Pairs(), optimizers=(make(model), None))
     if precision == "fp16":
-        hf_fp16_on_the_cpu(trainer)
+        hf_fp16(trainer)
     trainer.train()
     opt = make(reference, max_grad_norm=0.5)  # probes with the same seed, the window as one batch
     scaler = grad_scaler(precision)
@@ -337,7 +335,7 @@ def loader(batches: int = 6):
     g = torch.Generator().manual_seed(1)
     n = 8 * batches
     data = torch.utils.data.TensorDataset(torch.randn(n, 10, generator=g), torch.randint(0, 3, (n,), generator=g))
-    return torch.utils.data.DataLoader(data, batch_size=8)  # 6 batches: 3 updates per epoch
+    return torch.utils.data.DataLoader(data, batch_size=8)  # by default 3 updates of 2 batches per epoch
 
 
 def lightning_precision(precision, init_scale=None):
@@ -363,9 +361,9 @@ def lightning_trainer(tmp_path, **kw):
     return lightning.Trainer(**{**settings, **kw})
 
 
-def fit(module, tmp_path, precision="fp32", **kw):
+def fit(module, tmp_path, precision="fp32", batches=6, **kw):
     trainer = lightning_trainer(tmp_path, **lightning_precision(precision), **kw)
-    trainer.fit(module, loader())
+    trainer.fit(module, loader(batches))
     return trainer
 
 
@@ -374,8 +372,7 @@ def fit(module, tmp_path, precision="fp32", **kw):
 @pytest.mark.parametrize("precision, batches", [(p, 6) for p in ("fp32", *MIXED)] + [("fp32", 5)])
 def test_lightning_module_equals_the_plain_samopt_loop(tmp_path, precision, batches):
     module = Classifier(mlp_with_bn_and_dropout())
-    trainer = lightning_trainer(tmp_path, **lightning_precision(precision))
-    trainer.fit(module, loader(batches))
+    trainer = fit(module, tmp_path, precision, batches)
     assert trainer.global_step == 3 and len(module.seen) == batches
     net = mlp_with_bn_and_dropout().to(DEVICE)
     opt = samopt.SAM(net.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
