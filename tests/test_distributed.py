@@ -135,7 +135,7 @@ def _case_resume(rank: int, out: str) -> dict:
 
 def _case_delta(rank: int, out: str) -> dict:
     res = {}
-    for sync in ("global", "local"):
+    for sync in SYNCS:
         model = mlp()
         net = DistributedDataParallel(model)
         opt = samopt.DeltaSAM(
@@ -329,7 +329,7 @@ def hand_delta_sam(rank_results: list[dict], sync: str) -> list[torch.Tensor]:
 
 def test_delta_sam_weights_come_from_each_ranks_own_batch(tmp_path):
     ranks = spawn("delta", tmp_path)
-    for sync in ("global", "local"):
+    for sync in SYNCS:
         expected = hand_delta_sam(ranks, sync)
         for res in ranks:
             close(res[sync]["weights"], expected)
