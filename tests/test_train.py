@@ -147,6 +147,155 @@ def test_synthetic_data_has_cifar_shape_and_the_asked_size():
     assert datasets.synthetic().x_train.shape[0] == 50_000  # CIFAR's size by default
 
 
+def python2_cifar_pickle(data: np.ndarray, labels: list[int]) -> bytes:
+    """A batch as CIFAR's own files are written: Python 2 cPickle, protocol 2, str keys and numpy's old names."""
+
+    def text(b: bytes) -> bytes:  # SHORT_BINSTRING
+        return b"U" + bytes([len(b)]) + b
+
+    raw = data.tobytes()
+    array = (
+        b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + text(b"b") + b"\x87R("
+        b"K\x01K" + bytes([data.shape[0]]) + b"M\x00\x0c\x86cnumpy\ndtype\n" + text(b"u1") + b"K\x00K\x01\x87R"
+        b"(K\x03"
+        + text(b"|")
+        + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89T"
+        + struct.pack("<I", len(raw))
+        + raw
+        + b"tb"
+    )
+    ints = b"".join(b"K" + bytes([v]) for v in labels)
+    return b"\x80\x02}(" + text(b"data") + array + text(b"labels") + b"](" + ints + b"eu."
+
+
+def test_cifar_batches_written_by_python_2_are_read(tmp_path):
+    data = np.random.default_rng(0).integers(0, 256, (3, 3072), dtype=np.uint8)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for f in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / f).write_bytes(python2_cifar_pickle(data, [1, 9, 0]))
+    x, y = cifar("cifar10", "test", tmp_path)
+    assert torch.equal(x, torch.from_numpy(data.reshape(3, 3, 32, 32))) and y.tolist() == [1, 9, 0]
+    for protocol in (2, 3, 4, 5):  # and whatever Python 3 and numpy 2 write
+        (folder / "test_batch").write_bytes(pickle.dumps({b"data": data, b"labels": [4, 5, 6]}, protocol=protocol))
+        assert cifar("cifar10", "test", tmp_path)[1].tolist() == [4, 5, 6]
+
+
+class _Payload:
+    """Unpickling this runs a shell command that leaves a file behind."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize(
+    "batch, refused",
+    [
+        (lambda m: {b"data": _Payload(m), b"labels": [0]}, "it refers to posix.system"),
+        (lambda m: [_Payload(m)], "it refers to posix.system"),
+        (lambda m: {b"data": np.array([_Payload(m)], dtype=object), b"labels": [0]}, "numpy dtype 'O8'"),
+        (lambda m: {b"data": np.zeros((1, 3072)), b"labels": [0]}, "numpy dtype 'f8'"),
+        (lambda m: {b"data": np.ma.zeros((1, 3072), np.uint8), b"labels": [0]}, "it refers to numpy.ma.core"),
+    ],
+)
+def test_a_crafted_cifar_pickle_runs_nothing_and_is_refused_naming_the_file(tmp_path, batch, refused):
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    write = {f"data_batch_{i}": {b"data": np.zeros((1, 3072), np.uint8), b"labels": [0]} for i in range(1, 6)}
+    for name, body in write.items():
+        (folder / name).write_bytes(pickle.dumps(body))
+    (folder / "data_batch_3").write_bytes(pickle.dumps(batch(marker)))
+    with pytest.raises(ValueError) as e:
+        cifar("cifar10", "train", tmp_path)
+    assert str(e.value).startswith(f"{folder / 'data_batch_3'} was refused: it is not a plain CIFAR batch")
+    assert refused in str(e.value) and "restricted unpickler" in str(e.value)
+    assert not marker.exists()  # the payload never ran
+
+
+@pytest.mark.parametrize(
+    "batch, message",
+    [
+        ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0.5, 1.0]}, "labels must be integers, found float64"),
+        ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}, r"labels must lie in \[0, 10\), found 0..10"),
+        ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}, r"2 images but labels of shape \(1,\)"),
+        ({b"data": np.zeros((2, 1024), np.uint8), b"labels": [0, 1]}, r"images must be uint8 of shape \(n, 3072\)"),
+        ({b"data": [1, 2], b"labels": [0, 1]}, r"images must be uint8 of shape \(n, 3072\), found list"),
+    ],
+)
+def test_bad_cifar_contents_name_the_file(tmp_path, batch, message):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    (folder / "test_batch").write_bytes(pickle.dumps(batch))
+    with pytest.raises(ValueError, match=message) as e:
+        cifar("cifar10", "test", tmp_path)
+    assert str(e.value).startswith(str(folder / "test_batch"))
+    (folder / "test_batch").write_bytes(pickle.dumps(batch)[:40])
+    with pytest.raises(ValueError, match="test_batch is truncated or corrupt"):
+        cifar("cifar10", "test", tmp_path)
+
+
+def write_fashion_mnist(root, n=(5, 3), labels=None, image_shape=(28, 28), test_shape=None):
+    rng = np.random.default_rng(0)
+    for (prefix, count), shape in zip(
+        (("train", n[0]), ("t10k", n[1])), (image_shape, test_shape or image_shape), strict=True
+    ):
+        write_idx(
+            root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (count, *shape), dtype=np.uint8), 8, True
+        )
+        y = rng.integers(0, 10, count, dtype=np.uint8) if labels is None else labels(prefix, count)
+        code = {np.dtype(np.uint8): 0x08, np.dtype(np.float32): 0x0D}[y.dtype]
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", y, code, True)
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        (lambda p, n: np.full(n, 10 if p == "t10k" else 0, np.uint8), r"t10k-labels.*labels must lie in \[0, 10\)"),
+        (lambda p, n: np.full(n, 12, np.uint8), r"train-labels.*labels must lie in \[0, 10\), found 12..12"),
+        (lambda p, n: np.full(n, 1.5, np.float32), "train-labels.*labels must be integers, found torch.float32"),
+    ],
+)
+def test_fashion_mnist_labels_are_checked_in_both_splits_when_loaded(tmp_path, labels, message):
+    write_fashion_mnist(tmp_path, labels=labels)
+    with pytest.raises(ValueError, match=message):
+        datasets.load("fashion-mnist", tmp_path)
+
+
+def test_truncated_and_corrupt_idx_files_name_the_file(tmp_path):
+    write_fashion_mnist(tmp_path)
+    gz = tmp_path / "train-images-idx3-ubyte.gz"
+    whole = gz.read_bytes()
+    gz.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte.gz is truncated or corrupt \(EOFError"):
+        datasets.load("fashion-mnist", tmp_path)
+    gz.write_bytes(b"\x1f\x8b\x08\x00garbage-not-deflate")
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte\.gz is truncated or corrupt"):
+        datasets.load("fashion-mnist", tmp_path)
+    (tmp_path / "header").write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">I", 5))
+    with pytest.raises(ValueError, match="header is truncated: its header needs 16 bytes for 3 dimensions, the file"):
+        read_idx(tmp_path / "header")
+    (tmp_path / "odd").write_bytes(bytes([0, 0, 0x0C, 1]) + struct.pack(">I", 1) + b"\x00" * 6)
+    with pytest.raises(ValueError, match=r"header says shape \(1,\) but the file holds 1 values and 2 stray byte"):
+        read_idx(tmp_path / "odd")
+
+
+def test_fashion_mnist_image_shapes_are_checked(tmp_path):
+    write_fashion_mnist(tmp_path, test_shape=(32, 32))
+    with pytest.raises(ValueError, match=r"training images are \(1, 28, 28\) .* test images are \(1, 32, 32\)"):
+        datasets.load("fashion-mnist", tmp_path)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", np.zeros((3, 28, 28), np.int32), 0x0C, True)
+    with pytest.raises(
+        ValueError, match=r"t10k-images.*must be uint8 of shape \(n, height, width\), found torch.int32"
+    ):
+        datasets.load("fashion-mnist", tmp_path)
+
+
 def test_cifar_errors_say_how_to_get_the_data(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"python version.*or pass --download"):
         cifar("cifar10", "train", tmp_path)
@@ -241,18 +390,48 @@ def test_download_fashion_mnist_and_cifar_from_a_server(tmp_path):
         tar.add(src / "cifar-10-batches-py", arcname="cifar-10-batches-py")
     files = {p.name: p.read_bytes() for p in src.glob("*.gz")}
     files["cifar-10-python.tar.gz"] = archive.getvalue()
+    sums = {name: hashlib.sha256(body).hexdigest() for name, body in files.items()}
     server = _Server(files)
     try:
-        download("fashion-mnist", tmp_path / "fm", base_url=server.url)
+        download("fashion-mnist", tmp_path / "fm", base_url=server.url, sha256=sums)
         assert fashion_mnist("train", tmp_path / "fm")[0].shape == (6, 28, 28)
-        download("cifar10", tmp_path / "c10", base_url=server.url + "cifar-10-python.tar.gz")
+        download("cifar10", tmp_path / "c10", base_url=server.url + "cifar-10-python.tar.gz", sha256=sums)
         assert cifar("cifar10", "train", tmp_path / "c10")[0].shape == (20, 3, 32, 32)
         assert not list((tmp_path / "c10").glob("tmp*")) and not list((tmp_path / "fm").glob("*.part"))
         with pytest.raises(OSError, match=r"could not download .*missing\.gz.*Fetch the file by hand"):
-            datasets._fetch(server.url + "missing.gz", tmp_path / "missing.gz")
-        assert not (tmp_path / "missing.gz.part").exists()
+            datasets._fetch(server.url + "missing.gz", tmp_path / "missing.gz", "0" * 64)
+        assert not list(tmp_path.glob("missing.gz*"))
     finally:
         server.close()
+
+
+def test_a_download_whose_sha256_differs_is_deleted_and_named(tmp_path):
+    body = b"\x1f\x8b not the real file"
+    server = _Server({"train-images-idx3-ubyte.gz": body})
+    try:
+        # the published sums by default: a file served under the real name but with other bytes is refused
+        with pytest.raises(ValueError) as e:
+            download("fashion-mnist", tmp_path / "fm", base_url=server.url)
+        published = datasets.SHA256["fashion-mnist"]["train-images-idx3-ubyte.gz"]
+        actual = hashlib.sha256(body).hexdigest()
+        assert f"has SHA-256 {actual}, not the published {published}" in str(e.value)
+        assert "train-images-idx3-ubyte.gz" in str(e.value) and "was deleted" in str(e.value)
+        assert list((tmp_path / "fm").iterdir()) == []  # neither the file nor its partial download is left
+        with pytest.raises(ValueError, match="not the published 00000000"):
+            datasets._fetch(server.url + "train-images-idx3-ubyte.gz", tmp_path / "x.gz", "0" * 64)
+        assert not list(tmp_path.glob("x.gz*"))
+    finally:
+        server.close()
+
+
+def test_the_published_sums_cover_every_downloaded_file():
+    assert set(datasets.SHA256) == set(datasets.URLS)
+    assert set(datasets.SHA256["fashion-mnist"]) == {
+        f"{p}-{k}-ubyte.gz" for p in ("train", "t10k") for k in ("images-idx3", "labels-idx1")
+    }
+    for name in ("cifar10", "cifar100"):
+        assert set(datasets.SHA256[name]) == {datasets.URLS[name].rsplit("/", 1)[1]}
+    assert all(len(h) == 64 and int(h, 16) >= 0 for sums in datasets.SHA256.values() for h in sums.values())
 
 
 # ------------------------------------------------------------------ loaders

@@ -5,13 +5,17 @@
   ``dataset-fashion-mnist`` package puts them in :data:`FASHION_MNIST_DIR`.
 - CIFAR-10 / CIFAR-100 (Krizhevsky 2009): the "python version" pickle batches
   (``cifar-10-batches-py/data_batch_1`` ... ``test_batch``; ``cifar-100-python/train``,
-  ``test``), found in the given directory or in those subdirectories.
+  ``test``), found in the given directory or in those subdirectories. They are read
+  by a restricted unpickler (:func:`read_cifar_batch`) that builds nothing but
+  dicts, lists, strings, integers and integer numpy arrays, so a crafted file cannot
+  run code.
 - ImageNet: the ImageFolder layout (``train/<class>/*.JPEG``, ``val/<class>/*.JPEG``),
   streamed by :class:`samopt.train.loader.FolderLoader`; Pillow is imported only then.
 - ``synthetic``: random images of a given shape, for smoke runs.
 
-:func:`load` returns an :class:`ImageData` by name; :func:`download` fetches the
-public files of Fashion-MNIST and CIFAR.
+:func:`load` returns an :class:`ImageData` by name, with every label and image shape
+checked before any training; :func:`download` fetches the public files of
+Fashion-MNIST and CIFAR and checks each against its published SHA-256 sum.
 
 Example::
 
@@ -22,6 +26,8 @@ Example::
 from __future__ import annotations
 
 import gzip
+import hashlib
+import math
 import os
 import pickle
 import shutil
@@ -29,8 +35,11 @@ import struct
 import tarfile
 import tempfile
 import urllib.request
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,6 +54,7 @@ __all__ = [
     "fashion_mnist",
     "image_folder",
     "load",
+    "read_cifar_batch",
     "read_idx",
     "synthetic",
 ]
@@ -60,6 +70,19 @@ URLS = {
     "fashion-mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
     "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
     "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+}
+#: SHA-256 of each downloaded file, by file name: the sums that Keras and torchvision's
+#: dataset code check for the CIFAR archives, and the sums of the Fashion-MNIST files as
+#: distributed (their MD5s are the ones the Fashion-MNIST README publishes).
+SHA256 = {
+    "fashion-mnist": {
+        "train-images-idx3-ubyte.gz": "08dc20ab1689590a0bcd66e874647b6ee8464e2d501b5a3f1f78831db19a3fdc",
+        "train-labels-idx1-ubyte.gz": "b0197879cbda89f3dc7b894f9fd52b858e68ea4182b6947c9d8c2b67e5f18dcc",
+        "t10k-images-idx3-ubyte.gz": "78dcbbfb5a27efaf1b6c1d616caca68560be8766c5bffcb2791df9273a534229",
+        "t10k-labels-idx1-ubyte.gz": "42bd18137a62d5998cdeae52bf3a0676ac6b706f5cf8439b47bb5b151ae3dccf",
+    },
+    "cifar10": {"cifar-10-python.tar.gz": "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"},
+    "cifar100": {"cifar-100-python.tar.gz": "85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7"},
 }
 _CIFAR = {
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels", 10),
@@ -98,20 +121,45 @@ class ImageData:
 
 
 def read_idx(path: str | os.PathLike) -> Tensor:
-    """Read an IDX file (optionally gzipped) into a tensor of its stored shape and type."""
+    """Read an IDX file (optionally gzipped) into a tensor of its stored shape and type.
+
+    A file that is not IDX, is truncated (in its gzip stream, its header or its
+    body) or holds more values than its header says raises ``ValueError`` naming it.
+    """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise ValueError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); fetch it again") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise ValueError(f"{path} is not an IDX file (bad magic number {data[:4].hex()})")
     ndim = data[3]
-    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    offset = 4 + 4 * ndim
+    if len(data) < offset:
+        raise ValueError(
+            f"{path} is truncated: its header needs {offset} bytes for {ndim} dimensions, the file has {len(data)}"
+        )
+    shape = struct.unpack(f">{ndim}I", data[4:offset])
     dtype = np.dtype(_IDX_DTYPES[data[2]])
-    body = np.frombuffer(data, dtype=dtype, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: header says shape {shape} but the file holds {body.size} values")
+    size, rest = divmod(len(data) - offset, dtype.itemsize)
+    if rest or size != math.prod(shape):
+        raise ValueError(
+            f"{path}: header says shape {shape} but the file holds {size} values"
+            + (f" and {rest} stray byte(s)" if rest else "")
+        )
+    body = np.frombuffer(data, dtype=dtype, offset=offset)
     return torch.from_numpy(body.astype(dtype.newbyteorder("="), copy=True).reshape(shape))
+
+
+def _check_labels(labels: Tensor | np.ndarray, classes: int, source: object) -> None:
+    """Raise unless ``labels`` are integers in ``[0, classes)``; ``source`` (a file or folder) is named."""
+    kind = labels.dtype.kind if isinstance(labels, np.ndarray) else ("f" if labels.is_floating_point() else "i")
+    if kind not in "iu":
+        raise ValueError(f"{source}: labels must be integers, found {labels.dtype} values")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+        raise ValueError(f"{source}: labels must lie in [0, {classes}), found {int(labels.min())}..{int(labels.max())}")
 
 
 def fashion_mnist(split: str, root: str | os.PathLike = FASHION_MNIST_DIR) -> tuple[Tensor, Tensor]:
@@ -128,10 +176,18 @@ def fashion_mnist(split: str, root: str | os.PathLike = FASHION_MNIST_DIR) -> tu
             "(apt-get install dataset-fashion-mnist), point --data-dir (root=) at a directory holding the IDX "
             "files, or pass --download to fetch them"
         )
-    images, labels = read_idx(files[0]), read_idx(files[1]).long()
+    images, labels = read_idx(files[0]), read_idx(files[1])
+    if images.dtype != torch.uint8 or images.dim() != 3:
+        raise ValueError(
+            f"{files[0]}: Fashion-MNIST images must be uint8 of shape (n, height, width), "
+            f"found {images.dtype} of shape {tuple(images.shape)}"
+        )
+    if labels.dim() != 1:
+        raise ValueError(f"{files[1]}: labels must be one per image (shape (n,)), found shape {tuple(labels.shape)}")
+    _check_labels(labels, 10, files[1])
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"{root}: {images.shape[0]} images but {labels.shape[0]} labels in the {split} split")
-    return images, labels
+    return images, labels.long()
 
 
 def cifar(name: str, split: str, root: str | os.PathLike) -> tuple[Tensor, Tensor]:
@@ -150,19 +206,115 @@ def cifar(name: str, split: str, root: str | os.PathLike) -> tuple[Tensor, Tenso
         )
     images, labels = [], []
     for f in files:
-        with open(f, "rb") as fh:
-            batch = pickle.load(fh, encoding="bytes")
+        batch = read_cifar_batch(f)
         if b"data" not in batch or key not in batch:
             raise ValueError(f"{f} is not a {name} batch: it has no {b'data'!r} / {key!r} entries")
-        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch[key], dtype=np.int64))
-    x, y = torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
-    if len(x) != len(y):
-        raise ValueError(f"{folder}: {len(x)} images but {len(y)} labels in the {split} split")
-    if len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
-        found = f"{int(y.min())}..{int(y.max())}"
-        raise ValueError(f"{folder}: labels must lie in [0, {classes}) for {name}, found {found}")
-    return x, y
+        data, y = batch[b"data"], np.asarray(batch[key])
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            found = f"{data.dtype} of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+            raise ValueError(f"{f}: {name} images must be uint8 of shape (n, 3072), found {found}")
+        if y.shape != (len(data),):
+            raise ValueError(f"{f}: {len(data)} images but labels of shape {y.shape}")
+        _check_labels(y, classes, f)
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels.append(y.astype(np.int64))
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
+# What a CIFAR batch may be built from: the numpy array constructors of every numpy
+# version's pickles, checked by the wrappers below, and _codecs.encode for bytes that
+# Python 3 wrote with protocol 2. Nothing else is ever looked up or called.
+_INT_DTYPES = frozenset(["u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8", "b1"])
+
+
+class _Refused(pickle.UnpicklingError):
+    """What a CIFAR batch may not hold."""
+
+
+class _Ndarray:
+    """Stands for ``numpy.ndarray`` in a pickle: only :func:`_reconstruct` accepts it; it cannot be called."""
+
+
+def _dtype(code: Any, align: Any = False, copy: Any = False) -> np.dtype:
+    name = code.decode("latin1") if isinstance(code, bytes) else code  # Python 2 pickles (CIFAR's) give bytes
+    if not isinstance(name, str) or name.lstrip("<>|=") not in _INT_DTYPES:
+        raise _Refused(f"numpy dtype {code!r}: only integer and bool arrays are allowed")
+    return np.dtype(name)
+
+
+def _reconstruct(cls: Any, shape: Any, typecode: Any) -> np.ndarray:
+    if cls is not _Ndarray or shape != (0,):
+        raise _Refused("an ndarray subclass or a non-empty initial array")
+    return np.empty(0, np.uint8)  # numpy's pickles then set the data, shape and dtype with __setstate__
+
+
+def _frombuffer(buffer: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(buffer, (bytes, bytearray)):
+        raise _Refused("an array that is not raw integer data")
+    return np.frombuffer(buffer, dtype).reshape(shape, order=order).copy()
+
+
+def _encode(text: Any, encoding: Any = "utf-8") -> bytes:
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise _Refused("_codecs.encode other than of a string to latin1 bytes")
+    return text.encode("latin1")
+
+
+_PICKLE_GLOBALS: dict[tuple[str, str], Callable[..., Any] | type] = {
+    ("numpy", "ndarray"): _Ndarray,
+    ("numpy", "dtype"): _dtype,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+    ("_codecs", "encode"): _encode,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        found = _PICKLE_GLOBALS.get((module, name))
+        if found is None:
+            raise _Refused(f"it refers to {module}.{name}")
+        return found
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` is made of dicts, lists, bytes, str, numbers and integer arrays only."""
+    if depth > 3:
+        return False
+    if isinstance(value, np.ndarray):
+        return type(value) is np.ndarray and not value.dtype.hasobject and value.dtype.kind in "iub"
+    if isinstance(value, dict):
+        return all(isinstance(k, (bytes, str)) and _plain(v, depth + 1) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v, depth + 1) for v in value)
+    return type(value) in (bytes, str, int, float, bool) or value is None
+
+
+def read_cifar_batch(path: str | os.PathLike) -> dict[Any, Any]:
+    """One batch file of CIFAR's python version (a pickle), read without running any code.
+
+    The unpickler admits only what the format holds: dicts, lists, strings, bytes,
+    integers and numpy arrays of integer types. Anything else (a call to another
+    function, an object of another class, an object array) is refused with a
+    ``ValueError`` that names the file, before anything is built from it.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            batch = _CifarUnpickler(f, encoding="bytes").load()
+    except _Refused as e:
+        raise ValueError(
+            f"{path} was refused: it is not a plain CIFAR batch ({e}); samopt reads CIFAR files with a restricted "
+            "unpickler that builds only dicts, lists, strings, integers and integer arrays. Replace the file with "
+            "the official one (--download checks its SHA-256)"
+        ) from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, AttributeError, struct.error) as e:
+        raise ValueError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); fetch it again") from None
+    if not isinstance(batch, dict) or not _plain(batch):
+        raise ValueError(f"{path} is not a CIFAR batch: it does not hold a dict of arrays, lists and strings")
+    return batch
 
 
 def synthetic(
@@ -240,19 +392,31 @@ def load(
     xt, yt = read("test", root)
     if name == "fashion-mnist":
         x, xt = x.unsqueeze(1), xt.unsqueeze(1)
+    if x.shape[1:] != xt.shape[1:]:
+        raise ValueError(
+            f"{root}: the training images are {tuple(x.shape[1:])} (channels, height, width) but the test images "
+            f"are {tuple(xt.shape[1:])}; both splits must come from one data set"
+        )
+    if len(x) == 0 or len(xt) == 0:
+        raise ValueError(f"{root}: the {'training' if len(x) == 0 else 'test'} split of {name} holds no images")
     classes = 100 if name == "cifar100" else 10
     return ImageData(name, classes, mean, std, x, y, xt, yt)
 
 
-def download(name: str, root: str | os.PathLike, base_url: str | None = None) -> Path:
+def download(
+    name: str, root: str | os.PathLike, base_url: str | None = None, sha256: dict[str, str] | None = None
+) -> Path:
     """Fetch Fashion-MNIST's four IDX files or a CIFAR archive (extracted) into ``root``; returns ``root``.
 
-    Each file is written to a temporary name and renamed when complete, so an
-    interrupted download leaves nothing half-written. ``base_url`` overrides
-    :data:`URLS` (a mirror).
+    Each file is written to a temporary name, checked against its SHA-256 sum and
+    only then renamed, so an interrupted or altered download leaves nothing behind:
+    a file whose sum differs is deleted and a ``ValueError`` says so. ``base_url``
+    overrides :data:`URLS` (a mirror); ``sha256`` overrides the published sums of
+    :data:`SHA256` (file name to hex digest), for a mirror of other files.
     """
     if name not in URLS:
         raise ValueError(f"cannot download {name!r}; downloadable: {', '.join(URLS)}")
+    sums = SHA256[name] if sha256 is None else sha256
     root = Path(root).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     url = base_url or URLS[name]
@@ -260,11 +424,11 @@ def download(name: str, root: str | os.PathLike, base_url: str | None = None) ->
         for prefix in _SPLITS.values():
             for kind in ("images-idx3", "labels-idx1"):
                 fname = f"{prefix}-{kind}-ubyte.gz"
-                _fetch(url.rstrip("/") + "/" + fname, root / fname)
+                _fetch(url.rstrip("/") + "/" + fname, root / fname, sums[fname])
         return root
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         archive = Path(tmp) / "archive.tar.gz"
-        _fetch(url, archive)
+        _fetch(url, archive, sums[Path(URLS[name]).name])
         with tarfile.open(archive) as tar:
             if hasattr(tarfile, "data_filter"):
                 tar.extractall(tmp, filter="data")
@@ -281,13 +445,27 @@ def download(name: str, root: str | os.PathLike, base_url: str | None = None) ->
     return root
 
 
-def _fetch(url: str, dest: Path) -> None:
+def _fetch(url: str, dest: Path, sha256: str) -> None:
+    """Download ``url`` to ``dest`` if its SHA-256 is ``sha256``; else delete what came and raise."""
     print(f"downloading {url} -> {dest}", flush=True)
-    tmp = dest.with_name(dest.name + ".part")
+    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.part")
+    digest = hashlib.sha256()
     try:
         with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-            shutil.copyfileobj(r, f)
+            while chunk := r.read(1 << 20):
+                digest.update(chunk)
+                f.write(chunk)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise OSError(f"could not download {url}: {e}. Fetch the file by hand into {dest.parent}") from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if digest.hexdigest() != sha256.lower():
+        tmp.unlink()
+        raise ValueError(
+            f"the download of {url} has SHA-256 {digest.hexdigest()}, not the published {sha256}: it is not the "
+            "file it claims to be (a broken or altered download) and was deleted. Try again later or from "
+            "another network"
+        )
     os.replace(tmp, dest)
