@@ -367,17 +367,26 @@ class DeltaSAM(SAM):
         self.second_step(zero_grad=False, scaler=scaler)
         return losses.detach().mean()
 
+    _state_kind = "DeltaSAM"
+
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["samopt"]["delta_generator"] = self._generator.get_state()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        meta = state_dict.get("samopt") if isinstance(state_dict, dict) else None
-        if not isinstance(meta, dict) or "delta_generator" not in meta:
-            raise ValueError("not a DeltaSAM state_dict (its 'samopt' entry has no 'delta_generator')")
         super().load_state_dict(state_dict)
-        self._generator.set_state(meta["delta_generator"])
+        self._generator.set_state(state_dict["samopt"]["delta_generator"])
+
+    def _check_state(self, state_dict: Any) -> dict[str, Any]:
+        meta = super()._check_state(state_dict)
+        saved, mine = meta.get("delta_generator"), self._generator.get_state()
+        if not torch.is_tensor(saved) or saved.dtype != mine.dtype or saved.shape != mine.shape:
+            raise ValueError(
+                f"the state_dict's delta_generator does not fit this DeltaSAM's generator on {self._generator.device} "
+                "(missing, or saved on another device type)"
+            )
+        return meta
 
 
 class _RNG:

@@ -557,7 +557,7 @@ class FisherMask(Mask):
         ):
             for a, g in zip(acc, grads, strict=True):
                 for gi in g:  # one fused pass per example
-                    gi = gi.float()
+                    gi = (gi.abs() if gi.is_complex() else gi).float()  # |g|^2 of a complex entry
                     a.addcmul_(gi, gi)
 
     def compute(self, params: list[Tensor], grads: Sequence[Tensor | None]) -> list[Tensor]:

@@ -47,13 +47,58 @@ class NonFiniteGradientError(RuntimeError, FloatingPointError):
     """
 
 
-def _check_group(index: int, group: dict[str, Any]) -> None:
+def _check_group(index: int, group: dict[str, Any], params: list[Tensor]) -> None:
+    """Check SAM's keys of a parameter group, and the base optimizer's ``lr`` and ``weight_decay``.
+
+    ``params`` are the group's tensors (a saved group holds only their indices).
+    """
     for key in GROUP_KEYS:
         if key not in group:
             raise ValueError(f"param_groups[{index}] has no {key!r}: a SAM parameter group needs {GROUP_KEYS}")
     _validate.nonnegative(f"param_groups[{index}]['rho']", group["rho"])
     _validate.boolean(f"param_groups[{index}]['adaptive']", group["adaptive"])
     _validate.nonnegative(f"param_groups[{index}]['eta']", group["eta"])
+    for key in ("lr", "weight_decay"):
+        if key in group:
+            _validate.rate(f"param_groups[{index}][{key!r}]", group[key], params)
+    if group["adaptive"] and any(p.is_complex() for p in params):
+        raise ValueError(
+            f"param_groups[{index}] holds complex parameters, which ASAM (adaptive=True) does not support "
+            "(its scale |w| + eta is not defined for them); put them in a group with adaptive=False"
+        )
+
+
+def _check_params(index: int, params: list[Any], groups: list[dict[str, Any]]) -> None:
+    """Refuse parameters SAM cannot move to ``w + e`` and back: on the meta device, or listed twice."""
+    seen: dict[int, int] = {}
+    for j, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            continue  # torch.optim.Optimizer names it
+        if p.device.type == "meta":
+            raise ValueError(
+                f"param_groups[{index}] parameter {j} (shape {tuple(p.shape)}) is on the meta device, without "
+                "values to perturb: materialise the model first (e.g. model.to_empty(device=...), then load or "
+                "initialise its weights) and build the optimizer after"
+            )
+        if id(p) in seen:
+            raise ValueError(
+                f"param_groups[{index}] lists a parameter (shape {tuple(p.shape)}) twice, at positions {seen[id(p)]} "
+                f"and {j}: list each parameter once (a repeated one would be perturbed twice and not return to w)"
+            )
+        seen[id(p)] = j
+    for k, group in enumerate(groups):
+        for p in group["params"]:
+            if id(p) in seen:
+                raise ValueError(
+                    f"param_groups[{index}] and param_groups[{k}] both hold a parameter (shape {tuple(p.shape)}): "
+                    "each parameter belongs to one group"
+                )
+
+
+def _name(optimizer: torch.optim.Optimizer) -> str:
+    """The qualified class name of ``optimizer``, as recorded in a state_dict."""
+    cls = type(optimizer)
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _enabled(scaler: torch.amp.GradScaler | None) -> torch.amp.GradScaler | None:
@@ -282,11 +327,13 @@ class SAM(torch.optim.Optimizer):
         self.mask = mask
         super().__init__(params, defaults)
         for i, group in enumerate(self.param_groups):
-            _check_group(i, group)
+            _check_group(i, group, group["params"])
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         self.defaults = {**self.base_optimizer.defaults, **defaults}
+        for i, group in enumerate(self.param_groups):
+            _check_group(i, group, group["params"])  # and the base optimizer's lr and weight_decay
         self._buffers: dict[Tensor, Tensor] = {}
         self._guard = BufferGuard() if self.bn == "first" else None
         self._pending: _Pending | None = None
@@ -329,14 +376,28 @@ class SAM(torch.optim.Optimizer):
         return sq.sqrt().reshape(()).to(norm.dtype)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group to SAM and the base optimizer (SAM keys default to the constructor's)."""
+        """Add a group to SAM and the base optimizer (SAM keys default to the constructor's).
+
+        Refuses a parameter listed twice (in the group or in another one) and
+        parameters on the meta device, which torch's optimizers accept.
+        """
+        params = param_group["params"]
+        if isinstance(params, Tensor):
+            param_group["params"] = [params]
+        elif not isinstance(params, set):  # torch.optim refuses sets with its own message
+            param_group["params"] = list(params)
+        _check_params(len(self.param_groups), param_group["params"], self.param_groups)
         if not hasattr(self, "base_optimizer"):  # called by Optimizer.__init__
             super().add_param_group(param_group)
             return
         for key in GROUP_KEYS:
             param_group.setdefault(key, self.defaults[key])
-        _check_group(len(self.param_groups), param_group)
         self.base_optimizer.add_param_group(param_group)
+        try:
+            _check_group(len(self.param_groups) - 1, param_group, param_group["params"])
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
         self._bind_mask()
 
     def _all_params(self) -> list[Tensor]:
@@ -430,7 +491,7 @@ class SAM(torch.optim.Optimizer):
         scaler = _enabled(scaler)
         collected = self._collect()
         for i, (group, _, _) in enumerate(collected):
-            _check_group(i, group)
+            _check_group(i, group, group["params"])
         grads = [g for _, _, gs in collected for g in gs]
         if self.sync == "global":
             self._average(grads)
@@ -677,15 +738,32 @@ class SAM(torch.optim.Optimizer):
                 "call second_step() or restore() first"
             )
         state = self.base_optimizer.state_dict()
-        state["samopt"] = {"format": STATE_FORMAT}
+        state["samopt"] = {"format": STATE_FORMAT, "kind": self._state_kind, "base": _name(self.base_optimizer)}
         if self.mask is not None:
             state["samopt"]["mask"] = self.mask.state_dict()
         return state
 
+    #: The kind of samopt optimizer whose state this one reads (a subclass with state of its own has its own).
+    _state_kind = "SAM"
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a dict from :meth:`state_dict`; the base optimizer's state comes back with it."""
+        """Load a dict from :meth:`state_dict`; the base optimizer's state comes back with it.
+
+        Everything is checked before anything changes: the kind of samopt optimizer
+        and its base optimizer, the parameter groups and their SAM keys, the shapes of
+        the per-parameter state and the mask's state. A ``ValueError`` says what differs.
+        """
         if self._pending is not None:
             raise RuntimeError("load_state_dict() called between first_step() and second_step(); call restore() first")
+        meta = self._check_state(state_dict)
+        self.base_optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != "samopt"})
+        if self.mask is not None:
+            self.mask.load_state_dict(meta["mask"])
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+
+    def _check_state(self, state_dict: Any) -> dict[str, Any]:
+        """Raise ``ValueError`` unless :meth:`load_state_dict` can load ``state_dict``; returns its samopt entry."""
         if not isinstance(state_dict, dict) or "samopt" not in state_dict:
             raise ValueError(
                 "not a samopt state_dict (it has no 'samopt' entry); a plain optimizer's state goes to "
@@ -694,8 +772,22 @@ class SAM(torch.optim.Optimizer):
         meta = state_dict["samopt"]
         if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
             raise ValueError(f"unsupported samopt state_dict format {meta!r}; this samopt reads format {STATE_FORMAT}")
-        for i, group in enumerate(state_dict["param_groups"]):
-            _check_group(i, group)
+        kind = meta.get("kind", "DeltaSAM" if "delta_generator" in meta else "SAM")  # older states name no kind
+        if kind != self._state_kind:
+            raise ValueError(
+                f"the state_dict is a {kind}'s and this optimizer a {self._state_kind}: load it into a {kind}"
+            )
+        base = meta.get("base", _name(self.base_optimizer))
+        if base != _name(self.base_optimizer):
+            raise ValueError(
+                f"the state_dict is of a {kind} over {base}, this one is over {_name(self.base_optimizer)}: "
+                "construct it with the same base_optimizer"
+            )
+        saved = state_dict.get("param_groups")
+        for i, group in enumerate(saved[: len(self.param_groups)] if isinstance(saved, list) else []):
+            if isinstance(group, dict):
+                _check_group(i, group, self.param_groups[i]["params"])
+        _validate.optimizer_state(self.base_optimizer, {k: v for k, v in state_dict.items() if k != "samopt"})
         if (self.mask is None) != ("mask" not in meta):
             has = "has none" if self.mask is None else "has one"
             raise ValueError(
@@ -704,11 +796,7 @@ class SAM(torch.optim.Optimizer):
             )
         if self.mask is not None:
             self.mask.check_state(meta["mask"])
-        self.base_optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != "samopt"})
-        if self.mask is not None:
-            self.mask.load_state_dict(meta["mask"])
-        self.param_groups = self.base_optimizer.param_groups
-        self.state = self.base_optimizer.state
+        return meta
 
     def __repr__(self) -> str:
         return (

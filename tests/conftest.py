@@ -1,4 +1,4 @@
-"""Every test starts from the same global RNG state."""
+"""Every test starts from the same global RNG state and leaves no global module hook behind."""
 
 import os
 
@@ -12,3 +12,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the packaged MiniLM is local; ne
 def _deterministic():
     torch.manual_seed(1234)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _no_global_hooks_left_behind():
+    """A test that leaves SAM between first_step() and second_step() leaves its BatchNorm guard's global
+    forward hook registered, which every later test would then run under; each test must restore()."""
+    hooks = torch.nn.modules.module._global_forward_pre_hooks
+    before = len(hooks)
+    yield
+    assert len(hooks) == before, "a global forward pre-hook was left registered: call opt.restore()"

@@ -175,3 +175,95 @@ def test_a_failure_while_perturbing_leaves_the_weights_at_w(monkeypatch):
         opt.first_step()
     assert_equal_tensors(weights(model), w0)
     opt.state_dict()  # not left in the perturbed state
+
+
+# ------------------------------------------------------------------ parameters SAM cannot move and back
+
+
+def test_a_parameter_listed_twice_is_refused():
+    model = mlp()
+    w = model[0].weight
+    # torch only warns about this; in samopt's storage-swap mode the weights would never return to w
+    with pytest.raises(
+        ValueError, match=r"param_groups\[0\] lists a parameter \(shape \(7, 5\)\) twice, at positions 0 and 4"
+    ):
+        samopt.SAM([*model.parameters(), w], torch.optim.SGD, lr=0.1)
+    with pytest.raises(
+        ValueError, match=r"param_groups\[1\] and param_groups\[0\] both hold a parameter \(shape \(7, 5\)\)"
+    ):
+        samopt.SAM([{"params": model.parameters()}, {"params": [w]}], torch.optim.SGD, lr=0.1)
+    opt = samopt.SAM(model[2].parameters(), torch.optim.SGD, lr=0.1)
+    with pytest.raises(
+        ValueError, match=r"param_groups\[1\] and param_groups\[0\] both hold a parameter \(shape \(3, 7\)\)"
+    ):
+        opt.add_param_group({"params": [model[2].weight]})
+    with pytest.raises(ValueError, match=r"param_groups\[1\] lists a parameter \(shape \(7,\)\) twice"):
+        opt.add_param_group({"params": [model[0].bias, model[0].bias]})
+    assert len(opt.param_groups) == 1  # nothing was added
+
+
+def test_meta_device_parameters_are_refused():
+    meta = torch.nn.Linear(3, 2, device="meta")
+    with pytest.raises(ValueError, match=r"param_groups\[0\] parameter 0 \(shape \(2, 3\)\) is on the meta device"):
+        samopt.SAM(meta.parameters(), torch.optim.SGD, lr=0.1)
+
+
+@pytest.mark.parametrize(
+    "lr, message",
+    [
+        (float("nan"), r"param_groups\[0\]\['lr'\] must be a finite real number >= 0, got nan"),
+        (float("inf"), r"param_groups\[0\]\['lr'\] must be a finite real number >= 0, got inf"),
+        (
+            1e308,
+            r"param_groups\[0\]\['lr'\] must be at most 3.403e\+38 \(the largest torch.float32 of its parameters\)",
+        ),
+        (torch.tensor(float("nan")), r"param_groups\[0\]\['lr'\] must be a finite real number >= 0, got nan"),
+    ],
+)
+def test_a_learning_rate_the_weights_cannot_take_is_refused(lr, message):
+    with pytest.raises(ValueError, match=message):
+        sam(lr=lr)
+
+
+def test_a_learning_rate_set_later_is_checked_at_the_next_step():
+    x, y = vector_batch()
+    model = mlp()
+    opt = samopt.SAM(model.parameters(), torch.optim.SGD, lr=0.1, weight_decay=1e-4)
+    w0 = weights(model)
+    for key, value in (("lr", float("nan")), ("lr", -0.1), ("weight_decay", 1e39)):
+        opt.param_groups[0][key] = value  # e.g. a broken schedule
+        F.cross_entropy(model(x), y).backward()
+        with pytest.raises(ValueError, match=rf"param_groups\[0\]\['{key}'\] must be"):
+            opt.first_step()
+        assert_equal_tensors(weights(model), w0)  # no NaN reached the weights
+        opt.param_groups[0].update(lr=0.1, weight_decay=1e-4)
+        opt.zero_grad()
+
+
+def test_complex_parameters_work_with_sam_and_are_refused_by_asam():
+    """SAM on a complex parameter is SAM on its real and imaginary parts (torch's complex gradient convention)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 4, dtype=torch.cfloat, generator=g)
+    z = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.cfloat, generator=g))
+    r = torch.nn.Parameter(torch.view_as_real(z.detach()).clone())
+
+    def closure(weight):
+        def run():
+            w = weight()  # read at each call: the parameter's data moves to w + e and back
+            loss = (x @ w).abs().pow(2).mean() + (x @ w).real.sum()
+            loss.backward()
+            return loss
+
+        return run
+
+    complex_opt = samopt.SAM([z], torch.optim.SGD, rho=0.2, lr=0.05, momentum=0.9)
+    real_opt = samopt.SAM([r], torch.optim.SGD, rho=0.2, lr=0.05, momentum=0.9)
+    for _ in range(3):
+        complex_opt.step(closure(lambda: z))
+        real_opt.step(closure(lambda: torch.view_as_complex(r)))
+    torch.testing.assert_close(torch.view_as_real(z.detach()), r.detach(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"param_groups\[0\] holds complex parameters, which ASAM \(adaptive=True\)"):
+        samopt.SAM([z], torch.optim.SGD, adaptive=True, lr=0.1)
+    lin = torch.nn.Linear(2, 2)
+    groups = [{"params": lin.parameters(), "adaptive": True}, {"params": [z]}]
+    samopt.SAM(groups, torch.optim.SGD, lr=0.1)  # ASAM for the real group, SAM for the complex one

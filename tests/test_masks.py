@@ -130,7 +130,9 @@ def masked_step(mask, adaptive=False, in_place=False):
     F.cross_entropy(model(x), y).backward()
     w, g = weights(model), [p.grad.clone() for p in model.parameters()]
     opt.first_step()
-    return w, g, [m.clone() for m in opt.mask.masks], weights(model)
+    result = w, g, [m.clone() for m in opt.mask.masks], weights(model)
+    opt.restore()  # the BatchNorm guard's global hook is not left behind
+    return result
 
 
 @pytest.mark.parametrize("in_place", [False, True])
@@ -226,6 +228,7 @@ def test_a_parameter_whose_mask_is_all_off_is_not_touched():
     for p, ptr, on in zip(model.parameters(), storages, live, strict=True):
         assert (p.data_ptr() == ptr) == (not on)  # live ones point at w + e, dead ones keep their storage
     assert sum(p.numel() for p, on in zip(model.parameters(), live, strict=True) if on) <= keep_count(66, 0.6)
+    opt.restore()
 
 
 # ------------------------------------------------------------------- Fisher
@@ -343,6 +346,28 @@ def test_fisher_tensor_granularity_ranks_tensors_by_mean_score():
             budget -= ref[i].numel()
     assert [i for i, m in enumerate(mask.masks) if bool(m.all())] == sorted(expected)
     assert all(bool(m.all()) or not bool(m.any()) for m in mask.masks)
+    opt.restore()
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_fisher_scores_of_complex_parameters_are_squared_magnitudes(vectorize):
+    g = torch.Generator().manual_seed(0)
+    model = nn.Linear(4, 3).to(torch.cfloat)
+    xs, ys = torch.randn(5, 4, dtype=torch.cfloat, generator=g), torch.randint(0, 3, (5,), generator=g)
+
+    def loss_fn(out, y, reduction="mean"):
+        return F.cross_entropy(out.abs(), y, reduction=reduction)
+
+    mask = FisherMask(model, [(xs, ys)], loss_fn, sparsity=0.5, num_samples=5, vectorize=vectorize)
+    samopt.SAM(model.parameters(), torch.optim.SGD, mask=mask, lr=0.1)
+    ref = [torch.zeros(p.shape) for p in model.parameters()]
+    for x, y in zip(xs, ys, strict=True):  # |d loss / dw|^2, real and imaginary parts together
+        model.zero_grad()
+        loss_fn(model(x[None]), y[None]).backward()
+        for r, p in zip(ref, model.parameters(), strict=True):
+            r += p.grad.abs().square()
+    for got, want in zip(mask.scores(list(model.parameters())), ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
 # ------------------------------------------------------------------ dynamic
@@ -533,6 +558,7 @@ def test_masks_span_param_groups_and_skip_parameters_without_gradients():
     after = weights(model)
     assert torch.equal(after[2], w[2]) and torch.equal(after[3], w[3])  # rho = 0 group and the no-grad bias
     assert not torch.equal(after[0], w[0])
+    opt.restore()
 
 
 # ---------------------------------------------------------------- bad input

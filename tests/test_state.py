@@ -75,7 +75,7 @@ def test_state_dict_holds_the_base_optimizer_state():
 
     opt.step(closure)
     sd = opt.state_dict()
-    assert sd["samopt"] == {"format": 1}
+    assert sd["samopt"] == {"format": 1, "kind": "SAM", "base": "torch.optim.adamw.AdamW"}
     assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
     assert sd["param_groups"][0]["rho"] == 0.1 and sd["param_groups"][0]["adaptive"] is False
     assert sd["param_groups"][0]["eta"] == 0.01 and sd["param_groups"][0]["lr"] == 1e-3
@@ -105,6 +105,100 @@ def test_load_state_dict_rejects_foreign_and_corrupt_dicts():
     del sd["param_groups"][0]["adaptive"]
     with pytest.raises(ValueError, match=r"param_groups\[0\] has no 'adaptive'"):
         opt.load_state_dict(sd)
+
+
+def _stepped(opt, model, steps=2):
+    x, y = vector_batch()
+    for _ in range(steps):
+        if isinstance(opt, samopt.DeltaSAM):  # per-example losses, no backward
+            opt.step(lambda: F.cross_entropy(model(x), y, reduction="none"))
+        else:
+            opt.step(lambda: F.cross_entropy(model(x), y).backward() or torch.zeros(()))
+    return opt
+
+
+def _same_state(a, b):
+    assert a.keys() == b.keys() and a["param_groups"] == b["param_groups"] and a["samopt"] == b["samopt"]
+    for k in a["state"]:
+        assert a["state"][k].keys() == b["state"][k].keys()
+        assert all(torch.equal(a["state"][k][n], b["state"][k][n]) for n in a["state"][k])
+
+
+@pytest.mark.parametrize(
+    "make_source, message",
+    [
+        (
+            lambda m: samopt.SAM(m.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9),
+            r"the state_dict is of a SAM over torch.optim.sgd.SGD, this one is over torch.optim.adamw.AdamW",
+        ),
+        (
+            lambda m: samopt.DeltaSAM(m.parameters(), torch.optim.AdamW, lr=1e-3),
+            r"the state_dict is a DeltaSAM's and this optimizer a SAM: load it into a DeltaSAM",
+        ),
+        (
+            lambda m: samopt.SAM(
+                [{"params": [m[0].weight]}, {"params": [m[0].bias, m[2].weight, m[2].bias]}], torch.optim.AdamW, lr=1e-3
+            ),
+            r"the state_dict has 2 parameter group\(s\), this optimizer 1",
+        ),
+    ],
+)
+def test_load_state_dict_refuses_another_optimizers_state_before_changing_anything(make_source, message):
+    source_model = mlp()
+    source = _stepped(make_source(source_model), source_model)
+    model = mlp()
+    opt = _stepped(samopt.SAM(model.parameters(), torch.optim.AdamW, lr=1e-3), model)
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(source.state_dict())
+    _same_state(opt.state_dict(), before)
+
+
+def test_load_state_dict_refuses_state_of_other_shapes_and_older_states_are_still_checked():
+    model = mlp()
+    opt = _stepped(samopt.SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9), model)
+    before = opt.state_dict()
+    # another model with the same number of tensors, of other shapes
+    other = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    theirs = _stepped(samopt.SAM(other.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9), other).state_dict()
+    with pytest.raises(
+        ValueError,
+        match=r"the state 'momentum_buffer' of param_groups\[0\] parameter 0 has shape "
+        r"\(4, 5\), the parameter \(7, 5\): it was saved from another model",
+    ):
+        opt.load_state_dict(theirs)
+    _same_state(opt.state_dict(), before)
+    # a state written before samopt recorded the kind and base: a DeltaSAM's is recognised by its generator,
+    # an SGD one by its missing AdamW hyperparameters
+    sgd_model = mlp()
+    old = _stepped(samopt.SAM(sgd_model.parameters(), torch.optim.SGD, lr=0.1), sgd_model).state_dict()
+    old["samopt"] = {"format": 1}
+    adamw = samopt.SAM(mlp().parameters(), torch.optim.AdamW, lr=1e-3)
+    with pytest.raises(
+        ValueError,
+        match=r"param_groups\[0\] of the state_dict has no \['betas', 'eps'\], which "
+        r"AdamW needs: it was saved by another kind of optimizer",
+    ):
+        adamw.load_state_dict(old)
+    delta = samopt.DeltaSAM(mlp().parameters(), torch.optim.SGD, lr=0.1).state_dict()
+    delta["samopt"] = {"format": 1, "delta_generator": delta["samopt"]["delta_generator"]}
+    with pytest.raises(ValueError, match="the state_dict is a DeltaSAM's and this optimizer a SAM"):
+        samopt.SAM(mlp().parameters(), torch.optim.SGD, lr=0.1).load_state_dict(delta)
+    fresh = samopt.SAM(mlp().parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    before["samopt"] = {"format": 1}
+    fresh.load_state_dict(before)  # an older state of the right kind still loads
+    assert torch.equal(fresh.state_dict()["state"][0]["momentum_buffer"], before["state"][0]["momentum_buffer"])
+    sam = samopt.SAM(mlp().parameters(), torch.optim.SGD, lr=0.1).state_dict()
+    with pytest.raises(ValueError, match="the state_dict is a SAM's and this optimizer a DeltaSAM: load it into a SAM"):
+        samopt.DeltaSAM(mlp().parameters(), torch.optim.SGD, lr=0.1).load_state_dict(sam)
+    delta = samopt.DeltaSAM(mlp().parameters(), torch.optim.SGD, lr=0.1).state_dict()
+    delta["samopt"]["delta_generator"] = torch.zeros(3, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="the state_dict's delta_generator does not fit this DeltaSAM's generator"):
+        samopt.DeltaSAM(mlp().parameters(), torch.optim.SGD, lr=0.1).load_state_dict(delta)
+    nan_lr = opt.state_dict()
+    nan_lr["param_groups"][0]["lr"] = float("nan")
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['lr'\] must be a finite real number >= 0, got nan"):
+        opt.load_state_dict(nan_lr)
 
 
 def test_state_dict_refuses_the_perturbed_state():
@@ -164,6 +258,7 @@ def test_param_groups_carry_their_own_rho_and_adaptive():
     assert_equal_tensors([b.detach() for b in no_decay], biases)  # rho = 0 in that group: not perturbed
     for p, e in zip(decay, expected, strict=True):
         torch.testing.assert_close(p.detach(), e)
+    opt.restore()
 
 
 def test_add_param_group_reaches_the_base_optimizer():
