@@ -108,8 +108,8 @@ def optimizer_state(optimizer: torch.optim.Optimizer, state_dict: object) -> Non
     each; that each saved group has every hyperparameter ``optimizer`` needs (after
     the defaults its ``__setstate__`` fills in for states of older torch versions),
     so another optimizer's state (SGD's into AdamW) is refused; and that each saved
-    per-parameter tensor fits its parameter (the parameter's shape, one that
-    broadcasts to it, such as factored second moments, or a scalar), with the keys of
+    per-parameter tensor fits its parameter (a scalar, or as many dimensions as the
+    parameter and a shape that broadcasts to it: its own, or factored second moments), with the keys of
     the state ``optimizer`` already holds for it, if any.
     """
     if (
@@ -163,7 +163,11 @@ def optimizer_state(optimizer: torch.optim.Optimizer, state_dict: object) -> Non
                 f"{sorted(current)}: it was saved by another kind of optimizer"
             )
         for key, value in values.items():
-            if torch.is_tensor(value) and value.dim() and not _broadcasts(value.shape, p.shape):
+            if (
+                torch.is_tensor(value)
+                and value.dim()
+                and (value.dim() != p.dim() or not _broadcasts(value.shape, p.shape))
+            ):
                 raise ValueError(
                     f"the state {key!r} of param_groups[{i}] parameter {j} has shape {tuple(value.shape)}, the "
                     f"parameter {tuple(p.shape)}: it was saved from another model"

@@ -179,7 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "recipes":
         _recipes()
         return 0
-    from samopt.train.loop import CheckpointError
+    from samopt.train.lock import DirectoryInUseError
+    from samopt.train.loop import EXIT_INTERRUPTED, CheckpointError
 
     kind = GlueConfig if args.command.startswith("glue") else TrainConfig
     recipe = getattr(args, "recipe", None)
@@ -204,9 +205,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             command = "glue" if kind is GlueConfig else "train"
             compare(recipe, _explicit(args, kind), args.optimizers.split(","), args.seeds, command)
-    except (ValueError, CheckpointError, ImportError, OSError, FloatingPointError) as e:
+    except (ValueError, CheckpointError, DirectoryInUseError, ImportError, OSError, FloatingPointError) as e:
         print(f"samopt {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C (or one before training started): stop at once, quietly
+        again = "run the same command again" if args.command.endswith("compare") else "add --resume"
+        print(
+            f"\nsamopt {args.command}: stopped at once; every checkpoint saved before is intact ({again} to continue)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     return 0
 
 

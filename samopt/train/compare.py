@@ -3,7 +3,11 @@
 Each run is a separate ``samopt train`` process, so that its peak memory is its own
 and a crash or Ctrl-C costs one run at most: a run whose ``summary.json`` exists is
 skipped and one with a checkpoint is resumed, so re-running the same command
-continues an interrupted comparison. The results go to ``--out`` (default
+continues an interrupted comparison. The run process lives in its own process group:
+Ctrl-C, SIGINT or SIGTERM to ``samopt compare`` is passed on to it once (so it
+finishes its step, saves and exits, and a second one stops it at once), and if
+``samopt compare`` is killed outright the run gets SIGTERM (on Linux). ``--out`` is
+locked for the life of the comparison, as each run locks its own directory. The results go to ``--out`` (default
 ``runs/compare``): ``compare.md`` (the table), ``compare.json``, ``accuracy.png``
 (test accuracy per epoch) and ``cost.png`` (final accuracy against time per epoch
 relative to SGD).
@@ -15,14 +19,20 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
+import os
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 from samopt.train.config import GlueConfig, TrainConfig, resolve
+from samopt.train.lock import DirectoryLock
 from samopt.train.loop import EXIT_INTERRUPTED, config_differences, validate
 from samopt.train.optimizers import OPTIMIZERS
 
@@ -123,14 +133,31 @@ def plot(results: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
     return paths
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the parent dies (Linux ``PR_SET_PDEATHSIG``)."""
+    parent = os.getppid()
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _run_child(cmd: list[str]) -> int:
-    """Run ``cmd`` and wait for it; Ctrl-C reaches the child too, which saves its checkpoint before exiting."""
-    child = subprocess.Popen(cmd)
-    while True:
-        try:
-            return child.wait()
-        except KeyboardInterrupt:
-            continue  # the child got the same signal: let it finish its step and save
+    """Run ``cmd`` in its own process group and wait for it; see the module docstring for the signals."""
+    child = subprocess.Popen(
+        cmd, process_group=0, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None
+    )
+
+    def forward(signum: int, frame: Any) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            child.send_signal(signum)
+
+    main = threading.current_thread() is threading.main_thread()
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def compare(
@@ -173,32 +200,41 @@ def compare(
         import matplotlib  # noqa: F401
     except ImportError as e:
         raise ImportError("samopt compare draws its plots with matplotlib: pip install 'samopt[app]'") from e
-    results: dict[str, list[dict[str, Any]]] = {name: [] for name in optimizers}
-    for seed in range(base.seed, base.seed + seeds):
-        for name in optimizers:
-            run_dir = out / f"{name}-s{seed}"
-            summary = run_dir / "summary.json"
-            if not summary.exists():
-                cmd = [sys.executable, "-m", "samopt.train.cli", command]
-                cmd += ["--recipe", recipe] if recipe else []
-                cmd += to_flags({**explicit, "optimizer": name, "seed": seed, "out": str(run_dir)})
-                if (run_dir / "checkpoint.pt").exists():
-                    cmd.append("--resume")
-                print(f"\n== {name}, seed {seed} -> {run_dir}", flush=True)
-                code = _run_child(cmd)
-                if code == EXIT_INTERRUPTED:
-                    print(
-                        f"samopt compare: interrupted in {name} seed {seed}, whose checkpoint is saved; run the same "
-                        "command again to continue the comparison from where it stopped",
-                        file=sys.stderr,
-                    )
-                if code != 0:
-                    raise SystemExit(code)
-            results[name].append(json.loads(summary.read_text()))
-    text = table(results)
-    (out / "compare.md").write_text(text)
-    (out / "compare.json").write_text(json.dumps(results, indent=1))
-    paths = plot(results, out)
-    print("\n" + text)
-    print(f"table: {out / 'compare.md'}\nplots: {paths[0]}, {paths[1]}")
-    return results
+    with DirectoryLock(out):  # one comparison writes into out at a time
+        results: dict[str, list[dict[str, Any]]] = {name: [] for name in optimizers}
+        for seed in range(base.seed, base.seed + seeds):
+            for name in optimizers:
+                run_dir = out / f"{name}-s{seed}"
+                summary = run_dir / "summary.json"
+                if not summary.exists():
+                    cmd = [sys.executable, "-m", "samopt.train.cli", command]
+                    cmd += ["--recipe", recipe] if recipe else []
+                    cmd += to_flags({**explicit, "optimizer": name, "seed": seed, "out": str(run_dir)})
+                    if (run_dir / "checkpoint.pt").exists():
+                        cmd.append("--resume")
+                    print(f"\n== {name}, seed {seed} -> {run_dir}", flush=True)
+                    code = _run_child(cmd)
+                    if code < 0:  # killed by a signal it cannot handle, e.g. SIGKILL from the out-of-memory killer
+                        print(
+                            f"samopt compare: the run of {name} seed {seed} was killed by "
+                            f"{signal.Signals(-code).name}; run the same command again to continue the comparison "
+                            "from that run's last checkpoint",
+                            file=sys.stderr,
+                        )
+                        raise SystemExit(128 - code)
+                    if code == EXIT_INTERRUPTED:
+                        print(
+                            f"samopt compare: interrupted in {name} seed {seed}; run the same command again to "
+                            "continue the comparison from that run's last checkpoint",
+                            file=sys.stderr,
+                        )
+                    if code != 0:
+                        raise SystemExit(code)
+                results[name].append(json.loads(summary.read_text()))
+        text = table(results)
+        (out / "compare.md").write_text(text)
+        (out / "compare.json").write_text(json.dumps(results, indent=1))
+        paths = plot(results, out)
+        print("\n" + text)
+        print(f"table: {out / 'compare.md'}\nplots: {paths[0]}, {paths[1]}")
+        return results

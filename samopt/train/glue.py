@@ -104,8 +104,15 @@ def read_split(name: str, data_dir: str | os.PathLike, split: str) -> GlueSplit:
             f"GLUE {name} file not found: {path}. --data-dir must hold the task's train.tsv and "
             f"{', '.join(d + '.tsv' for d in spec.dev)} in the original GLUE layout"
         )
-    with open(path, newline="", encoding="utf-8-sig") as f:  # MRPC starts with a BOM
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    reader = None
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # MRPC starts with a BOM
+            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            rows = list(reader)
+    except csv.Error as e:  # e.g. a field over csv.field_size_limit() characters
+        raise ValueError(f"{path}:{reader.line_num if reader else 1}: {e}; is it a GLUE TSV file?") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e}); is it a GLUE TSV file?") from None
     if spec.header:
         if not rows:
             raise ValueError(f"{path} is empty")
@@ -132,9 +139,14 @@ def read_split(name: str, data_dir: str | os.PathLike, split: str) -> GlueSplit:
             labels.append(spec.labels.index(value))
         else:
             try:
-                labels.append(float(value))
+                score = float(value)
             except ValueError:
-                raise ValueError(f"{path}:{line}: {name} needs a real-valued score, got {value!r}") from None
+                score = math.nan
+            if not math.isfinite(score):
+                raise ValueError(f"{path}:{line}: {name} needs a finite real-valued score, got {value!r}")
+            labels.append(score)
+    if not texts:
+        raise ValueError(f"{path} holds no examples")
     dtype = torch.int64 if spec.labels else torch.float32
     return GlueSplit(texts, torch.tensor(labels, dtype=dtype))
 
@@ -299,16 +311,41 @@ def build_task(cfg: Any, device: torch.device) -> Any:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
     except ImportError as e:
         raise ImportError("samopt glue needs transformers: pip install 'samopt[glue]'") from e
-    path = model_path(cfg.model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    torch.manual_seed(cfg.seed)  # the new classification head
-    hf = AutoModelForSequenceClassification.from_pretrained(  # fp32 master weights, whatever the file's dtype
-        path, num_labels=spec.num_labels, problem_type=None if spec.labels else "regression", dtype=torch.float32
-    )
     texts, labels = train.texts, train.labels
     keep = fixed_subset(len(texts), cfg.train_subset, "training examples")
     if keep is not None:
         texts, labels = [texts[i] for i in keep.tolist()], labels[keep]
+    if len(texts) < cfg.batch_size:
+        where = Path(cfg.data_dir) / "train.tsv"
+        raise ValueError(
+            f"batch_size must be at most the {len(texts)} training examples ({where}"
+            + (f", --train-subset {cfg.train_subset}" if keep is not None else "")
+            + f"), got {cfg.batch_size}: an epoch needs one whole batch"
+        )
+    path = model_path(cfg.model)
+    torch.manual_seed(cfg.seed)  # the new classification head
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        hf = AutoModelForSequenceClassification.from_pretrained(  # fp32 master weights, whatever the file's dtype
+            path,
+            num_labels=spec.num_labels,
+            problem_type=None if spec.labels else "regression",
+            dtype=torch.float32,
+            trust_remote_code=False,
+        )
+    except Exception as e:  # transformers raises many kinds; none should reach the user as a traceback
+        reason = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ValueError(
+            f"--model {cfg.model}: no sequence classifier could be loaded from {path} ({type(e).__name__}: {reason}). "
+            "samopt loads only safe weight files (safetensors, or torch files without code) and never runs a "
+            "model folder's own code"
+        ) from None
+    limit = getattr(hf.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and cfg.max_length > limit:
+        raise ValueError(
+            f"max_length must be between 1 and {limit} (the max_position_embeddings of {cfg.model}), "
+            f"got {cfg.max_length}"
+        )
     encoded = _encode(tokenizer, texts, cfg.max_length)
     model = SequenceClassifier(hf, tuple(encoded)).to(device)
     common = {"device": device}

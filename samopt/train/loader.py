@@ -230,6 +230,10 @@ class FolderLoader:
         except ImportError as e:
             raise ImportError("reading image folders needs Pillow: pip install 'samopt[app]'") from e
         files, labels, _ = image_folder(root, split)
+        if batch_size < 1 or (train and batch_size > len(files)):
+            raise ValueError(
+                f"batch_size must be between 1 and the {len(files)} images of {Path(root) / split}, got {batch_size}"
+            )
         self.data = _FolderDataset(files, labels, image_size, train, flip, seed)
         self.batch_size, self.train, self.seed, self.workers = batch_size, train, seed, workers
         self.device = torch.device(device)

@@ -59,11 +59,32 @@ from samopt import _validate
 from samopt import distributed as D
 from samopt.train.config import GlueConfig, RunConfig
 from samopt.train.launch import Ranks, Shard, setup
+from samopt.train.lock import DirectoryLock
 from samopt.train.optimizers import AMP_MODES, OPTIMIZERS, Amp, build_optimizer, train_step
 
 __all__ = ["CheckpointError", "Loader", "Task", "lr_factor", "run", "validate"]
 
 CHECKPOINT_FORMAT = 1
+#: The entries of a checkpoint and their types (``rng_ranks`` is absent from those written before torchrun runs).
+CHECKPOINT_ENTRIES: dict[str, type | tuple[type, ...]] = {
+    "format": int,
+    "config": dict,
+    "model": dict,
+    "optimizer": dict,
+    "scheduler": dict,
+    "scaler": dict,
+    "rng": dict,
+    "rng_ranks": (list, type(None)),
+    "epoch": int,
+    "batch": int,
+    "partial": (dict, type(None)),
+    "history": list,
+    "wall": (int, float),
+    "peak": (int, float),
+    "device_type": str,
+}
+#: The largest learning rate, weight decay or momentum the (float32) weights can be multiplied by.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 SCHEDULES = ("cosine", "linear", "multistep", "constant")
 #: Settings a resumed run may change; any other difference from the checkpoint is an error.
 RESUMABLE_CHANGES = frozenset(
@@ -109,10 +130,16 @@ def validate(cfg: RunConfig) -> None:
     _validate.choice("schedule", cfg.schedule, SCHEDULES)
     _validate.choice("amp", cfg.amp, AMP_MODES)
     _validate.choice("sync", cfg.sync, samopt.sam.SYNC_MODES)
-    for name in ("epochs", "batch_size", "mask_interval"):
+    for name in ("epochs", "batch_size", "mask_interval", "num_samples"):
         _validate.positive_int(name, getattr(cfg, name))
     for name in ("lr", "weight_decay", "momentum", "warmup_epochs", "gamma"):
         _validate.nonnegative(name, getattr(cfg, name))
+    for name in ("lr", "weight_decay", "momentum"):
+        if getattr(cfg, name) > FLOAT32_MAX:
+            raise ValueError(
+                f"{name} must be a finite real number in [0, {FLOAT32_MAX:.4g}] (the largest float32, the type of "
+                f"the weights it multiplies), got {getattr(cfg, name)!r}"
+            )
     _validate.unit_interval("label_smoothing", cfg.label_smoothing, include_one=True)
     _validate.positive_or_none("max_grad_norm", cfg.max_grad_norm)
     _task_module(cfg).validate(cfg)  # the task's own settings (data set, model, ...), without loading anything
@@ -178,9 +205,12 @@ class _FisherStream:
 
 
 class _Interrupt:
-    """Turns the first SIGINT/SIGTERM into a flag checked between steps; a second one interrupts at once."""
+    """SIGINT/SIGTERM while active. ``graceful`` (while training): the first sets a flag checked between steps,
+    a second interrupts at once (``KeyboardInterrupt``). Otherwise (before training starts, when there is
+    nothing to save yet) each interrupts at once, SIGTERM as Ctrl-C does."""
 
-    def __init__(self) -> None:
+    def __init__(self, graceful: bool = True) -> None:
+        self.graceful = graceful
         self.requested = False
         self._old: dict[int, Any] = {}
 
@@ -191,7 +221,7 @@ class _Interrupt:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
+        if self.requested or not self.graceful:
             raise KeyboardInterrupt
         self.requested = True
         print("\ninterrupted: finishing this step, then saving a checkpoint (again to stop at once)", file=sys.stderr)
@@ -221,12 +251,17 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, mode) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write ``path`` through a temporary file of this process that replaces it when complete."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # an error, or a second Ctrl-C mid-write: the previous file stays, no temporary is left
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def config_differences(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
@@ -256,7 +291,23 @@ def load_checkpoint(path: Path, cfg: RunConfig, device: torch.device) -> dict[st
             "not a samopt checkpoint. Delete it to start over"
         ) from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a samopt train checkpoint of format {CHECKPOINT_FORMAT}")
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(
+            f"checkpoint {path} is not a samopt train checkpoint of format {CHECKPOINT_FORMAT} (found {found!r}); "
+            "this samopt "
+            f"({samopt.__version__}) reads format {CHECKPOINT_FORMAT}"
+        )
+    missing = [k for k in CHECKPOINT_ENTRIES if k not in ckpt and k != "rng_ranks"]
+    wrong = [
+        f"{k!r} is a {type(ckpt[k]).__name__}"
+        for k, kind in CHECKPOINT_ENTRIES.items()
+        if k in ckpt and (not isinstance(ckpt[k], kind) or (kind is int and isinstance(ckpt[k], bool)))
+    ]
+    if missing or wrong:
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete or corrupt ({'; '.join([f'no {missing}'] if missing else wrong)}). "
+            "Delete it to start over"
+        )
     diff = config_differences(ckpt["config"], cfg)
     if ckpt["device_type"] != device.type:
         diff.append(f"device type: checkpoint {ckpt['device_type']!r}, now {device.type!r}")
@@ -267,6 +318,100 @@ def load_checkpoint(path: Path, cfg: RunConfig, device: torch.device) -> dict[st
             + ". Resume with the same settings, or use another --out"
         )
     return ckpt
+
+
+def _rng_problem(state: object, device: torch.device) -> str | None:
+    """Why ``state`` (from :func:`_rng_state`) cannot be restored here, or ``None``; nothing is set."""
+    if not isinstance(state, dict) or not torch.is_tensor(state.get("cpu")):
+        return "no CPU random state"
+    try:
+        torch.Generator().set_state(state["cpu"])
+    except (RuntimeError, TypeError) as e:
+        return f"a bad CPU random state ({e})"
+    cuda = state.get("cuda")
+    if device.type == "cuda" and cuda is not None:
+        mine = torch.cuda.get_rng_state(device)
+        if (
+            not isinstance(cuda, list)
+            or len(cuda) > torch.cuda.device_count()
+            or any(not torch.is_tensor(t) or t.dtype != mine.dtype or t.shape != mine.shape for t in cuda)
+        ):
+            return "a bad CUDA random state"
+    return None
+
+
+def _restore(
+    ckpt: dict[str, Any],
+    path: Path,
+    cfg: RunConfig,
+    task: Task,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    amp: Amp,
+    ranks: Ranks,
+    device: torch.device,
+) -> None:
+    """Check every part of ``ckpt`` against this run, then load it into the model, optimizer, schedule,
+    scaler and RNG. A part that does not fit raises :class:`CheckpointError` saying what differs, before
+    anything is loaded into the model."""
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {path} {what}: it is corrupt or from another run. Delete it to start over")
+
+    mine = task.model.state_dict()
+    saved = ckpt["model"]
+    diff = [f"{k}: not in the checkpoint" for k in mine if k not in saved]
+    diff += [f"{k}: not in this model" for k in saved if k not in mine]
+    diff += [
+        f"{k}: checkpoint {tuple(v.shape) if torch.is_tensor(v) else type(v).__name__}, now {tuple(mine[k].shape)}"
+        for k, v in saved.items()
+        if k in mine and (not torch.is_tensor(v) or v.shape != mine[k].shape)
+    ]
+    if diff:
+        shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
+        raise CheckpointError(
+            f"checkpoint {path} holds another model ({shown}): was it written for other data (another --data-dir, "
+            "with another number of classes) or another model? Resume with the same data, or use another --out"
+        )
+    steps = len(task.train)
+    epoch, batch, partial, history = ckpt["epoch"], ckpt["batch"], ckpt["partial"], ckpt["history"]
+    if not 0 <= epoch <= cfg.epochs:
+        raise bad(f"is at epoch {epoch}, outside 0..{cfg.epochs}")
+    if epoch == cfg.epochs and batch:
+        raise bad(f"is at step {batch} after its last epoch ({cfg.epochs})")
+    if not 0 <= batch < steps:
+        raise bad(f"is at step {batch} of epoch {epoch + 1}, which has steps 0..{steps - 1}")
+    tally = {"loss", "correct", "seen", "seconds"}
+    if (partial is None) != (batch == 0) or (
+        partial is not None
+        and (set(partial) != tally or not all(isinstance(v, (int, float)) for v in partial.values()))
+    ):
+        raise bad(f"has a tally of a partial epoch that does not fit its position (step {batch})")
+    if len(history) != epoch or not all(isinstance(r, dict) and task.score in r for r in history):
+        raise bad(f"has {len(history)} epoch record(s) for {epoch} finished epoch(s)")
+    if not (math.isfinite(ckpt["wall"]) and ckpt["wall"] >= 0 and math.isfinite(ckpt["peak"])):
+        raise bad(f"has a wall time of {ckpt['wall']} s")
+    position = epoch * steps + batch
+    if ckpt["scheduler"].get("last_epoch") != position:
+        raise bad(f"has its learning-rate schedule at step {ckpt['scheduler'].get('last_epoch')!r}, not {position}")
+    per_rank = ckpt.get("rng_ranks")
+    rng = per_rank[ranks.rank] if per_rank and len(per_rank) == ranks.world else ckpt["rng"]
+    problem = _rng_problem(rng, device)
+    if problem:
+        raise bad(f"has {problem}")
+    scaler_keys = {"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"}
+    if amp.scaler.is_enabled() and not scaler_keys <= set(ckpt["scaler"]):
+        raise bad(f"has no fp16 loss scale (its scaler entry holds {sorted(ckpt['scaler'])})")
+    try:
+        if not isinstance(opt, samopt.SAM):  # the SAM family checks its own state before loading it
+            _validate.optimizer_state(opt, ckpt["optimizer"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        amp.scaler.load_state_dict(ckpt["scaler"])
+    except (ValueError, TypeError, KeyError, RuntimeError) as e:
+        raise bad(f"holds optimizer or schedule state that does not fit this run ({e})") from None
+    task.model.load_state_dict(saved)
+    _set_rng_state(rng)
 
 
 def _peak_memory_mib(device: torch.device) -> tuple[float, str]:
@@ -348,7 +493,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
     A :class:`~samopt.train.config.TrainConfig` trains an image classifier, a
     :class:`~samopt.train.config.GlueConfig` fine-tunes on a GLUE task. Exits with
-    :data:`EXIT_INTERRUPTED` (``SystemExit``) after saving a checkpoint when interrupted.
+    :data:`EXIT_INTERRUPTED` (``SystemExit``) after saving a checkpoint when interrupted while
+    training; an interrupt before training starts, or a second one, raises ``KeyboardInterrupt``.
     Under ``torchrun`` it joins the ranks' process group first and leaves it at the end.
     """
     validate(cfg)
@@ -357,7 +503,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     joined = joined and ranks.world > 1
     together = False  # whether every rank leaves together (a normal end, or a stop all ranks agreed on)
     try:
-        summary = _run(cfg, ranks, _device(device_name))
+        with _Interrupt(graceful=False):
+            summary = _run(cfg, ranks, _device(device_name))
         together = True
         return summary
     except SystemExit:
@@ -377,12 +524,32 @@ def _run(cfg: RunConfig, ranks: Ranks, device: torch.device) -> dict[str, Any]:
                 f"{name} ({getattr(cfg, name)}) must be a multiple of the number of ranks ({ranks.world}): "
                 "each rank takes an equal share"
             )
+    out = Path(cfg.out or cfg.default_out())
+    lock = DirectoryLock(out)  # rank 0 writes; it alone holds the lock, for the whole run
+    error: BaseException | None = None
+    if ranks.main:
+        try:
+            lock.acquire()
+            for name in ("checkpoint.pt", "metrics.jsonl", "summary.json"):  # left by a process killed mid-write
+                for stale in out.glob(f"{name}.*.tmp"):
+                    stale.unlink(missing_ok=True)
+        except (RuntimeError, OSError) as e:
+            error = e
+    error = _from_main(error, ranks)
+    if error is not None:
+        raise error
+    try:
+        return _train(cfg, ranks, device, out)
+    finally:
+        lock.release()
+
+
+def _train(cfg: RunConfig, ranks: Ranks, device: torch.device, out: Path) -> dict[str, Any]:
     if cfg.deterministic:
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
         torch.use_deterministic_algorithms(True, warn_only=True)
     amp = Amp(cfg.amp, device)
-    out = Path(cfg.out or cfg.default_out())
     ckpt_path = out / "checkpoint.pt"
     ckpt = load_checkpoint(ckpt_path, cfg, device) if cfg.resume else None
     if ckpt is None and ckpt_path.exists():
@@ -394,6 +561,11 @@ def _run(cfg: RunConfig, ranks: Ranks, device: torch.device) -> dict[str, Any]:
     if ranks.main:
         ranks.barrier()
     model, steps_per_epoch = task.model, len(task.train)
+    if task.fisher is not None and cfg.num_samples > len(task.fisher) * cfg.batch_size:
+        raise ValueError(
+            f"num_samples must be between 1 and {len(task.fisher) * cfg.batch_size} (the training examples SSAM-F's "
+            f"Fisher information is taken from), got {cfg.num_samples}"
+        )
     train = Shard(task.train, ranks)
     fisher = _FisherStream(Shard(task.fisher, ranks)) if task.fisher is not None else None
     net: nn.Module = model
@@ -406,12 +578,7 @@ def _run(cfg: RunConfig, ranks: Ranks, device: torch.device) -> dict[str, Any]:
 
     state: dict[str, Any] = {"epoch": 0, "batch": 0, "history": [], "partial": None, "wall": 0.0, "peak": 0.0}
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        amp.scaler.load_state_dict(ckpt["scaler"])
-        per_rank = ckpt.get("rng_ranks")
-        _set_rng_state(per_rank[ranks.rank] if per_rank and len(per_rank) == ranks.world else ckpt["rng"])
+        _restore(ckpt, ckpt_path, cfg, task, opt, sched, amp, ranks, device)
         state = {k: ckpt[k] for k in state}
     metrics_path = out / "metrics.jsonl"
     if ranks.main:

@@ -67,9 +67,15 @@ class _Loaders:
         keep = fixed_subset(len(x), cfg.train_subset, "training images")
         if keep is not None:
             x, y = x[keep], y[keep]
-        x, y = x.to(device), y.to(device)  # one copy on the device, shared by the train and Fisher streams
         image = data.name in ("cifar10", "cifar100", "fashion-mnist")
         pad = cfg.crop_padding if cfg.crop_padding is not None else {"fashion-mnist": 2}.get(data.name, 4 * image)
+        side = min(x.shape[-2:])
+        for name, value in (("crop_padding", pad), ("cutout", cfg.cutout)):
+            if value > side:
+                raise ValueError(
+                    f"{name} must be between 0 and {side} (the side of the {data.name} images), got {value}"
+                )
+        x, y = x.to(device), y.to(device)  # one copy on the device, shared by the train and Fisher streams
         aug = {"crop_padding": pad, "flip": image if cfg.flip is None else cfg.flip, "cutout": cfg.cutout}
         self.train = TensorLoader(x, y, cfg.batch_size, train=True, seed=cfg.seed, **aug, **common)
         self.test = TensorLoader(data.x_test, data.y_test, 1000, train=False, **common)
@@ -93,8 +99,29 @@ def evaluate(model: nn.Module, loader: Loader, amp: Amp, prepare=lambda x: x) ->
     return {"test_loss": float(loss) / n, "test_acc": correct / n}
 
 
+@torch.no_grad()
+def _check_fits(model: nn.Module, x: Tensor, cfg: TrainConfig, where: object) -> None:
+    """Raise a ``ValueError`` if ``model`` cannot take images shaped like ``x`` (an eval-mode forward, nothing kept)."""
+    was = model.training
+    model.eval()
+    try:
+        model(x)
+    except RuntimeError as e:
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(
+            f"the images of {cfg.dataset} in {where} are {tuple(x.shape[1:])} (channels, height, width), which "
+            f"model {cfg.model} cannot take ({reason}); choose a model for this image size"
+        ) from None
+    finally:
+        model.train(was)
+
+
 def build_task(cfg: TrainConfig, device: torch.device) -> Task:
-    """The data set, loaders and model of ``cfg`` on ``device`` (the model initialised from ``cfg.seed``)."""
+    """The data set, loaders and model of ``cfg`` on ``device`` (the model initialised from ``cfg.seed``).
+
+    Before returning it checks that the model takes the data set's image size (one
+    evaluation-mode forward of two blank images, which changes no weight, buffer or RNG).
+    """
     data = datasets.load(cfg.dataset, cfg.data_dir, cfg.download, cfg.synthetic_size)
     loaders = _Loaders(cfg, data, device)
     torch.manual_seed(cfg.seed)
@@ -105,6 +132,9 @@ def build_task(cfg: TrainConfig, device: torch.device) -> Task:
 
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    shape = (cfg.image_size,) * 2 if data.x_test is None else tuple(data.x_test.shape[-2:])
+    where = data.root or cfg.data_dir or (datasets.FASHION_MNIST_DIR if cfg.dataset == "fashion-mnist" else "memory")
+    _check_fits(model, prepare(torch.zeros(2, data.in_channels, *shape, device=device)), cfg, where)
 
     def loss_fn(logits: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
         return F.cross_entropy(logits.float(), y, reduction=reduction, label_smoothing=cfg.label_smoothing)
