@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+import samopt
 from samopt.train import cli, loop
 from samopt.train.config import resolve
 from samopt.train.lock import LOCK_NAME, DirectoryInUseError, DirectoryLock
@@ -346,7 +347,11 @@ def _wrong_first_weight(ckpt):
         lambda c: c.update(epoch=99) or "is at epoch 99, outside 0..2",
         lambda c: c.update(epoch=-1) or "is at epoch -1, outside 0..2",
         lambda c: c.update(epoch="2") or "is incomplete or corrupt ('epoch' is a str)",
-        lambda c: c.update(format=2) or "is not a samopt train checkpoint of format 1 (found 2); this samopt (0.1.0)",
+        lambda c: (
+            c.update(format=2)
+            or f"is not a samopt train checkpoint of format 1 (found 2, written by samopt {samopt.__version__}); "
+            f"this samopt ({samopt.__version__}) reads format 1"
+        ),
         lambda c: c.update(history=c["history"][:1]) or "has 1 epoch record(s) for 2 finished epoch(s)",
         lambda c: c["scheduler"].update(last_epoch=3) or "has its learning-rate schedule at step 3, not 8",
         _wrong_first_weight,

@@ -65,7 +65,8 @@ from samopt.train.optimizers import AMP_MODES, OPTIMIZERS, Amp, build_optimizer,
 __all__ = ["CheckpointError", "Loader", "Task", "lr_factor", "run", "validate"]
 
 CHECKPOINT_FORMAT = 1
-#: The entries of a checkpoint and their types (``rng_ranks`` is absent from those written before torchrun runs).
+#: The entries of a checkpoint and their types (``rng_ranks`` is absent from those written before torchrun runs;
+#: ``samopt_version``, the version that wrote it, is not checked).
 CHECKPOINT_ENTRIES: dict[str, type | tuple[type, ...]] = {
     "format": int,
     "config": dict,
@@ -292,10 +293,14 @@ def load_checkpoint(path: Path, cfg: RunConfig, device: torch.device) -> dict[st
         ) from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        writer = (
+            f", written by samopt {ckpt['samopt_version']}"
+            if isinstance(ckpt, dict) and "samopt_version" in ckpt
+            else ""
+        )
         raise CheckpointError(
-            f"checkpoint {path} is not a samopt train checkpoint of format {CHECKPOINT_FORMAT} (found {found!r}); "
-            "this samopt "
-            f"({samopt.__version__}) reads format {CHECKPOINT_FORMAT}"
+            f"checkpoint {path} is not a samopt train checkpoint of format {CHECKPOINT_FORMAT} (found {found!r}"
+            f"{writer}); this samopt ({samopt.__version__}) reads format {CHECKPOINT_FORMAT}"
         )
     missing = [k for k in CHECKPOINT_ENTRIES if k not in ckpt and k != "rng_ranks"]
     wrong = [
@@ -594,6 +599,7 @@ def _train(cfg: RunConfig, ranks: Ranks, device: torch.device, out: Path) -> dic
             return
         payload = {
             "format": CHECKPOINT_FORMAT,
+            "samopt_version": samopt.__version__,
             "config": dataclasses.asdict(cfg),
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
