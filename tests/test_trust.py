@@ -142,13 +142,23 @@ def test_checkpoints_are_written_through_a_temporary_file_of_this_process(tmp_pa
     assert path.read_bytes() == b"previous" and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
 
 
-def test_sigterm_to_compare_stops_its_run_which_saves_and_leaves_no_process(tmp_path):
-    out = tmp_path / "cmp"
+def compare_in_training(out: Path) -> tuple[subprocess.Popen, int]:
+    """A ``samopt compare`` process whose (SGD) run has finished its first epoch, and the run's process id."""
     parent = spawn("compare", "--optimizers", "sgd", *LONG, "--out", str(out))
     try:
         wait_for(lambda: (out / "sgd-s0" / "checkpoint.pt").exists(), "the run's first epoch")
-        child = lock_holder(out / "sgd-s0")
-        assert child not in (None, parent.pid) and lock_holder(out) == parent.pid
+    except AssertionError:
+        parent.kill()
+        raise
+    child = lock_holder(out / "sgd-s0")
+    assert child not in (None, parent.pid) and lock_holder(out) == parent.pid
+    return parent, child
+
+
+def test_sigterm_to_compare_stops_its_run_which_saves_and_leaves_no_process(tmp_path):
+    out = tmp_path / "cmp"
+    parent, child = compare_in_training(out)
+    try:
         parent.send_signal(signal.SIGTERM)  # what kill PID and timeout send, to the parent alone
         assert parent.wait(timeout=120) == loop.EXIT_INTERRUPTED
     finally:
@@ -165,10 +175,8 @@ def test_sigterm_to_compare_stops_its_run_which_saves_and_leaves_no_process(tmp_
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's prctl")
 def test_a_killed_compare_takes_its_run_down_with_a_checkpoint(tmp_path):
     out = tmp_path / "cmp"
-    parent = spawn("compare", "--optimizers", "sgd", *LONG, "--out", str(out))
+    parent, child = compare_in_training(out)
     try:
-        wait_for(lambda: (out / "sgd-s0" / "checkpoint.pt").exists(), "the run's first epoch")
-        child = lock_holder(out / "sgd-s0")
         parent.kill()  # kill -9: compare cannot pass anything on; the kernel sends the run SIGTERM
         parent.wait()
         wait_for(lambda: gone(child), "the orphaned run to stop", timeout=60)
