@@ -326,14 +326,12 @@ class SAM(torch.optim.Optimizer):
             raise TypeError(f"mask must be a samopt.masks.Mask (e.g. RandomMask(sparsity=0.5)) or None, got {mask!r}")
         self.mask = mask
         super().__init__(params, defaults)
-        for i, group in enumerate(self.param_groups):
-            _check_group(i, group, group["params"])
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         self.defaults = {**self.base_optimizer.defaults, **defaults}
         for i, group in enumerate(self.param_groups):
-            _check_group(i, group, group["params"])  # and the base optimizer's lr and weight_decay
+            _check_group(i, group, group["params"])  # SAM's keys, and the base optimizer's lr and weight_decay
         self._buffers: dict[Tensor, Tensor] = {}
         self._guard = BufferGuard() if self.bn == "first" else None
         self._pending: _Pending | None = None
@@ -392,12 +390,9 @@ class SAM(torch.optim.Optimizer):
             return
         for key in GROUP_KEYS:
             param_group.setdefault(key, self.defaults[key])
+        index = len(self.param_groups)
+        _check_group(index, {**self.base_optimizer.defaults, **param_group}, param_group["params"])
         self.base_optimizer.add_param_group(param_group)
-        try:
-            _check_group(len(self.param_groups) - 1, param_group, param_group["params"])
-        except (TypeError, ValueError):
-            self.param_groups.pop()
-            raise
         self._bind_mask()
 
     def _all_params(self) -> list[Tensor]:

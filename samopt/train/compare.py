@@ -7,10 +7,11 @@ continues an interrupted comparison. The run process lives in its own process gr
 Ctrl-C, SIGINT or SIGTERM to ``samopt compare`` is passed on to it once (so it
 finishes its step, saves and exits, and a second one stops it at once), and if
 ``samopt compare`` is killed outright the run gets SIGTERM (on Linux). ``--out`` is
-locked for the life of the comparison, as each run locks its own directory. The results go to ``--out`` (default
-``runs/compare``): ``compare.md`` (the table), ``compare.json``, ``accuracy.png``
-(test accuracy per epoch) and ``cost.png`` (final accuracy against time per epoch
-relative to SGD).
+locked for the life of the comparison, as each run locks its own directory.
+
+The results go to ``--out`` (default ``runs/compare``): ``compare.md`` (the table),
+``compare.json``, ``accuracy.png`` (test accuracy per epoch) and ``cost.png`` (final
+accuracy against time per epoch relative to SGD).
 
 Example::
 
