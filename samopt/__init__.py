@@ -10,7 +10,7 @@ with :class:`SSAMF` and :class:`SSAMD` as ready-made configurations. δ-SAM
 :class:`PerInstanceSAM` is the per-instance / m-sharpness reference it approximates.
 """
 
-from samopt import functional, masks
+from samopt import functional, masks, seams
 from samopt.bn import BufferGuard
 from samopt.delta import DeltaSAM
 from samopt.per_instance import PerInstanceSAM
@@ -30,4 +30,5 @@ __all__ = [
     "__version__",
     "functional",
     "masks",
+    "seams",
 ]

@@ -1,4 +1,4 @@
-"""δ-SAM: SAM whose ascent direction reweights the examples of the batch.
+"""δ-SAM: SAM whose ascent gradient reweights the examples of the batch.
 
 Zhou, Liu, Zhang, Chen, "Sharpness-Aware Minimization with Dynamic Reweighting",
 Findings of EMNLP 2022, arXiv:2112.08772. Per-instance SAM gives every example its
@@ -7,19 +7,21 @@ pass per example. δ-SAM keeps SAM's two passes and builds the shared perturbati
 from a weighted loss ``sum_i lambda_i l_i`` whose weights are recomputed every batch
 from a cheap estimate of each example's gradient norm.
 
-The paper's full text was not available to us; the weights implemented here are a
-reconstruction (``../shared/research/delta_sam.md`` section 3): with nearly
-orthogonal per-example gradients ``g_i``, the shared ``e`` that gives every example
-the same first-order loss increase is ``e ∝ sum_i g_i / ||g_i||``, i.e.
-``lambda_i ∝ 1 / ||g_i||``. The general form is
+The form of the weights is derived here, not taken from the paper, whose public text
+does not fix it: with nearly orthogonal per-example gradients ``g_i``, the shared
+``e`` that gives every example the same first-order loss increase is
+``e ∝ sum_i g_i / ||g_i||``, i.e. ``lambda_i ∝ 1 / ||g_i||``. The exponent is
+therefore an option, ``alpha``:
 
     lambda_i ∝ (s_i + kappa)^(-alpha),   normalised to sum 1, capped at clip / n,
 
 with ``s_i`` an estimate of ``||g_i||`` and ``kappa = kappa_rel * median(s)``;
 ``alpha = 1`` is that reading, ``alpha = 0`` is SAM (bit for bit), negative
-``alpha`` up-weights the examples with the largest gradients (the other reading of
-"unguarded"). :func:`delta_weights` is the pure function; :class:`DeltaSAM` the
-optimizer.
+``alpha`` up-weights the examples with the largest gradients. Which sign brings SAM
+closer to per-instance SAM was measured per task (``benchmarks/delta_alignment.py``).
+:func:`delta_weights` is the pure function, :class:`DeltaWeights` the ascent policy
+(:mod:`samopt.seams`) that carries the settings and the probes' random stream, and
+:class:`DeltaSAM` the optimizer that drives the engine with per-example losses.
 
 Example::
 
@@ -35,18 +37,20 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import ParamsT
 
-from samopt import _validate
+from samopt import validation
 from samopt.bn import BufferGuard
 from samopt.per_sample import chunk_size_for
-from samopt.sam import SAM, NonFiniteGradientError, _Pending
+from samopt.sam import SAM, NonFiniteGradientError
+from samopt.seams import Ascent, GroupGrads, Move
 
-__all__ = ["ESTIMATORS", "DeltaSAM", "delta_weights"]
+__all__ = ["ESTIMATORS", "DeltaSAM", "DeltaWeights", "delta_weights"]
 
 #: Allowed values of ``estimator``.
 ESTIMATORS = ("probe", "logit", "exact")
@@ -88,6 +92,97 @@ def delta_weights(scores: Tensor, alpha: float, *, clip: float | None = 5.0, kap
             lam = torch.where(over, torch.full_like(lam, cap), lam)
             lam[free] += excess * lam[free] / lam[free].sum()
     return lam.to(torch.float32)
+
+
+class DeltaWeights(Ascent):
+    """δ-SAM's per-example weights on the ascent gradient: an ascent policy around another one.
+
+    The perturbation itself is ``inner``'s (SAM's by default, or a :mod:`samopt.masks`
+    mask), built from the gradient of ``sum_i lambda_i l_i`` instead of the mean loss;
+    :class:`DeltaSAM` computes that gradient with :meth:`weights`. The arguments are
+    :class:`DeltaSAM`'s. The state is the probes' random stream and ``inner``'s.
+    """
+
+    def __init__(
+        self,
+        inner: Ascent | None = None,
+        *,
+        estimator: str = "probe",
+        num_probes: int = 3,
+        sigma: float | None = None,
+        alpha: float = -1.0,
+        clip: float | None = 5.0,
+        kappa_rel: float = 1e-3,
+        seed: int | None = None,
+    ) -> None:
+        self.inner = Ascent() if inner is None else inner
+        self.estimator = validation.choice("estimator", estimator, ESTIMATORS)
+        self.num_probes = validation.positive_int("num_probes", num_probes)
+        self.sigma = validation.positive_or_none("sigma", sigma)
+        self.alpha = validation.finite("alpha", alpha, "a finite real number (0 is SAM, 1 the inverse-norm weights)")
+        self.clip = validation.positive_or_none("clip", clip)
+        if self.clip is not None and self.clip < 1:
+            raise ValueError(f"clip must be None or a real number >= 1 (a cap of clip / n per weight), got {clip!r}")
+        self.kappa_rel = validation.nonnegative("kappa_rel", kappa_rel)
+        validation.seed_or_none("seed", seed)
+        self.seed = torch.initial_seed() if seed is None else seed
+        self.generator: torch.Generator | None = None
+
+    def weights(self, scores: Tensor) -> Tensor:
+        """``lambda`` from the per-example norm estimates ``scores`` (:func:`delta_weights`)."""
+        return delta_weights(scores, self.alpha, clip=self.clip, kappa_rel=self.kappa_rel)
+
+    def bind(self, params: list[Tensor], owner: object, group: Any = None, *, sharded: bool = False) -> None:
+        if sharded:
+            raise ValueError("DeltaSAM over FSDP-sharded (DTensor) parameters is not supported; use DDP")
+        if self.generator is None:
+            self.generator = torch.Generator(device=params[0].device)
+            self.generator.manual_seed(self.seed)
+        self.inner.bind(params, owner, group, sharded=sharded)
+
+    def norm(self, groups: Sequence[GroupGrads]) -> Tensor:
+        return self.inner.norm(groups)
+
+    def perturb(self, groups: Sequence[GroupGrads], norm: float, move: Move) -> None:
+        self.inner.perturb(groups, norm, move)
+
+    def advance(self) -> None:
+        self.inner.advance()
+
+    def density(self) -> float:
+        return self.inner.density()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self._generator().get_state(), "inner": self.inner.state_dict()}
+
+    def check_state(self, state: object) -> None:
+        mine = self._generator().get_state()
+        saved = state.get("generator") if isinstance(state, dict) else None
+        if not torch.is_tensor(saved) or saved.dtype != mine.dtype or saved.shape != mine.shape:
+            raise ValueError(
+                f"the state_dict's delta_generator does not fit this DeltaSAM's generator on "
+                f"{self._generator().device} (missing, or saved on another device type)"
+            )
+        self.inner.check_state(state["inner"])  # type: ignore[index]
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state(state)
+        self._generator().set_state(state["generator"])
+        self.inner.load_state_dict(state["inner"])
+
+    def state_from_format1(self, meta: dict[str, Any]) -> dict[str, Any]:
+        return {"generator": meta.get("delta_generator"), "inner": self.inner.state_from_format1(meta)}
+
+    def _generator(self) -> torch.Generator:
+        if self.generator is None:
+            raise RuntimeError("DeltaWeights is not attached to an optimizer: DeltaSAM attaches it")
+        return self.generator
+
+    def __repr__(self) -> str:
+        return (
+            f"DeltaWeights(inner={self.inner!r}, estimator={self.estimator!r}, num_probes={self.num_probes}, "
+            f"alpha={self.alpha}, clip={self.clip})"
+        )
 
 
 class DeltaSAM(SAM):
@@ -155,9 +250,12 @@ class DeltaSAM(SAM):
         loss = opt.step(lambda: F.cross_entropy(model(x), y, reduction="none"))
     """
 
+    per_example = True
+    _state_kind = "DeltaSAM"
+
     def __init__(
         self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        params: ParamsT,
         base_optimizer: type[torch.optim.Optimizer] = torch.optim.SGD,
         rho: float = 0.05,
         *,
@@ -169,27 +267,44 @@ class DeltaSAM(SAM):
         kappa_rel: float = 1e-3,
         reweight_descent: bool = False,
         seed: int | None = None,
+        mask: Ascent | None = None,
         **kwargs: Any,
     ) -> None:
-        self.estimator = _validate.choice("estimator", estimator, ESTIMATORS)
-        self.num_probes = _validate.positive_int("num_probes", num_probes)
-        self.sigma = _validate.positive_or_none("sigma", sigma)
-        self.alpha = _validate.finite("alpha", alpha, "a finite real number (0 is SAM, 1 the inverse-norm weights)")
-        self.clip = _validate.positive_or_none("clip", clip)
-        if self.clip is not None and self.clip < 1:
-            raise ValueError(f"clip must be None or a real number >= 1 (a cap of clip / n per weight), got {clip!r}")
-        self.kappa_rel = _validate.nonnegative("kappa_rel", kappa_rel)
-        self.reweight_descent = _validate.boolean("reweight_descent", reweight_descent)
-        _validate.seed_or_none("seed", seed)
-        super().__init__(params, base_optimizer, rho, **kwargs)
-        if self._shard_group is not None:
-            raise ValueError("DeltaSAM over FSDP-sharded (DTensor) parameters is not supported; use DDP")
-        first = self.param_groups[0]["params"][0]
-        self._generator = torch.Generator(device=first.device)
-        self._generator.manual_seed(torch.initial_seed() if seed is None else seed)
+        if "ascent" in kwargs:
+            raise TypeError("DeltaSAM's ascent policy is its DeltaWeights; give another one's mask as mask=")
+        weights = DeltaWeights(
+            mask,
+            estimator=estimator,
+            num_probes=num_probes,
+            sigma=sigma,
+            alpha=alpha,
+            clip=clip,
+            kappa_rel=kappa_rel,
+            seed=seed,
+        )
+        self.reweight_descent = validation.boolean("reweight_descent", reweight_descent)
+        super().__init__(params, base_optimizer, rho, ascent=weights, **kwargs)
+        self.mask = mask
+        self.weights = weights
         self._probe_guard = BufferGuard()  # the clean graph still holds BN's buffers
         self.last_scores: Tensor | None = None
         self.last_weights: Tensor | None = None
+
+    @property
+    def estimator(self) -> str:
+        return self.weights.estimator
+
+    @property
+    def alpha(self) -> float:
+        return self.weights.alpha
+
+    @property
+    def clip(self) -> float | None:
+        return self.weights.clip
+
+    @property
+    def num_probes(self) -> int:
+        return self.weights.num_probes
 
     # ----------------------------------------------------------------- closure
 
@@ -264,8 +379,8 @@ class DeltaSAM(SAM):
         return sq.sqrt().float()
 
     def _sigma(self) -> float:
-        if self.sigma is not None:
-            return self.sigma
+        if self.weights.sigma is not None:
+            return self.weights.sigma
         rho = max(group["rho"] for group in self.param_groups)
         if rho == 0:
             raise ValueError("sigma=None means rho / sqrt(#parameters), and every rho is 0: set sigma")
@@ -281,27 +396,28 @@ class DeltaSAM(SAM):
         """
         params, sigma = self._params(), self._sigma()
 
+        generator = self.weights._generator()
+
         def noise(idx: list[int], out: list[Tensor] | None) -> None:
             for j, i in enumerate(idx):
                 p = params[i]
                 if out is None:
-                    z = torch.randn(p.shape, generator=self._generator, dtype=p.dtype, device=p.device)
+                    z = torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device)
                     p.add_(z, alpha=sigma)
                 else:
-                    torch.randn(p.shape, generator=self._generator, dtype=p.dtype, device=p.device, out=out[j])
+                    torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device, out=out[j])
                     out[j].mul_(sigma).add_(p)
 
         probes = []
         try:
             for _ in range(self.num_probes):
-                self._pending = pending = _Pending()
                 self._probe_guard.start()
                 try:
-                    self._move(params, noise, pending)
+                    self.swap.move(params, noise)
                     rng.restore()  # every probe, and then the clean pass, draw the same dropout masks
                     probes.append(self._losses(closure(), need_logits=False)[0].detach())
                 finally:
-                    self.restore()
+                    self.swap.restore()
                     self._probe_guard.restore()
         finally:
             rng.restore()
@@ -319,7 +435,7 @@ class DeltaSAM(SAM):
                 "DeltaSAM.step() needs a closure that runs the forward and returns the per-example losses "
                 "(shape (batch,), no backward), or (losses, logits) for estimator='logit'"
             )
-        if self._pending is not None:
+        if self._step is not None:
             raise RuntimeError("step() called between first_step() and second_step(); call second_step() first")
         self.zero_grad(set_to_none=True)
         with self.first_pass():  # DDP's no_sync() with sync="local": the probes, forward and backward at w
@@ -335,7 +451,7 @@ class DeltaSAM(SAM):
                 with torch.enable_grad():
                     scores = self._estimate(losses, logits, probes)
                 if bool(torch.isfinite(scores).all()):
-                    lam = delta_weights(scores, self.alpha, clip=self.clip, kappa_rel=self.kappa_rel).to(losses.device)
+                    lam = self.weights.weights(scores).to(losses.device)
                 elif scaler is None or not scaler.is_enabled():
                     raise NonFiniteGradientError(
                         f"non-finite per-example norm estimate from estimator={self.estimator!r}; "
@@ -346,9 +462,8 @@ class DeltaSAM(SAM):
                 self.last_scores, self.last_weights = scores, lam
                 objective = losses.mean() if lam is None else (lam.to(losses.dtype) * losses).sum()
             self._backward(objective, scaler)
-        self.first_step(zero_grad=True, scaler=scaler)
-        try:
-            if not self._pending.skip:  # type: ignore[union-attr]
+        with self.perturbed(scaler=scaler) as ascending:
+            if ascending:
                 with torch.enable_grad():
                     perturbed, _ = self._losses(closure(), need_logits=False)
                     if perturbed.shape != losses.shape:
@@ -361,32 +476,15 @@ class DeltaSAM(SAM):
                         else perturbed.mean()
                     )
                     self._backward(descent, scaler)
-        except BaseException:
-            self.restore()
-            raise
-        self.second_step(zero_grad=False, scaler=scaler)
         return losses.detach().mean()
 
-    _state_kind = "DeltaSAM"
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["samopt"]["delta_generator"] = self._generator.get_state()
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self._generator.set_state(state_dict["samopt"]["delta_generator"])
-
-    def _check_state(self, state_dict: Any) -> dict[str, Any]:
-        meta = super()._check_state(state_dict)
-        saved, mine = meta.get("delta_generator"), self._generator.get_state()
-        if not torch.is_tensor(saved) or saved.dtype != mine.dtype or saved.shape != mine.shape:
-            raise ValueError(
-                f"the state_dict's delta_generator does not fit this DeltaSAM's generator on {self._generator.device} "
-                "(missing, or saved on another device type)"
-            )
-        return meta
+    def first_step(self, zero_grad: bool = True, scaler: torch.amp.GradScaler | None = None) -> bool:
+        """Not for δ-SAM: its ascent gradient is that of the weighted per-example losses, which only
+        :meth:`step` computes; through the two-phase API it would silently be plain SAM."""
+        raise TypeError(
+            "DeltaSAM builds its ascent gradient from per-example losses, which only step(closure) computes; "
+            "drive it with opt.step(closure) (the closure returns the per-example losses without backward)"
+        )
 
 
 class _RNG:
@@ -400,9 +498,6 @@ class _RNG:
     @classmethod
     def of(cls, params: list[Tensor]) -> _RNG:
         return cls(sorted({p.device.index or 0 for p in params if p.device.type == "cuda"}))
-
-    def capture(self) -> _RNG:
-        return _RNG(self.devices)
 
     def restore(self) -> None:
         torch.set_rng_state(self.cpu)

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from samopt import _validate
+from samopt import validation
 
 __all__ = ["REDUCE_OPS", "all_reduce_", "broadcast_generator_", "rank", "world_size"]
 
@@ -50,7 +50,7 @@ def all_reduce_(tensors: Sequence[Tensor], op: str = "mean", group: dist.Process
     One collective per (device, dtype) bucket. Every rank must pass tensors of the
     same shapes in the same order.
     """
-    _validate.choice("op", op, REDUCE_OPS)
+    validation.choice("op", op, REDUCE_OPS)
     n = world_size(group)
     if n == 1 or not tensors:
         return

@@ -5,6 +5,8 @@ The engine (:class:`samopt.SAM`) does the bookkeeping and calls these, the way
 ``torch.optim.SGD.step`` calls ``torch.optim.sgd.sgd``. Each kernel groups its
 inputs by device and dtype and runs ``torch._foreach_*`` ops on every group, so
 there is no Python loop over parameters on the hot path.
+:mod:`samopt.functional_reference` defines the same math one tensor at a time, and
+the tests hold these kernels to it.
 
 The perturbation of SAM (Foret et al., "Sharpness-Aware Minimization for
 Efficiently Improving Generalization", ICLR 2021, arXiv:2010.01412) and of ASAM
@@ -18,12 +20,12 @@ groups and passes each group's ``rho / total`` to :func:`perturb_`.
 Example::
 
     import torch
-    from samopt import functional as F
+    from samopt import functional
 
     params = [torch.randn(3, 2), torch.randn(2)]
     grads = [torch.randn(3, 2), torch.randn(2)]
-    norm = F.perturbation_norm(params, grads)                 # ||g||
-    F.perturb_(params, grads, scale=0.05 / norm.item())       # w <- w + rho g / ||g||
+    norm = functional.perturbation_norm(params, grads)                 # ||g||
+    functional.perturb_(params, grads, scale=0.05 / norm.item())       # w <- w + rho g / ||g||
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from torch import Tensor
 
 __all__ = [
     "CHUNK_NUMEL",
+    "buckets",
     "clip_grads_",
     "global_norm",
     "perturb_",
@@ -49,8 +52,12 @@ __all__ = [
 CHUNK_NUMEL = 1 << 22
 
 
-def _buckets(*lists: Sequence[Tensor]) -> list[tuple[list[Tensor], ...]]:
-    """Split parallel tensor lists into groups that share device and dtype, keeping order."""
+def buckets(*lists: Sequence[Tensor]) -> list[tuple[list[Tensor], ...]]:
+    """Split parallel tensor lists into groups that share device and dtype, keeping order.
+
+    The ``torch._foreach_*`` ops take one device and dtype per call; every kernel here
+    runs them once per bucket.
+    """
     out: dict[tuple, tuple[list[Tensor], ...]] = defaultdict(lambda: tuple([] for _ in lists))
     for items in zip(*lists, strict=True):
         key = tuple((t.device, t.dtype) for t in items)
@@ -115,7 +122,7 @@ def global_norm(tensors: Sequence[Tensor]) -> Tensor:
     """
     if not tensors:
         return torch.zeros(())
-    return _sqrt_of_sum([_squared_norms(bucket) for (bucket,) in _buckets(tensors)], tensors[0].device)
+    return _sqrt_of_sum([_squared_norms(bucket) for (bucket,) in buckets(tensors)], tensors[0].device)
 
 
 def perturbation_norm(
@@ -163,10 +170,10 @@ def perturbation_norm(
 def _buckets_with_masks(
     params: Sequence[Tensor], grads: Sequence[Tensor], masks: Sequence[Tensor | None], *more: Sequence[Tensor]
 ) -> list[tuple[list, ...]]:
-    """:func:`_buckets` over parameters, gradients, optional masks (all or none ``None``) and more lists."""
+    """:func:`buckets` over parameters, gradients, optional masks (all or none ``None``) and more lists."""
     if not masks or masks[0] is None:
-        return [(bp, bg, [None] * len(bp), *rest) for bp, bg, *rest in _buckets(params, grads, *more)]
-    return _buckets(params, grads, masks, *more)
+        return [(bp, bg, [None] * len(bp), *rest) for bp, bg, *rest in buckets(params, grads, *more)]
+    return buckets(params, grads, masks, *more)
 
 
 @torch.no_grad()
@@ -242,7 +249,7 @@ def clip_grads_(grads: Sequence[Tensor], total_norm: Tensor, max_norm: float) ->
         clip_grads_(grads, total, max_norm=1.0)
     """
     coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
-    for (gs,) in _buckets(grads):
+    for (gs,) in buckets(grads):
         torch._foreach_mul_(gs, coef.to(gs[0].device))
 
 
@@ -261,7 +268,7 @@ def unscale_grads_(grads: Sequence[Tensor], inv_scale: float) -> Tensor:
     """
     device = grads[0].device if grads else torch.device("cpu")
     found = torch.zeros((), dtype=torch.float32, device=device)
-    for (gs,) in _buckets(grads):
+    for (gs,) in buckets(grads):
         d = gs[0].device
         found_d = torch.zeros((), dtype=torch.float32, device=d)
         inv = torch.full((), inv_scale, dtype=torch.float32, device=d)

@@ -21,14 +21,15 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import ParamsT
 
-from samopt import _validate
 from samopt import distributed as D
+from samopt import validation
 from samopt.bn import BufferGuard
 from samopt.sam import SAM
 
@@ -37,7 +38,7 @@ __all__ = ["PerInstanceSAM"]
 IndexClosure = Callable[[Tensor | None], Tensor]
 
 
-class PerInstanceSAM(SAM):
+class PerInstanceSAM(torch.optim.Optimizer):
     """SAM with one perturbation per micro-batch of ``m`` examples (``m = 1``: per-instance SAM).
 
     The update gradient is ``sum_j (n_j / n) grad L_j(w + e_j)``, where ``L_j`` is the
@@ -46,8 +47,13 @@ class PerInstanceSAM(SAM):
     closure takes a 1-D index tensor (or ``None`` for the whole batch) and returns
     the per-example losses of those examples, without calling ``backward()``. One
     clean pass over the whole batch updates BatchNorm statistics; the per-micro-batch
-    passes leave every buffer as it was (``bn="both"`` included). Gradient scaling (``scaler``) is not
-    supported.
+    passes leave every buffer as it was (``bn="both"`` included). Gradient scaling
+    (``scaler``) is not supported.
+
+    It is a driver of its own over a :class:`samopt.SAM` engine (``opt.engine``), not a
+    ``SAM``: the two-pass protocol of SAM would train plain SAM, so the trainer
+    integrations, which drive that protocol, refuse it. ``param_groups``, ``state`` and
+    the state dict are the engine's.
 
     Args:
         params, base_optimizer, rho, **kwargs: as :class:`samopt.SAM`.
@@ -64,16 +70,27 @@ class PerInstanceSAM(SAM):
 
     def __init__(
         self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        params: ParamsT,
         base_optimizer: type[torch.optim.Optimizer] = torch.optim.SGD,
         rho: float = 0.05,
         *,
         m: int = 1,
         **kwargs: Any,
     ) -> None:
-        self.m = _validate.positive_int("m", m)
-        super().__init__(params, base_optimizer, rho, **kwargs)
+        self.m = validation.positive_int("m", m)
+        self.engine = SAM(params, base_optimizer, rho, **kwargs)
+        super().__init__(self.engine.param_groups, {})
+        self.param_groups = self.engine.param_groups
+        self.state = self.engine.state
         self._micro_guard = BufferGuard()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.engine.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.engine.load_state_dict(state_dict)
+        self.param_groups = self.engine.param_groups
+        self.state = self.engine.state
 
     @staticmethod
     def _losses(out: object, expected: int | None) -> Tensor:
@@ -91,42 +108,39 @@ class PerInstanceSAM(SAM):
             raise ValueError("PerInstanceSAM.step() needs a closure: index tensor (or None) -> per-example losses")
         if scaler is not None:
             raise ValueError("PerInstanceSAM does not support a GradScaler; it is a reference implementation")
-        if self._pending is not None:
-            raise RuntimeError("step() called between first_step() and second_step(); call second_step() first")
-        if D.world_size(self.process_group) > 1:
+        engine = self.engine
+        if D.world_size(engine.process_group) > 1:
             raise RuntimeError("PerInstanceSAM is a one-process reference; it does not run on several ranks")
-        self.zero_grad(set_to_none=True)
+        engine.zero_grad(set_to_none=True)
         with torch.no_grad():
             full = self._losses(closure(None), None)  # the one pass that updates BatchNorm statistics
         n = full.shape[0]
         if n == 0:
             raise ValueError("the closure returned no losses: PerInstanceSAM needs a non-empty batch")
-        device = full.device
         acc: dict[Tensor, Tensor] = {}
         starts = range(0, n, self.m)
         for j, start in enumerate(starts):
-            index = torch.arange(start, min(start + self.m, n), device=device)
-            self.zero_grad(set_to_none=True)
-            with torch.enable_grad(), self._micro_guard:
-                self._losses(closure(index), len(index)).mean().backward()
-            self.first_step(zero_grad=True)
-            try:
+            index = torch.arange(start, min(start + self.m, n), device=full.device)
+
+            def perturbed_backward(index: Tensor = index) -> None:
                 with torch.enable_grad(), self._micro_guard:  # whatever bn says: one clean pass counts
                     (self._losses(closure(index), len(index)).mean() * (len(index) / n)).backward()
-            except BaseException:
-                self.restore()
-                raise
+
+            engine.zero_grad(set_to_none=True)
+            with torch.enable_grad(), self._micro_guard:
+                self._losses(closure(index), len(index)).mean().backward()
             if j < len(starts) - 1:
-                self.restore()
-                for group in self.param_groups:
-                    for p in group["params"]:
-                        if p.grad is not None:
-                            acc[p] = p.grad if p not in acc else acc[p].add_(p.grad)  # zero_grad drops .grad
-            else:
+                engine.first_step(zero_grad=True)
+                try:
+                    perturbed_backward()
+                finally:
+                    engine.restore()
+                for p in [p for group in self.param_groups for p in group["params"] if p.grad is not None]:
+                    acc[p] = p.grad if p not in acc else acc[p].add_(p.grad)  # zero_grad drops .grad
+                continue
+            with engine.perturbed() as ascending:
+                if ascending:
+                    perturbed_backward()
                 for p, g in acc.items():
-                    if p.grad is None:
-                        p.grad = g
-                    else:
-                        p.grad.add_(g)
-                self.second_step(zero_grad=False)
+                    p.grad = g if p.grad is None else p.grad.add_(g)
         return full.detach().mean()

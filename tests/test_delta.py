@@ -420,3 +420,14 @@ def test_max_grad_norm_clips_the_descent_gradient():
     opt.step(per_example(model, x, y))
     step = math.sqrt(sum(float(((a - b).double() ** 2).sum()) for a, b in zip(weights(model), w, strict=True)))
     assert step == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_the_two_phase_api_is_refused_because_it_would_be_plain_sam():
+    model = mlp()
+    x, y = vector_batch()
+    opt = samopt.DeltaSAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(TypeError, match=r"DeltaSAM builds its ascent gradient from per-example losses, which only "
+                       r"step\(closure\) computes"):  # fmt: skip
+        opt.first_step()
+    assert opt.per_example and not samopt.SAM(model.parameters(), lr=0.1).per_example

@@ -264,6 +264,13 @@ def test_trainer_refuses_other_optimizers(tmp_path):
     )
     with pytest.raises(TypeError, match=r"SAMTrainer needs a samopt\.SAM optimizer"):
         trainer.train()
+    # per-instance SAM drives the engine its own way: through SAM's protocol it would silently be plain SAM
+    per_instance = samopt.PerInstanceSAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-4)
+    trainer = SAMTrainer(
+        model=model, args=args(tmp_path, max_steps=1), train_dataset=Pairs(8), optimizers=(per_instance, None)
+    )
+    with pytest.raises(TypeError, match=r"SAMTrainer needs a samopt\.SAM optimizer .*got PerInstanceSAM"):
+        trainer.train()
     opt = sam(model, max_grad_norm=2.0)
     trainer = SAMTrainer(model=model, args=args(tmp_path, max_steps=1), train_dataset=Pairs(8), optimizers=(opt, None))
     with pytest.raises(
@@ -285,7 +292,7 @@ def test_trainer_checkpoint_resume_keeps_the_sparse_mask_and_optimizer_state(tmp
     t = trainer(tmp_path / "b", resumed)
     t.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
     saved = torch.load(tmp_path / "a" / "checkpoint-2" / "optimizer.pt", weights_only=True)
-    assert saved["samopt"]["mask"] is not None and saved["state"]  # masks and AdamW moments are in the checkpoint
+    assert saved["samopt"]["ascent"]["masks"] is not None and saved["state"]  # masks and AdamW moments are saved
     for (name, a), b in zip(whole.named_parameters(), resumed.parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-6, rtol=0), name
     assert t.optimizer.optimizer.mask.state_dict()["steps"] == 4
@@ -365,6 +372,16 @@ def fit(module, tmp_path, precision="fp32", batches=6, **kw):
     trainer = lightning_trainer(tmp_path, **lightning_precision(precision), **kw)
     trainer.fit(module, loader(batches))
     return trainer
+
+
+def test_lightning_refuses_per_instance_sam(tmp_path):
+    class PerInstance(Classifier):
+        def configure_optimizers(self):
+            return samopt.PerInstanceSAM(self.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+
+    with pytest.raises(TypeError, match=r"SAMModule needs configure_optimizers\(\) to return one samopt\.SAM .*got "
+                       r"PerInstanceSAM"):  # fmt: skip
+        fit(PerInstance(mlp_with_bn_and_dropout()), tmp_path)
 
 
 # 5 batches: the epoch's last window has one batch, whose loss is still divided by 2, as Lightning's own

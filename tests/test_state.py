@@ -75,10 +75,21 @@ def test_state_dict_holds_the_base_optimizer_state():
 
     opt.step(closure)
     sd = opt.state_dict()
-    assert sd["samopt"] == {"format": 1, "kind": "SAM", "base": "torch.optim.adamw.AdamW"}
+    assert sd["samopt"] == {
+        "format": 2,
+        "kind": "SAM",
+        "base": "torch.optim.adamw.AdamW",
+        "groups": [{"rho": 0.1, "adaptive": False, "eta": 0.01}],  # SAM's keys, kept out of the base's groups
+        "updates": 1,
+        "ascent": {},
+        "descent": {},
+        "schedule": {},
+    }
     assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
-    assert sd["param_groups"][0]["rho"] == 0.1 and sd["param_groups"][0]["adaptive"] is False
-    assert sd["param_groups"][0]["eta"] == 0.01 and sd["param_groups"][0]["lr"] == 1e-3
+    assert sd["param_groups"][0]["lr"] == 1e-3 and not {"rho", "adaptive", "eta"} & set(sd["param_groups"][0])
+    plain = torch.optim.AdamW(mlp().parameters(), lr=1e-3)
+    plain.load_state_dict(sd)  # the base optimizer's state, in its own format: a plain AdamW reads it as its own
+    assert not {"rho", "adaptive", "eta"} & set(plain.param_groups[0])
     assert opt.state is opt.base_optimizer.state
     fresh = samopt.SAM(mlp().parameters(), torch.optim.AdamW, rho=0.1, lr=1e-3)
     fresh.load_state_dict(sd)
@@ -98,12 +109,16 @@ def test_load_state_dict_rejects_foreign_and_corrupt_dicts():
     with pytest.raises(ValueError, match=r"unsupported samopt state_dict format.*reads format 1"):
         opt.load_state_dict(sd)
     sd = opt.state_dict()
-    sd["param_groups"][0]["rho"] = -1.0
+    sd["samopt"]["groups"][0]["rho"] = -1.0
     with pytest.raises(ValueError, match=r"param_groups\[0\]\['rho'\] must be a finite real number >= 0"):
         opt.load_state_dict(sd)
     sd = opt.state_dict()
-    del sd["param_groups"][0]["adaptive"]
+    del sd["samopt"]["groups"][0]["adaptive"]
     with pytest.raises(ValueError, match=r"param_groups\[0\] has no 'adaptive'"):
+        opt.load_state_dict(sd)
+    sd = opt.state_dict()
+    sd["param_groups"][0]["rho"] = 0.3
+    with pytest.raises(ValueError, match=r"param_groups\[0\] of the state_dict holds \['rho'\], which format 2 keeps"):
         opt.load_state_dict(sd)
 
 
@@ -115,6 +130,14 @@ def _stepped(opt, model, steps=2):
         else:
             opt.step(lambda: F.cross_entropy(model(x), y).backward() or torch.zeros(()))
     return opt
+
+
+def as_format1(state):
+    """``state`` as samopt wrote it before the seams: SAM's keys in the groups, a mask's state under "mask"."""
+    meta = state["samopt"]
+    groups = [{**g, **k} for g, k in zip(state["param_groups"], meta["groups"], strict=True)]
+    old = {"format": 1, **({"mask": meta["ascent"]} if meta["ascent"] else {})}
+    return {**state, "param_groups": groups, "samopt": old}
 
 
 def _same_state(a, b):
@@ -171,8 +194,7 @@ def test_load_state_dict_refuses_state_of_other_shapes_and_older_states_are_stil
     # a state written before samopt recorded the kind and base: a DeltaSAM's is recognised by its generator,
     # an SGD one by its missing AdamW hyperparameters
     sgd_model = mlp()
-    old = _stepped(samopt.SAM(sgd_model.parameters(), torch.optim.SGD, lr=0.1), sgd_model).state_dict()
-    old["samopt"] = {"format": 1}
+    old = as_format1(_stepped(samopt.SAM(sgd_model.parameters(), torch.optim.SGD, lr=0.1), sgd_model).state_dict())
     adamw = samopt.SAM(mlp().parameters(), torch.optim.AdamW, lr=1e-3)
     with pytest.raises(
         ValueError,
@@ -181,18 +203,18 @@ def test_load_state_dict_refuses_state_of_other_shapes_and_older_states_are_stil
     ):
         adamw.load_state_dict(old)
     delta = samopt.DeltaSAM(mlp().parameters(), torch.optim.SGD, lr=0.1).state_dict()
-    delta["samopt"] = {"format": 1, "delta_generator": delta["samopt"]["delta_generator"]}
+    generator = delta["samopt"]["ascent"]["generator"]
+    delta = {**as_format1(delta), "samopt": {"format": 1, "delta_generator": generator}}
     with pytest.raises(ValueError, match="the state_dict is a DeltaSAM's and this optimizer a SAM"):
         samopt.SAM(mlp().parameters(), torch.optim.SGD, lr=0.1).load_state_dict(delta)
     fresh = samopt.SAM(mlp().parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
-    before["samopt"] = {"format": 1}
-    fresh.load_state_dict(before)  # an older state of the right kind still loads
+    fresh.load_state_dict(as_format1(before))  # an older state of the right kind still loads
     assert torch.equal(fresh.state_dict()["state"][0]["momentum_buffer"], before["state"][0]["momentum_buffer"])
     sam = samopt.SAM(mlp().parameters(), torch.optim.SGD, lr=0.1).state_dict()
     with pytest.raises(ValueError, match="the state_dict is a SAM's and this optimizer a DeltaSAM: load it into a SAM"):
         samopt.DeltaSAM(mlp().parameters(), torch.optim.SGD, lr=0.1).load_state_dict(sam)
     delta = samopt.DeltaSAM(mlp().parameters(), torch.optim.SGD, lr=0.1).state_dict()
-    delta["samopt"]["delta_generator"] = torch.zeros(3, dtype=torch.uint8)
+    delta["samopt"]["ascent"]["generator"] = torch.zeros(3, dtype=torch.uint8)
     with pytest.raises(ValueError, match="the state_dict's delta_generator does not fit this DeltaSAM's generator"):
         samopt.DeltaSAM(mlp().parameters(), torch.optim.SGD, lr=0.1).load_state_dict(delta)
     nan_lr = opt.state_dict()
@@ -323,6 +345,6 @@ def test_samopt_keeps_one_parameter_sized_buffer(in_place):
             return loss
 
         opt.step(closure)
-    held = sum(b.numel() * b.element_size() for b in opt._buffers.values())
+    held = opt.swap.nbytes
     assert held == sum(p.numel() * p.element_size() for p in model.parameters())
     assert opt.state == {}  # plain SGD without momentum keeps nothing, and samopt adds nothing to it

@@ -81,8 +81,8 @@ class SAMTrainer(Trainer):
         opt = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
         if not isinstance(opt, samopt.SAM):
             raise TypeError(
-                f"SAMTrainer needs a samopt.SAM optimizer in optimizers=(opt, scheduler), got {type(opt).__name__}; "
-                "for other optimizers use transformers.Trainer"
+                f"SAMTrainer needs a samopt.SAM optimizer (SAM, ASAM, Sparse SAM, DeltaSAM) in optimizers=(opt, "
+                f"scheduler), got {type(opt).__name__}; for other optimizers use transformers.Trainer"
             )
         return opt
 
@@ -117,7 +117,7 @@ class SAMTrainer(Trainer):
         """
         opt = self._sam()
         self._take_over_step(opt)
-        if isinstance(opt, samopt.DeltaSAM):
+        if opt.per_example:
             model.train()
             self._window.append((model, self._prepare_inputs(inputs), num_items_in_batch, 0))
             if len(self._window) < self.current_gradient_accumulation_steps:
@@ -140,7 +140,7 @@ class SAMTrainer(Trainer):
             return F.mse_loss(logits[:, 0].float(), labels.float(), reduction="none"), logits
         return F.cross_entropy(logits.float(), labels, reduction="none"), logits
 
-    def _delta_step(self, opt: samopt.DeltaSAM) -> torch.Tensor:
+    def _delta_step(self, opt: samopt.SAM) -> torch.Tensor:
         window, self._window = self._window, []
 
         def closure() -> tuple[torch.Tensor, list[torch.Tensor]]:  # the whole window is one δ-SAM batch
@@ -181,18 +181,13 @@ class SAMTrainer(Trainer):
 
     def _sam_step(self) -> None:
         opt = self._sam()
-        if isinstance(opt, samopt.DeltaSAM):
+        if opt.per_example:
             return  # the update ran in the window's last training_step
         window, self._window = self._window, []
         scaler = self._scaler()
         scale = scaler.get_scale() if scaler is not None else None
-        opt.first_step(zero_grad=True, scaler=scaler)
-        try:
-            if not opt._pending.skip:  # type: ignore[union-attr]
+        with opt.perturbed(scaler=scaler) as ascending:
+            if ascending:
                 for model, inputs, num_items, steps in window:
                     self.accelerator.backward(self._perturbed_loss(model, inputs, num_items, steps))
-        except BaseException:
-            opt.restore()
-            raise
-        opt.second_step(zero_grad=False, scaler=scaler)
         self._after_update(scaler, scale)

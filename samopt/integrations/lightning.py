@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 import samopt
-from samopt import _validate
+from samopt import validation
 
 try:
     import lightning as L
@@ -66,7 +66,7 @@ class SAMModule(L.LightningModule):
     def __init__(self, accumulate_grad_batches: int = 1) -> None:
         super().__init__()
         self.automatic_optimization = False
-        self.sam_accumulate = _validate.positive_int("accumulate_grad_batches", accumulate_grad_batches)
+        self.sam_accumulate = validation.positive_int("accumulate_grad_batches", accumulate_grad_batches)
         self._window: list[Any] = []
 
     def sam_loss(self, batch: Any) -> Tensor:
@@ -83,7 +83,8 @@ class SAMModule(L.LightningModule):
         opt = getattr(wrapper, "optimizer", wrapper)
         if not isinstance(opt, samopt.SAM):
             raise TypeError(
-                f"SAMModule needs configure_optimizers() to return one samopt.SAM or DeltaSAM, got {type(opt).__name__}"
+                f"SAMModule needs configure_optimizers() to return one samopt.SAM (SAM, ASAM, Sparse SAM, DeltaSAM), "
+                f"got {type(opt).__name__}"
             )
         return wrapper, opt
 
@@ -98,7 +99,7 @@ class SAMModule(L.LightningModule):
         k = self.sam_accumulate
         self._window.append(batch)
         end = len(self._window) == k or self.trainer.is_last_batch
-        if isinstance(opt, samopt.DeltaSAM):
+        if opt.per_example:
             return self._update(wrapper, opt, k) if end else None
         loss = self.sam_loss(batch)
         self.manual_backward(loss / k)
@@ -112,7 +113,7 @@ class SAMModule(L.LightningModule):
         scale = scaler.get_scale() if scaler is not None else None
         wrapper._on_before_step()  # Lightning's step bookkeeping (global_step, progress)
         loss = None
-        if isinstance(opt, samopt.DeltaSAM):
+        if opt.per_example:
 
             def closure() -> tuple[Tensor, list[Tensor]]:
                 parts = [self.sam_per_example_loss(batch) for batch in window]
@@ -131,15 +132,10 @@ class SAMModule(L.LightningModule):
         return loss
 
     def _two_passes(self, opt: samopt.SAM, window: list[Any], k: int, scaler: Any) -> None:
-        opt.first_step(zero_grad=True, scaler=scaler)
-        try:
-            if not opt._pending.skip:  # type: ignore[union-attr]
+        with opt.perturbed(scaler=scaler, zero_grad=True) as ascending:
+            if ascending:
                 for batch in window:
                     self.manual_backward(self.sam_loss(batch) / k)
-        except BaseException:
-            opt.restore()
-            raise
-        opt.second_step(zero_grad=True, scaler=scaler)
 
     def on_train_epoch_end(self) -> None:
         self._step_schedulers("epoch")

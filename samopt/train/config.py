@@ -1,10 +1,10 @@
 """Settings of one training run, and the recipes (named presets) that fill them in.
 
 A run's settings are resolved in three layers: the defaults of :class:`TrainConfig`
-(the Sparse SAM code's argument defaults, ``../research/ssam.md`` section 7.1), then
+(the argument defaults of the official Sparse SAM code, Mi et al., NeurIPS 2022), then
 the recipe's values (common ones, then those for the chosen optimizer), then whatever
-the user set explicitly. :data:`RECIPES` holds the papers' settings (Sparse SAM README
-commands, section 7.2 of the brief) per data set and model, and the CPU demo, so that
+the user set explicitly. :data:`RECIPES` holds the papers' settings (the commands of
+the Sparse SAM README) per data set and model, and the CPU demo, so that
 ``samopt compare --recipe cifar10-resnet18 --optimizers sgd,sam,ssam-f`` gives each
 optimizer its paper settings.
 
@@ -101,7 +101,7 @@ class GlueConfig(RunConfig):
     """Every setting of ``samopt glue``: the usual GLUE fine-tuning recipe (BERT, Devlin et al. 2019) by default.
 
     AdamW, lr 2e-5, batch 32, 3 epochs, linear decay after a warmup of 10% of the steps,
-    weight decay 0.01, sequences cut at 128 tokens (``../research/delta_sam.md`` section 5).
+    weight decay 0.01, sequences cut at 128 tokens (Devlin et al., NAACL 2019, appendix A.3).
     """
 
     task: str = "mrpc"
@@ -137,7 +137,7 @@ _SAM_FAMILY = ("sam", "asam", "ssam-f", "ssam-d", "random-mask", "delta-sam")
 _CIFAR = {"batch_size": 128, "lr": 0.05, "momentum": 0.9, "schedule": "cosine", "epochs": 200, "cutout": 16}
 _SPARSE = {"sparsity": 0.5, "num_samples": 16, "mask_interval": 1}
 _SOURCE = (
-    "Sparse SAM README commands (ssam.md 7.2): SGD wd 5e-4; SAM/SSAM wd 1e-3, rho 0.1 with ResNet-18 and "
+    "Sparse SAM README commands (Mi et al., NeurIPS 2022): SGD wd 5e-4; SAM/SSAM wd 1e-3, rho 0.1 with ResNet-18 and "
     "0.2 with WRN-28-10, s 0.5, N_s 16, T_m 1; lr 0.05, batch 128, 200 epochs, cosine, crop+flip+Cutout 16"
 )
 
@@ -180,7 +180,7 @@ RECIPES: dict[str, Recipe] = {
     "cifar100-wrn28-10": _cifar("cifar100", "wrn28-10", 0.2),
     "imagenet-resnet50": Recipe(
         "ImageNet, ResNet-50, 90 epochs, batch 256 (SSAM-F by default)",
-        "Sparse SAM README (ssam.md 7.2): bs 256, rho 0.7, wd 1e-4, s 0.5, N_s 128, T_m 1; "
+        "Sparse SAM README (Mi et al., NeurIPS 2022): bs 256, rho 0.7, wd 1e-4, s 0.5, N_s 128, T_m 1; "
         "[inferred] lr 0.05 (the code's default; the README gives none)",
         {
             "dataset": "imagenet",

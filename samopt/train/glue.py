@@ -288,11 +288,11 @@ def _encode(tokenizer: Any, texts: list[tuple[str, ...]], max_length: int) -> di
 
 def validate(cfg: Any) -> None:
     """Check the settings of a :class:`~samopt.train.config.GlueConfig` that no library call checks."""
-    from samopt import _validate
+    from samopt import validation
 
     task(cfg.task)
-    _validate.positive_int("max_length", cfg.max_length)
-    _validate.positive_int("train_subset", cfg.train_subset, allow_none=True)
+    validation.positive_int("max_length", cfg.max_length)
+    validation.positive_int("train_subset", cfg.train_subset, allow_none=True)
     if cfg.data_dir is None:
         raise ValueError(f"samopt glue needs --data-dir: the {cfg.task} folder holding train.tsv and the dev file(s)")
     if not TASKS[cfg.task].labels and cfg.label_smoothing:

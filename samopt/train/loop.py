@@ -55,8 +55,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 import samopt
-from samopt import _validate
 from samopt import distributed as D
+from samopt import validation
 from samopt.train.config import GlueConfig, RunConfig
 from samopt.train.launch import Ranks, Shard, setup
 from samopt.train.lock import DirectoryLock
@@ -127,22 +127,22 @@ class Task:
 
 def validate(cfg: RunConfig) -> None:
     """Check the shared settings that no library call checks, before any work is done."""
-    _validate.choice("optimizer", cfg.optimizer, OPTIMIZERS)
-    _validate.choice("schedule", cfg.schedule, SCHEDULES)
-    _validate.choice("amp", cfg.amp, AMP_MODES)
-    _validate.choice("sync", cfg.sync, samopt.sam.SYNC_MODES)
+    validation.choice("optimizer", cfg.optimizer, OPTIMIZERS)
+    validation.choice("schedule", cfg.schedule, SCHEDULES)
+    validation.choice("amp", cfg.amp, AMP_MODES)
+    validation.choice("sync", cfg.sync, samopt.sam.SYNC_MODES)
     for name in ("epochs", "batch_size", "mask_interval", "num_samples"):
-        _validate.positive_int(name, getattr(cfg, name))
+        validation.positive_int(name, getattr(cfg, name))
     for name in ("lr", "weight_decay", "momentum", "warmup_epochs", "gamma"):
-        _validate.nonnegative(name, getattr(cfg, name))
+        validation.nonnegative(name, getattr(cfg, name))
     for name in ("lr", "weight_decay", "momentum"):
         if getattr(cfg, name) > FLOAT32_MAX:
             raise ValueError(
                 f"{name} must be a finite real number in [0, {FLOAT32_MAX:.4g}] (the largest float32, the type of "
                 f"the weights it multiplies), got {getattr(cfg, name)!r}"
             )
-    _validate.unit_interval("label_smoothing", cfg.label_smoothing, include_one=True)
-    _validate.positive_or_none("max_grad_norm", cfg.max_grad_norm)
+    validation.unit_interval("label_smoothing", cfg.label_smoothing, include_one=True)
+    validation.positive_or_none("max_grad_norm", cfg.max_grad_norm)
     _task_module(cfg).validate(cfg)  # the task's own settings (data set, model, ...), without loading anything
     if cfg.warmup_epochs > cfg.epochs:
         raise ValueError(f"warmup_epochs must be at most epochs ({cfg.epochs}), got {cfg.warmup_epochs}")
@@ -409,7 +409,7 @@ def _restore(
         raise bad(f"has no fp16 loss scale (its scaler entry holds {sorted(ckpt['scaler'])})")
     try:
         if not isinstance(opt, samopt.SAM):  # the SAM family checks its own state before loading it
-            _validate.optimizer_state(opt, ckpt["optimizer"])
+            validation.optimizer_state(opt, ckpt["optimizer"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         amp.scaler.load_state_dict(ckpt["scaler"])

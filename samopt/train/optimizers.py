@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 import samopt
-from samopt import _validate
+from samopt import validation
 from samopt.masks import DynamicSparseMask, FisherMask, Mask, RandomMask
 
 __all__ = ["AMP_MODES", "OPTIMIZERS", "Amp", "base_optimizer", "build_optimizer", "train_step"]
@@ -157,7 +157,7 @@ class Amp:
     """Autocast settings and the fp16 ``GradScaler`` of a run: ``mode`` is ``"none"``, ``"bf16"`` or ``"fp16"``."""
 
     def __init__(self, mode: str, device: torch.device) -> None:
-        _validate.choice("amp", mode, AMP_MODES)
+        validation.choice("amp", mode, AMP_MODES)
         if mode == "fp16" and device.type != "cuda":
             raise ValueError("amp='fp16' needs a CUDA device; on the CPU use amp='bf16' or 'none'")
         self.mode, self.device = mode, device
@@ -191,7 +191,7 @@ def train_step(
             logits = model(x)
             return loss_fn(logits, y, reduction=reduction), logits
 
-    if isinstance(opt, samopt.DeltaSAM):
+    if isinstance(opt, samopt.SAM) and opt.per_example:
 
         def delta_closure() -> tuple[Tensor, Tensor]:
             losses, logits = forward("none")

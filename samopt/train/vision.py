@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from samopt import _validate
+from samopt import validation
 from samopt.train import data as datasets
 from samopt.train.config import TrainConfig
 from samopt.train.loader import FolderLoader, TensorLoader, fixed_subset
@@ -25,13 +25,13 @@ __all__ = ["build_task", "evaluate", "validate"]
 
 def validate(cfg: TrainConfig) -> None:
     """Check the image settings that no library call checks, without reading any data."""
-    _validate.choice("dataset", cfg.dataset, datasets.DATASETS)
-    _validate.choice("model", cfg.model, MODELS)
+    validation.choice("dataset", cfg.dataset, datasets.DATASETS)
+    validation.choice("model", cfg.model, MODELS)
     for name in ("image_size", "synthetic_size"):
-        _validate.positive_int(name, getattr(cfg, name))
+        validation.positive_int(name, getattr(cfg, name))
     if isinstance(cfg.workers, bool) or not isinstance(cfg.workers, int) or cfg.workers < 0:
         raise ValueError(f"workers must be an integer >= 0 (0: decode in the main process), got {cfg.workers!r}")
-    _validate.positive_int("train_subset", cfg.train_subset, allow_none=True)
+    validation.positive_int("train_subset", cfg.train_subset, allow_none=True)
     if cfg.cutout < 0 or (cfg.crop_padding is not None and cfg.crop_padding < 0):
         raise ValueError(f"cutout and crop_padding must be >= 0, got {cfg.cutout} and {cfg.crop_padding}")
     if cfg.dataset == "imagenet":

@@ -1,0 +1,163 @@
+"""The engine's three seams, with SAM's behaviour as the base of each.
+
+A SAM update takes the gradient ``g`` at ``w``, moves to ``w + e``, takes the gradient
+``g_p`` there, returns to ``w`` and steps the base optimizer. Every method of the SAM
+family changes one of three things, so :class:`samopt.SAM` takes one policy for each:
+
+- :class:`Ascent`, how ``e`` is built from ``g``. The base class is SAM (Foret et al.,
+  ICLR 2021, arXiv:2010.01412) and, in groups with ``adaptive=True``, element-wise
+  ASAM (Kwon et al., ICML 2021, arXiv:2102.11600): ``e = rho T^2 g / ||T g||``.
+  Sparse SAM's masks (:mod:`samopt.masks`) are ascent policies, and so are δ-SAM's
+  per-example weights (:mod:`samopt.delta`), which change the ascent gradient itself.
+- :class:`Descent`, how the update gradient is formed from ``g`` and ``g_p``. The base
+  class is SAM's: ``g_p``.
+- :class:`Schedule`, whether a step ascends at all. The base class is SAM's: always.
+  A step that does not ascend costs one forward/backward: the base optimizer steps
+  with ``g``.
+
+A policy keeps its state (EMAs, counters, random streams) in its own attributes and
+hands it over through ``state_dict()`` / ``load_state_dict()``, which the optimizer's
+:meth:`~samopt.SAM.state_dict` carries, so a resumed run continues exactly. A new
+method is a subclass of one of these, passed as ``SAM(..., ascent=..., descent=...,
+schedule=...)``; the engine itself does not change. The policies see the parameters
+and gradients of each parameter group as lists (``GroupGrads``) and never move the
+weights themselves: :meth:`Ascent.perturb` gets a ``move`` function from the engine,
+which records how to return.
+
+Example (a schedule that ascends every other step; one forward/backward on the others)::
+
+    class EveryOther(samopt.seams.Schedule):
+        def ascend(self, step, grad_norm):
+            return step % 2 == 0
+
+    opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.05, schedule=EveryOther(), lr=0.1)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import Tensor
+
+from samopt import functional as kernels
+from samopt.swap import Fill
+
+__all__ = ["Ascent", "Descent", "GroupGrads", "Move", "Part", "Policy", "Schedule", "perturb_parts"]
+
+#: One parameter group, its parameters that have a gradient and those gradients.
+GroupGrads = tuple[dict[str, Any], list[Tensor], list[Tensor]]
+#: ``move(params, fill)``: move ``params`` to the values ``fill`` writes (:meth:`samopt.swap.WeightSwap.move`).
+Move = Callable[[list[Tensor], Fill], None]
+#: A group's parameters and gradients with a bool mask per parameter (``None``: all entries).
+Part = tuple[dict[str, Any], list[Tensor], list[Tensor], "list[Tensor] | None"]
+
+
+class Policy:
+    """State handling shared by the seams: a stateless policy saves ``{}``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The policy's state, to be restored by :meth:`load_state_dict`."""
+        return {}
+
+    def check_state(self, state: object) -> None:
+        """Raise ``ValueError`` unless ``state`` is a :meth:`state_dict` this policy can load."""
+        if state != {}:
+            raise ValueError(f"{type(self).__name__} keeps no state, but the state_dict holds {state!r}")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load what :meth:`state_dict` returned."""
+        self.check_state(state)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def perturb_parts(parts: Sequence[Part], norm: float, move: Move) -> None:
+    """Move each part to ``w + rho m T^2 g / norm`` (its group's ``rho``, ``adaptive``, ``eta``; mask ``m``)."""
+    for group, params, grads, masks in parts:
+        if not params or group["rho"] == 0:
+            continue
+        kw = {"scale": group["rho"] / norm, "adaptive": group["adaptive"], "eta": group["eta"]}
+
+        def fill(idx: list[int], out: list[Tensor] | None, params=params, grads=grads, masks=masks, kw=kw) -> None:
+            chosen = None if masks is None else [masks[i] for i in idx]
+            kernels.perturb_([params[i] for i in idx], [grads[i] for i in idx], masks=chosen, out=out, **kw)
+
+        move(params, fill)
+
+
+class Ascent(Policy):
+    """How the perturbation ``e`` is built from the gradient at ``w``: SAM and ASAM (this base class).
+
+    ``e = rho T^2 g / ||T g||`` with ``T = 1`` (SAM, Foret et al., ICLR 2021,
+    arXiv:2010.01412) or ``T = |w| + eta`` in groups with ``adaptive=True`` (ASAM,
+    Kwon et al., ICML 2021, arXiv:2102.11600); each group's ``rho``, ``adaptive``,
+    ``eta``; the norm is global over every group.
+
+    The engine calls, in each ``first_step``: :meth:`norm` (whose finiteness decides
+    an overflow skip), then, if the step ascends, :meth:`perturb`; after every applied
+    update :meth:`advance`. :meth:`bind` is called once with every parameter.
+    """
+
+    def bind(self, params: list[Tensor], owner: object, group: Any = None, *, sharded: bool = False) -> None:
+        """Attach to the optimizer ``owner`` and all its ``params`` (``group``: the ranks to agree with;
+        ``sharded``: FSDP-sharded parameters, of which each rank holds a shard)."""
+
+    def norm(self, groups: Sequence[GroupGrads]) -> Tensor:
+        """The denominator ``||T g||`` over every group (of this rank's shards, under FSDP)."""
+        norms = [kernels.perturbation_norm(ps, gs, adaptive=g["adaptive"], eta=g["eta"]) for g, ps, gs in groups if ps]
+        return kernels.global_norm(norms)
+
+    def perturb(self, groups: Sequence[GroupGrads], norm: float, move: Move) -> None:
+        """Move the parameters to ``w + e`` through ``move``, given ``norm = ||T g||`` (finite; a zero gradient
+        gives no perturbation)."""
+        if norm > 0:
+            perturb_parts([(g, ps, gs, None) for g, ps, gs in groups], norm, move)
+
+    def advance(self) -> None:
+        """One update was applied."""
+
+    def density(self) -> float:
+        """The fraction of parameter entries the perturbation reaches."""
+        return 1.0
+
+    def check_state(self, state: object) -> None:
+        if isinstance(state, dict) and "masks" in state:
+            raise ValueError(
+                "the state_dict's mask entry does not match this optimizer, which has none; "
+                "construct the optimizer with the same mask= kind"
+            )
+        super().check_state(state)
+
+    def state_from_format1(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """This policy's state from the ``"samopt"`` entry of a state_dict of format 1 (before the seams),
+        which kept a mask's state under ``"mask"``."""
+        return meta.get("mask", {})
+
+
+class Descent(Policy):
+    """How the update gradient is formed from ``g`` (at ``w``) and ``g_p`` (at ``w + e``): ``g_p`` (SAM).
+
+    A subclass that needs ``g`` sets :attr:`needs_clean` and gets a copy of it.
+    """
+
+    #: Whether :meth:`combine` needs the gradient at ``w`` (the engine then keeps a copy of it).
+    needs_clean = False
+
+    def combine(self, clean: list[Tensor] | None, grads: list[Tensor]) -> None:
+        """Turn ``grads`` (``g_p``, unscaled, the same order as ``clean``) into the update gradient, in place."""
+
+    def without_ascent(self, grads: list[Tensor]) -> None:
+        """Turn ``grads`` (``g``) into the update gradient of a step that did not ascend, in place."""
+
+
+class Schedule(Policy):
+    """Whether a step ascends: always (SAM)."""
+
+    def ascend(self, step: int, grad_norm: Callable[[], float]) -> bool:
+        """Whether update number ``step`` (0-based, counting applied updates) runs the perturbed pass.
+
+        ``grad_norm()`` gives ``||g||`` of the clean gradient (computed on demand).
+        """
+        return True
