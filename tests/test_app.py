@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import samopt
-from samopt.train import cli, loop
+from samopt.train import cli, config, loop
 from samopt.train.config import RECIPES, TrainConfig, resolve
 from samopt.train.loop import CheckpointError, lr_factor, run
 from samopt.train.optimizers import Amp, base_optimizer, build_optimizer, train_step
@@ -310,7 +310,7 @@ def test_cli_flags_round_trip():
         "train_subset": 100,
         "base": "adamw",
     }
-    assert cli._explicit(parser.parse_args(["train", *cli.to_flags(explicit)])) == explicit
+    assert cli._explicit(parser.parse_args(["train", *config.to_flags(explicit)])) == explicit
 
 
 def test_cli_errors_name_the_valid_choices(tmp_path):
@@ -339,7 +339,7 @@ def test_recipes_command_lists_every_recipe():
 
 def test_compare_runs_tables_plots_and_skips_finished_runs(tmp_path):
     out = tmp_path / "cmp"
-    flags = cli.to_flags({**TINY, "epochs": 1, "out": str(out)})
+    flags = config.to_flags({**TINY, "epochs": 1, "out": str(out)})
     r = samopt_cli("compare", "--optimizers", "sgd,sam", "--seeds", "2", *flags)
     assert r.returncode == 0, r.stderr
     results = json.loads((out / "compare.json").read_text())
@@ -375,8 +375,8 @@ def test_samopt_console_script_is_declared():
 def test_a_setting_missing_from_an_older_checkpoint_counts_as_its_default():
     cfg = TrainConfig()
     saved = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "sync"}  # written before --sync existed
-    assert loop.config_differences(saved, cfg) == []
-    assert loop.config_differences(saved, cfg.replace(sync="local")) == ["sync: checkpoint 'global', now 'local'"]
+    assert config.config_differences(saved, cfg) == []
+    assert config.config_differences(saved, cfg.replace(sync="local")) == ["sync: checkpoint 'global', now 'local'"]
 
 
 def test_compare_under_torchrun_is_refused_with_the_way_out(monkeypatch, capsys):

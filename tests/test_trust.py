@@ -23,14 +23,14 @@ import pytest
 import torch
 
 import samopt
-from samopt.train import cli, loop
+from samopt.train import cli, config, loop
 from samopt.train.config import resolve
 from samopt.train.lock import LOCK_NAME, DirectoryInUseError, DirectoryLock
 from tests.test_app import TINY
 from tests.test_glue import GLUE
 from tests.test_train import _Payload, write_cifar, write_fashion_mnist, write_image_folder
 
-FLAGS = cli.to_flags(TINY)
+FLAGS = config.to_flags(TINY)
 
 
 def samopt_main(capsys, *args: str) -> tuple[int, str]:

@@ -1,4 +1,4 @@
-"""The ``samopt`` command: ``samopt train``, ``samopt compare`` and ``samopt recipes``.
+"""The ``samopt`` command: ``samopt train``, ``compare``, ``glue``, ``glue-compare``, ``recipes`` and ``optimizers``.
 
 Every field of :class:`~samopt.train.config.TrainConfig` is a flag (``--weight-decay``,
 ``--no-flip``, ``--max-grad-norm none``); ``--recipe NAME`` fills in a preset first and
@@ -9,6 +9,7 @@ Example::
     samopt train --recipe fmnist-demo --optimizer ssam-f
     samopt compare --recipe fmnist-demo --optimizers sgd,sam,ssam-f,ssam-d,delta-sam --seeds 3
     samopt recipes
+    samopt optimizers
 """
 
 from __future__ import annotations
@@ -23,16 +24,18 @@ from typing import Any
 
 from samopt.sam import SYNC_MODES
 from samopt.train import data as datasets
-from samopt.train.config import RECIPES, GlueConfig, RunConfig, TrainConfig, resolve
+from samopt.train.compare import compare
+from samopt.train.config import RECIPES, GlueConfig, RunConfig, TrainConfig, resolve, to_flags
 from samopt.train.glue import TASKS
-from samopt.train.loop import SCHEDULES
+from samopt.train.lock import DirectoryInUseError
+from samopt.train.loop import EXIT_INTERRUPTED, SCHEDULES, CheckpointError, run
 from samopt.train.models import MODELS
-from samopt.train.optimizers import AMP_MODES, OPTIMIZERS
+from samopt.train.optimizers import AMP_MODES, NAMES, OPTIMIZERS
 
-__all__ = ["config_args", "main"]
+__all__ = ["build_parser", "config_args", "main"]
 
 _CHOICES = {
-    "optimizer": OPTIMIZERS,
+    "optimizer": NAMES,
     "schedule": SCHEDULES,
     "amp": AMP_MODES,
     "sync": SYNC_MODES,
@@ -112,20 +115,6 @@ def _explicit(ns: argparse.Namespace, kind: type[RunConfig] = TrainConfig) -> di
     return {k: v for k, v in vars(ns).items() if k in names}
 
 
-def to_flags(settings: dict[str, Any]) -> list[str]:
-    """Command-line flags that reproduce ``settings`` (the inverse of :func:`config_args`)."""
-    flags = []
-    for k, v in settings.items():
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, bool):
-            flags.append(flag if v else "--no-" + k.replace("_", "-"))
-        elif isinstance(v, list):
-            flags += [flag, ",".join(map(str, v))]
-        else:
-            flags += [flag, "none" if v is None else str(v)]
-    return flags
-
-
 def _recipes() -> None:
     width = max(map(len, RECIPES))
     pad = " " * width
@@ -139,6 +128,13 @@ def _recipes() -> None:
         for flags, optimizers in groups.items():
             print(f"{pad}  with {', '.join(optimizers)}: {flags}")
         print()
+
+
+def _optimizers() -> None:
+    width = max(map(len, OPTIMIZERS))
+    for name, s in OPTIMIZERS.items():
+        rho = f"; default rho {s.rho}" if s.rho is not None else ""
+        print(f"{name:<{width}}  {s.summary} ({s.citation}{rho}; tasks: {', '.join(s.tasks)})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,17 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
     glue_compare.add_argument("--seeds", type=int, default=1, help="number of seeds: seed, seed+1, ...")
     config_args(glue_compare, GlueConfig)
     sub.add_parser("recipes", help="list the presets of --recipe")
+    sub.add_parser("optimizers", help="list the optimizers, with their papers and default rho")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "recipes":
-        _recipes()
+    if args.command in ("recipes", "optimizers"):
+        (_recipes if args.command == "recipes" else _optimizers)()
         return 0
-    from samopt.train.lock import DirectoryInUseError
-    from samopt.train.loop import EXIT_INTERRUPTED, CheckpointError
-
     kind = GlueConfig if args.command.startswith("glue") else TrainConfig
     recipe = getattr(args, "recipe", None)
     try:
@@ -191,8 +185,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "`samopt train` / `samopt glue` run with torchrun instead"
             )
         if args.command in ("train", "glue"):
-            from samopt.train.loop import run
-
             summary = run(resolve(recipe, _explicit(args, kind), kind))
             if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks
                 print(
@@ -201,8 +193,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"results in {summary['out']}"
                 )
         else:
-            from samopt.train.compare import compare
-
             command = "glue" if kind is GlueConfig else "train"
             compare(recipe, _explicit(args, kind), args.optimizers.split(","), args.seeds, command)
     except (ValueError, CheckpointError, DirectoryInUseError, ImportError, OSError, FloatingPointError) as e:

@@ -32,10 +32,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from samopt.train.config import GlueConfig, TrainConfig, resolve
+from samopt.train.config import GlueConfig, TrainConfig, config_differences, resolve, to_flags
 from samopt.train.lock import DirectoryLock
-from samopt.train.loop import EXIT_INTERRUPTED, config_differences, validate
-from samopt.train.optimizers import OPTIMIZERS
+from samopt.train.loop import EXIT_INTERRUPTED, validate
+from samopt.train.optimizers import NAMES
 
 __all__ = ["compare", "plot", "table"]
 
@@ -166,11 +166,9 @@ def compare(
 ) -> dict[str, Any]:
     """Run ``samopt <command>`` for every optimizer at ``seeds`` seeds in subprocesses, then write the table and
     plots; returns the results (per optimizer, the runs' summaries)."""
-    from samopt.train.cli import to_flags
-
-    unknown = [o for o in optimizers if o not in OPTIMIZERS]
+    unknown = [o for o in optimizers if o not in NAMES]
     if unknown or not optimizers:
-        raise ValueError(f"unknown optimizer(s) {unknown} in --optimizers; choose from: {', '.join(OPTIMIZERS)}")
+        raise ValueError(f"unknown optimizer(s) {unknown} in --optimizers; choose from: {', '.join(NAMES)}")
     repeated = sorted({o for o in optimizers if optimizers.count(o) > 1})
     if repeated:
         raise ValueError(f"--optimizers names {repeated} more than once; name each optimizer once")

@@ -20,7 +20,19 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Self
 
-__all__ = ["RECIPES", "GlueConfig", "Recipe", "RunConfig", "TrainConfig", "resolve"]
+from samopt.train.optimizers import SAM_FAMILY
+
+__all__ = [
+    "RECIPES",
+    "RESUMABLE_CHANGES",
+    "GlueConfig",
+    "Recipe",
+    "RunConfig",
+    "TrainConfig",
+    "config_differences",
+    "resolve",
+    "to_flags",
+]
 
 
 @dataclass
@@ -133,7 +145,6 @@ class Recipe:
     per_optimizer: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-_SAM_FAMILY = ("sam", "asam", "ssam-f", "ssam-d", "random-mask", "delta-sam")
 _CIFAR = {"batch_size": 128, "lr": 0.05, "momentum": 0.9, "schedule": "cosine", "epochs": 200, "cutout": 16}
 _SPARSE = {"sparsity": 0.5, "num_samples": 16, "mask_interval": 1}
 _SOURCE = (
@@ -152,7 +163,7 @@ def _cifar(dataset: str, model: str, rho: float) -> Recipe:
         f"{dataset.upper().replace('CIFAR', 'CIFAR-')} with Cutout, {model}: any optimizer (default ssam-f)",
         _SOURCE + inferred,
         {**_CIFAR, **_SPARSE, "dataset": dataset, "model": model, "optimizer": "ssam-f"},
-        {"sgd": {"weight_decay": 5e-4}, **{o: sam for o in _SAM_FAMILY if o != "asam"}, "asam": {"weight_decay": 1e-3}},
+        {"sgd": {"weight_decay": 5e-4}, **{o: sam for o in SAM_FAMILY if o != "asam"}, "asam": {"weight_decay": 1e-3}},
     )
 
 
@@ -195,7 +206,7 @@ RECIPES: dict[str, Recipe] = {
             "mask_interval": 1,
             "schedule": "cosine",
         },
-        {o: {"rho": 0.7} for o in _SAM_FAMILY if o != "asam"},
+        {o: {"rho": 0.7} for o in SAM_FAMILY if o != "asam"},
     ),
 }
 
@@ -218,3 +229,36 @@ def resolve(recipe: str | None, explicit: dict[str, Any], kind: type[RunConfig] 
         settings.update(r.per_optimizer.get(optimizer, {}))
     settings.update(explicit)
     return kind(**settings)
+
+
+#: Settings a resumed run may change; any other difference from the checkpoint is an error.
+RESUMABLE_CHANGES = frozenset(
+    {"data_dir", "download", "workers", "device", "progress", "resume", "out", "deterministic"}
+)
+
+
+def config_differences(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """The settings of ``cfg`` that differ from the ``saved`` ones, except those a resumed run may change.
+
+    A setting missing from ``saved`` (written before it existed) counts as its default.
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
+    return [
+        f"{k}: checkpoint {saved.get(k, defaults.get(k))!r}, now {v!r}"
+        for k, v in dataclasses.asdict(cfg).items()
+        if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != v
+    ]
+
+
+def to_flags(settings: dict[str, Any]) -> list[str]:
+    """Command-line flags that reproduce ``settings`` (the inverse of the command line's parsing)."""
+    flags = []
+    for k, v in settings.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            flags.append(flag if v else "--no-" + k.replace("_", "-"))
+        elif isinstance(v, list):
+            flags += [flag, ",".join(map(str, v))]
+        else:
+            flags += [flag, "none" if v is None else str(v)]
+    return flags

@@ -28,6 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from samopt import validation
+from samopt.train import optimizers
+from samopt.train.loader import batch_seed, fixed_subset
+from samopt.train.task import Task
+
 __all__ = [
     "PACKAGED_MODEL",
     "TASKS",
@@ -265,8 +270,6 @@ class TokenLoader:
         return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        from samopt.train.loader import batch_seed
-
         n, bs = len(self.rows), self.batch_size
         g = torch.Generator().manual_seed(batch_seed(self.seed, epoch, -1))
         order = torch.randperm(n, generator=g) if self.train else torch.arange(n)
@@ -288,8 +291,6 @@ def _encode(tokenizer: Any, texts: list[tuple[str, ...]], max_length: int) -> di
 
 def validate(cfg: Any) -> None:
     """Check the settings of a :class:`~samopt.train.config.GlueConfig` that no library call checks."""
-    from samopt import validation
-
     task(cfg.task)
     validation.positive_int("max_length", cfg.max_length)
     validation.positive_int("train_subset", cfg.train_subset, allow_none=True)
@@ -300,10 +301,7 @@ def validate(cfg: Any) -> None:
 
 
 def build_task(cfg: Any, device: torch.device) -> Any:
-    """The :class:`~samopt.train.loop.Task` of a :class:`~samopt.train.config.GlueConfig` on ``device``."""
-    from samopt.train.loader import fixed_subset
-    from samopt.train.loop import Task
-
+    """The :class:`~samopt.train.task.Task` of a :class:`~samopt.train.config.GlueConfig` on ``device``."""
     spec = task(cfg.task)
     train = read_split(cfg.task, cfg.data_dir, "train")
     devs = {d: read_split(cfg.task, cfg.data_dir, d) for d in spec.dev}
@@ -351,7 +349,7 @@ def build_task(cfg: Any, device: torch.device) -> Any:
     common = {"device": device}
     train_loader = TokenLoader(encoded, labels, cfg.batch_size, train=True, seed=cfg.seed, **common)
     fisher = None
-    if cfg.optimizer == "ssam-f":  # fixed length, so that the Fisher mask can stack examples across batches
+    if optimizers.spec(cfg.optimizer).fisher:  # fixed length, so that the Fisher mask can stack examples across batches
         fisher = TokenLoader(
             encoded, labels, cfg.batch_size, train=True, seed=cfg.seed + 1, pad_to=cfg.max_length, **common
         )

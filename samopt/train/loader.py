@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from samopt.train.data import image_folder
+
 __all__ = ["FolderLoader", "TensorLoader", "batch_seed", "fixed_subset"]
 
 
@@ -223,8 +225,6 @@ class FolderLoader:
         seed: int = 0,
         device: torch.device | str = "cpu",
     ) -> None:
-        from samopt.train.data import image_folder
-
         try:
             import PIL  # noqa: F401
         except ImportError as e:

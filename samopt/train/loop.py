@@ -44,10 +44,9 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -57,12 +56,14 @@ from torch.nn.parallel import DistributedDataParallel
 import samopt
 from samopt import distributed as D
 from samopt import validation
-from samopt.train.config import GlueConfig, RunConfig
+from samopt.train import glue, vision
+from samopt.train.config import GlueConfig, RunConfig, config_differences
 from samopt.train.launch import Ranks, Shard, setup
 from samopt.train.lock import DirectoryLock
-from samopt.train.optimizers import AMP_MODES, OPTIMIZERS, Amp, build_optimizer, train_step
+from samopt.train.optimizers import AMP_MODES, Amp, build_optimizer, spec, train_step
+from samopt.train.task import Loader, Task
 
-__all__ = ["CheckpointError", "Loader", "Task", "lr_factor", "run", "validate"]
+__all__ = ["CheckpointError", "lr_factor", "run", "validate"]
 
 CHECKPOINT_FORMAT = 1
 #: The entries of a checkpoint and their types (``rng_ranks`` is absent from those written before torchrun runs;
@@ -87,10 +88,6 @@ CHECKPOINT_ENTRIES: dict[str, type | tuple[type, ...]] = {
 #: The largest learning rate, weight decay or momentum the (float32) weights can be multiplied by.
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 SCHEDULES = ("cosine", "linear", "multistep", "constant")
-#: Settings a resumed run may change; any other difference from the checkpoint is an error.
-RESUMABLE_CHANGES = frozenset(
-    {"data_dir", "download", "workers", "device", "progress", "resume", "out", "deterministic"}
-)
 EXIT_INTERRUPTED = 130
 
 
@@ -98,36 +95,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not match the run that would continue it."""
 
 
-class Loader(Protocol):
-    """Batches ``(inputs, targets)`` of an epoch, from batch ``start`` on; ``len()`` is the batches per epoch."""
-
-    def __len__(self) -> int: ...
-
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]: ...
-
-
-@dataclass
-class Task:
-    """What a run trains: the model, its batches, its loss and how it is evaluated.
-
-    ``evaluate(model, amp)`` returns named metrics (evaluation loss included);
-    ``score`` names the one that summarises a run (higher is better); ``classification``
-    says whether the training accuracy (argmax of the outputs) is meaningful.
-    """
-
-    model: nn.Module
-    train: Loader
-    fisher: Loader | None
-    loss_fn: Callable[..., Tensor]
-    evaluate: Callable[[nn.Module, Amp], dict[str, float]]
-    score: str
-    classification: bool = True
-    prepare: Callable[[Tensor], Tensor] = lambda x: x  # e.g. to channels_last
-
-
 def validate(cfg: RunConfig) -> None:
     """Check the shared settings that no library call checks, before any work is done."""
-    validation.choice("optimizer", cfg.optimizer, OPTIMIZERS)
+    kind = "glue" if isinstance(cfg, GlueConfig) else "image"
+    if kind not in spec(cfg.optimizer).tasks:
+        raise ValueError(f"optimizer {cfg.optimizer!r} does not run on {kind} tasks")
     validation.choice("schedule", cfg.schedule, SCHEDULES)
     validation.choice("amp", cfg.amp, AMP_MODES)
     validation.choice("sync", cfg.sync, samopt.sam.SYNC_MODES)
@@ -151,14 +123,8 @@ def validate(cfg: RunConfig) -> None:
 
 
 def _task_module(cfg: RunConfig) -> Any:
-    """The module with ``validate(cfg)`` and ``build_task(cfg, device)`` for ``cfg``'s kind of run."""
-    if isinstance(cfg, GlueConfig):
-        from samopt.train import glue
-
-        return glue
-    from samopt.train import vision
-
-    return vision
+    """The provider (``validate(cfg)`` and ``build_task(cfg, device)``) of ``cfg``'s kind of run."""
+    return glue if isinstance(cfg, GlueConfig) else vision
 
 
 def lr_factor(cfg: RunConfig, steps_per_epoch: int) -> Callable[[int], float]:
@@ -263,19 +229,6 @@ def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") ->
     except BaseException:  # an error, or a second Ctrl-C mid-write: the previous file stays, no temporary is left
         tmp.unlink(missing_ok=True)
         raise
-
-
-def config_differences(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
-    """The settings of ``cfg`` that differ from the ``saved`` ones, except those a resumed run may change.
-
-    A setting missing from ``saved`` (written before it existed) counts as its default.
-    """
-    defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
-    return [
-        f"{k}: checkpoint {saved.get(k, defaults.get(k))!r}, now {v!r}"
-        for k, v in dataclasses.asdict(cfg).items()
-        if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != v
-    ]
 
 
 def load_checkpoint(path: Path, cfg: RunConfig, device: torch.device) -> dict[str, Any]:
@@ -523,7 +476,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _run(cfg: RunConfig, ranks: Ranks, device: torch.device) -> dict[str, Any]:
-    for name in ("batch_size", "num_samples") if cfg.optimizer == "ssam-f" else ("batch_size",):
+    for name in ("batch_size", "num_samples") if spec(cfg.optimizer).fisher else ("batch_size",):
         if getattr(cfg, name) % ranks.world:
             raise ValueError(
                 f"{name} ({getattr(cfg, name)}) must be a multiple of the number of ranks ({ranks.world}): "

@@ -1,10 +1,11 @@
-"""The optimizers of ``samopt train`` by name, and one training step for each kind.
+"""The optimizers of ``samopt train`` and ``samopt glue``: one registry, and one training step for each kind.
 
-Names (:data:`OPTIMIZERS`): ``sgd`` and ``adamw`` (plain torch), ``sam`` (Foret et
-al., ICLR 2021), ``asam`` (Kwon et al., ICML 2021), ``ssam-f`` / ``ssam-d`` (Sparse
-SAM with a Fisher or dynamic sparse mask, Mi et al., NeurIPS 2022), ``random-mask``
-(Sparse SAM's random-mask baseline) and ``delta-sam`` (Zhou et al., EMNLP Findings
-2022). The SAM family runs over any ``torch.optim`` class named by ``base``.
+:data:`OPTIMIZERS` maps each name to an :class:`OptimizerSpec`: what the optimizer is,
+the paper it comes from, how it is built from a run's settings, its default ``rho``,
+the tasks it runs on and whether it needs SSAM-F's Fisher data. The command line, the
+recipes, ``samopt compare``, the training loop and ``samopt optimizers`` all read it;
+:func:`spec` is the one place a name is checked. The SAM family runs over any
+``torch.optim`` class named by ``base``.
 
 Example::
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,13 +27,20 @@ from torch.nn.parallel import DistributedDataParallel
 
 import samopt
 from samopt import validation
-from samopt.masks import DynamicSparseMask, FisherMask, Mask, RandomMask
+from samopt.masks import DynamicSparseMask, FisherMask, RandomMask
 
-__all__ = ["AMP_MODES", "OPTIMIZERS", "Amp", "base_optimizer", "build_optimizer", "train_step"]
-
-OPTIMIZERS = ("sgd", "adamw", "sam", "asam", "ssam-f", "ssam-d", "random-mask", "delta-sam")
-#: Default rho when none is given: 0.05 for SAM (Foret et al.), 0.5 for ASAM (Kwon et al., CIFAR setting).
-DEFAULT_RHO = {"asam": 0.5}
+__all__ = [
+    "AMP_MODES",
+    "NAMES",
+    "OPTIMIZERS",
+    "SAM_FAMILY",
+    "Amp",
+    "OptimizerSpec",
+    "base_optimizer",
+    "build_optimizer",
+    "spec",
+    "train_step",
+]
 
 
 def base_optimizer(name: str) -> type[torch.optim.Optimizer]:
@@ -65,6 +74,149 @@ def _base_kwargs(cfg: Any, cls: type[torch.optim.Optimizer]) -> dict[str, Any]:
     return kw
 
 
+@dataclass
+class _Build:
+    """What a builder gets: the run's settings, the model and the run's data and ranks."""
+
+    cfg: Any
+    model: nn.Module
+    steps_per_epoch: int
+    fisher_data: Iterable[Any] | None
+    fisher_loss: Callable[..., Tensor]
+    ddp: DistributedDataParallel | None
+    world: int
+
+    def plain(self, cls: type[torch.optim.Optimizer]) -> torch.optim.Optimizer:
+        return cls(self.model.parameters(), **_base_kwargs(self.cfg, cls))
+
+    def sam(self, cls: type[samopt.SAM], rho: float, **kw: Any) -> samopt.SAM:
+        cfg = self.cfg
+        base = base_optimizer(cfg.base)
+        engine = {"bn": cfg.bn, "max_grad_norm": cfg.max_grad_norm, "sync": cfg.sync, "ddp": self.ddp}
+        rho = cfg.rho if cfg.rho is not None else rho
+        return cls(self.model.parameters(), base, rho, **engine, **kw, **_base_kwargs(cfg, base))
+
+    @property
+    def every(self) -> int:
+        return self.steps_per_epoch * self.cfg.mask_interval
+
+
+def _fisher(b: _Build) -> samopt.SAM:
+    if b.fisher_data is None:
+        raise ValueError("ssam-f needs fisher_data, the batches its Fisher information is computed from")
+    cfg = b.cfg
+    mask = FisherMask(
+        b.model,
+        b.fisher_data,
+        b.fisher_loss,
+        cfg.sparsity,
+        num_samples=cfg.num_samples // b.world,
+        fisher_labels=cfg.fisher_labels,
+        update_interval=b.every,
+        granularity=cfg.granularity,
+        seed=cfg.seed,
+    )
+    return b.sam(samopt.SAM, 0.05, eta=cfg.eta, mask=mask)
+
+
+def _dynamic(b: _Build) -> samopt.SAM:
+    cfg = b.cfg
+    mask = DynamicSparseMask(
+        cfg.sparsity,
+        total_steps=b.steps_per_epoch * cfg.epochs,
+        drop_rate=cfg.drop_rate,
+        drop=cfg.drop,
+        grow=cfg.grow,
+        update_interval=b.every,
+        granularity=cfg.granularity,
+        seed=cfg.seed,
+    )
+    return b.sam(samopt.SAM, 0.05, eta=cfg.eta, mask=mask)
+
+
+def _delta(b: _Build) -> samopt.SAM:
+    cfg = b.cfg
+    return b.sam(
+        samopt.DeltaSAM,
+        0.05,
+        estimator=cfg.estimator,
+        num_probes=cfg.num_probes,
+        alpha=cfg.alpha,
+        clip=cfg.delta_clip,
+        seed=cfg.seed,
+    )
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One optimizer of the registry: what it is, where it comes from, and how a run builds it."""
+
+    summary: str
+    citation: str
+    build: Callable[[_Build], torch.optim.Optimizer]
+    #: ``rho`` when ``--rho`` is not given; ``None`` for optimizers outside the SAM family.
+    rho: float | None = None
+    #: Whether it needs SSAM-F's Fisher data stream.
+    fisher: bool = False
+    tasks: tuple[str, ...] = field(default=("image", "glue"))
+
+    @property
+    def sam_family(self) -> bool:
+        return self.rho is not None
+
+
+_SPARSE = "Mi et al., NeurIPS 2022, arXiv:2210.05177"
+#: Every optimizer of ``samopt train`` and ``samopt glue``, by name.
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    "sgd": OptimizerSpec("SGD with momentum", "torch.optim.SGD", lambda b: b.plain(torch.optim.SGD)),
+    "adamw": OptimizerSpec(
+        "AdamW", "Loshchilov and Hutter, ICLR 2019, arXiv:1711.05101", lambda b: b.plain(torch.optim.AdamW)
+    ),
+    "sam": OptimizerSpec(
+        "SAM over --base",
+        "Foret et al., ICLR 2021, arXiv:2010.01412",
+        lambda b: b.sam(samopt.SAM, 0.05, eta=b.cfg.eta),
+        rho=0.05,
+    ),
+    "asam": OptimizerSpec(
+        "element-wise adaptive SAM (ASAM)",
+        "Kwon et al., ICML 2021, arXiv:2102.11600",
+        lambda b: b.sam(samopt.SAM, 0.5, adaptive=True, eta=b.cfg.eta),
+        rho=0.5,
+    ),
+    "ssam-f": OptimizerSpec(
+        "Sparse SAM with a Fisher-information mask (SSAM-F)", _SPARSE, _fisher, rho=0.05, fisher=True
+    ),
+    "ssam-d": OptimizerSpec("Sparse SAM with a dynamic sparse mask (SSAM-D)", _SPARSE, _dynamic, rho=0.05),
+    "random-mask": OptimizerSpec(
+        "SAM with a random mask (Sparse SAM's baseline)",
+        _SPARSE,
+        lambda b: b.sam(
+            samopt.SAM,
+            0.05,
+            eta=b.cfg.eta,
+            mask=RandomMask(b.cfg.sparsity, granularity=b.cfg.granularity, seed=b.cfg.seed),
+        ),
+        rho=0.05,
+    ),
+    "delta-sam": OptimizerSpec(
+        "delta-SAM: SAM with per-example weights on the ascent",
+        "Zhou et al., Findings of EMNLP 2022, arXiv:2112.08772",
+        _delta,
+        rho=0.05,
+    ),
+}
+#: The names, in the registry's order.
+NAMES = tuple(OPTIMIZERS)
+#: The names of the SAM family (the optimizers with a ``rho``).
+SAM_FAMILY = tuple(name for name, s in OPTIMIZERS.items() if s.sam_family)
+
+
+def spec(name: object) -> OptimizerSpec:
+    """The registry's entry for ``name``; a ``ValueError`` naming every choice otherwise."""
+    return OPTIMIZERS[validation.choice("optimizer", name, NAMES)]
+
+
 def build_optimizer(
     cfg: Any,
     model: nn.Module,
@@ -82,71 +234,7 @@ def build_optimizer(
     pass under it as ``cfg.sync`` says) and each rank scores ``num_samples / world``
     Fisher examples of its own.
     """
-    name = cfg.optimizer
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}")
-    params = model.parameters()
-    if name in ("sgd", "adamw"):
-        cls = torch.optim.SGD if name == "sgd" else torch.optim.AdamW
-        return cls(params, **_base_kwargs(cfg, cls))
-    base = base_optimizer(cfg.base)
-    kw = _base_kwargs(cfg, base)
-    rho = cfg.rho if cfg.rho is not None else DEFAULT_RHO.get(name, 0.05)
-    engine = {"bn": cfg.bn, "max_grad_norm": cfg.max_grad_norm, "sync": cfg.sync, "ddp": ddp}
-    if name == "delta-sam":
-        return samopt.DeltaSAM(
-            params,
-            base,
-            rho,
-            estimator=cfg.estimator,
-            num_probes=cfg.num_probes,
-            alpha=cfg.alpha,
-            clip=cfg.delta_clip,
-            seed=cfg.seed,
-            **engine,
-            **kw,
-        )
-    mask = _mask(cfg, model, steps_per_epoch, fisher_data, fisher_loss, world)
-    return samopt.SAM(params, base, rho, adaptive=name == "asam", eta=cfg.eta, mask=mask, **engine, **kw)
-
-
-def _mask(
-    cfg: Any,
-    model: nn.Module,
-    steps_per_epoch: int,
-    fisher_data: Iterable[Any] | None,
-    fisher_loss: Callable[..., Tensor],
-    world: int = 1,
-) -> Mask | None:
-    every = steps_per_epoch * cfg.mask_interval
-    common = {"granularity": cfg.granularity, "seed": cfg.seed}
-    if cfg.optimizer == "ssam-f":
-        if fisher_data is None:
-            raise ValueError("ssam-f needs fisher_data, the batches its Fisher information is computed from")
-        return FisherMask(
-            model,
-            fisher_data,
-            fisher_loss,
-            cfg.sparsity,
-            num_samples=cfg.num_samples // world,
-            fisher_labels=cfg.fisher_labels,
-            update_interval=every,
-            **common,
-        )
-    if cfg.optimizer == "ssam-d":
-        total = steps_per_epoch * cfg.epochs
-        return DynamicSparseMask(
-            cfg.sparsity,
-            total_steps=total,
-            drop_rate=cfg.drop_rate,
-            drop=cfg.drop,
-            grow=cfg.grow,
-            update_interval=every,
-            **common,
-        )
-    if cfg.optimizer == "random-mask":
-        return RandomMask(cfg.sparsity, **common)
-    return None
+    return spec(cfg.optimizer).build(_Build(cfg, model, steps_per_epoch, fisher_data, fisher_loss, ddp, world))
 
 
 #: The ``amp`` modes: no autocast, bfloat16 autocast, float16 autocast with a GradScaler.

@@ -16,9 +16,9 @@ from samopt import validation
 from samopt.train import data as datasets
 from samopt.train.config import TrainConfig
 from samopt.train.loader import FolderLoader, TensorLoader, fixed_subset
-from samopt.train.loop import Loader, Task
 from samopt.train.models import MODELS, build
-from samopt.train.optimizers import Amp
+from samopt.train.optimizers import Amp, spec
+from samopt.train.task import Loader, Task
 
 __all__ = ["build_task", "evaluate", "validate"]
 
@@ -53,7 +53,7 @@ class _Loaders:
 
     def __init__(self, cfg: TrainConfig, data: datasets.ImageData, device: torch.device) -> None:
         common = {"mean": data.mean, "std": data.std, "device": device}
-        fisher = cfg.optimizer == "ssam-f"
+        fisher = spec(cfg.optimizer).fisher
         self.fisher: TensorLoader | FolderLoader | None = None
         if data.root is not None:  # image folders
             folder = {"image_size": cfg.image_size, "workers": cfg.workers, **common}
