@@ -1,6 +1,6 @@
 # samopt developer commands.
 #   make demo   create .venv, get Fashion-MNIST, compare SGD/SAM/SSAM-F/SSAM-D/δ-SAM (under 15 min on 2 CPU cores)
-#   make test   create .venv and run ruff and the test suite (what CI runs, .ci/run)
+#   make test   create .venv, then ruff, the import contracts, mypy and the test suite (what CI runs, .ci/run)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -27,6 +27,8 @@ setup: $(VENV)/.installed
 
 test: setup
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 # Fashion-MNIST: Debian's dataset-fashion-mnist where apt works, else the public download into data/.

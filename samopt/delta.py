@@ -338,13 +338,12 @@ class DeltaSAM(SAM):
 
     # -------------------------------------------------------------- estimators
 
-    def _estimate(self, losses: Tensor, logits: list[Tensor] | None, probes: list[Tensor] | None) -> Tensor:
+    def _estimate(self, losses: Tensor, logits: list[Tensor] | None, probes: list[Tensor]) -> Tensor:
         if self.estimator == "logit":
-            used = all(z.requires_grad for z in logits)  # type: ignore[union-attr]
-            if used:
+            grads = None
+            if logits is not None and all(z.requires_grad for z in logits):
                 grads = torch.autograd.grad(losses.sum(), logits, retain_graph=True, allow_unused=True)
-                used = all(g is not None for g in grads)
-            if not used:
+            if grads is None or any(g is None for g in grads):
                 raise ValueError(
                     'estimator="logit": the closure must return the logits the losses were computed from '
                     "(for losses from several forwards, the list of their logits, not their concatenation)"
@@ -354,13 +353,13 @@ class DeltaSAM(SAM):
             return self._exact_norms(losses)
         clean = losses.detach().float()
         sq = torch.zeros_like(clean)
-        for probe in probes:  # type: ignore[union-attr]
+        for probe in probes:
             if probe.shape != clean.shape:
                 raise ValueError(
                     f"the closure returned {tuple(probe.shape)} losses in a probe pass, {tuple(clean.shape)} at w"
                 )
             sq += ((probe.float() - clean) / self._sigma()).square()
-        return (sq / len(probes)).sqrt()  # type: ignore[arg-type]
+        return (sq / len(probes)).sqrt()
 
     def _exact_norms(self, losses: Tensor) -> Tensor:
         params = self._params()
@@ -439,7 +438,7 @@ class DeltaSAM(SAM):
             raise RuntimeError("step() called between first_step() and second_step(); call second_step() first")
         self.zero_grad(set_to_none=True)
         with self.first_pass():  # DDP's no_sync() with sync="local": the probes, forward and backward at w
-            probes = None
+            probes: list[Tensor] = []
             if self.alpha != 0 and self.estimator == "probe":
                 probes = self._probe_losses(closure, _RNG.of(self._params()))
             with torch.enable_grad():

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -85,7 +86,7 @@ def _chunks(*lists: list[Tensor]) -> Iterator[tuple[list[Tensor], ...]]:
 DOT_MIN_NUMEL = 1 << 15
 
 
-def _squared_norms(tensors: list[Tensor]) -> Tensor:
+def _squared_norms(tensors: Sequence[Tensor]) -> Tensor:
     """Squared L2 norms of same-device, same-dtype ``tensors`` as one 1-D tensor (fp32 or wider)."""
     t0 = tensors[0]
     blas = t0.device.type == "cpu" and t0.dtype in (torch.float32, torch.float64)
@@ -173,7 +174,7 @@ def _buckets_with_masks(
     """:func:`buckets` over parameters, gradients, optional masks (all or none ``None``) and more lists."""
     if not masks or masks[0] is None:
         return [(bp, bg, [None] * len(bp), *rest) for bp, bg, *rest in buckets(params, grads, *more)]
-    return buckets(params, grads, masks, *more)
+    return buckets(params, grads, cast(Sequence[Tensor], masks), *more)
 
 
 @torch.no_grad()

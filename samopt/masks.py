@@ -48,7 +48,15 @@ from torch.nn.parallel import DistributedDataParallel
 from samopt import distributed as D
 from samopt import functional as kernels
 from samopt import validation
-from samopt.per_sample import Inputs, chunk_size_for, inputs_cat, inputs_len, inputs_map, per_sample_grads
+from samopt.per_sample import (
+    Inputs,
+    chunk_size_for,
+    inputs_cat,
+    inputs_index,
+    inputs_len,
+    inputs_map,
+    per_sample_grads,
+)
 from samopt.seams import Ascent, GroupGrads, Move, Part, perturb_parts
 
 __all__ = [
@@ -107,13 +115,13 @@ def select_top(
         )
         ok = [True] * len(scores) if eligible is None else [bool(e.all()) for e in eligible]
         order = torch.argsort(means.to(device), descending=True, stable=True).tolist()
-        chosen = [False] * len(scores)
+        picked = [False] * len(scores)
         budget = k
         for i in order:
             if ok[i] and 0 < scores[i].numel() <= budget:
-                chosen[i] = True
+                picked[i] = True
                 budget -= scores[i].numel()
-        return [torch.full_like(s, c, dtype=torch.bool) for s, c in zip(scores, chosen, strict=True)]
+        return [torch.full_like(s, c, dtype=torch.bool) for s, c in zip(scores, picked, strict=True)]
     flat = torch.cat([s.detach().reshape(-1).to(device=device, dtype=torch.float32) for s in scores])
     if eligible is not None:
         elig = torch.cat([e.reshape(-1).to(device) for e in eligible])
@@ -463,7 +471,7 @@ class FisherMask(Mask):
         self.chunk_size = validation.positive_int("chunk_size", chunk_size, allow_none=True)
         self.vectorize = None if vectorize is None else validation.boolean("vectorize", vectorize)
         self._iter: Iterator[Any] | None = None
-        self._carry: tuple[Tensor, Tensor] | None = None  # unused rest of the last batch
+        self._carry: tuple[Inputs, Tensor] | None = None  # unused rest of the last batch
         self.position = 0  # examples consumed from the current pass over fisher_data
         self._skip = 0  # examples to skip when the iterator is re-created after load_state_dict
         self._names: list[str] = []
@@ -536,11 +544,11 @@ class FisherMask(Mask):
                     drop = min(self._skip, len(y))
                     self._skip -= drop
                     self.position += drop
-                    x, y = inputs_map(x, lambda t, d=drop: t[d:]), y[drop:]
+                    x, y = inputs_index(x, slice(drop, None)), y[drop:]
             take = min(n - have, len(y))
             if take < len(y):
-                self._carry = (inputs_map(x, lambda t, k=take: t[k:]), y[take:])
-            xs.append(inputs_map(x, lambda t, k=take: t[:k]))
+                self._carry = (inputs_index(x, slice(take, None)), y[take:])
+            xs.append(inputs_index(x, slice(None, take)))
             ys.append(y[:take])
             have += take
             self.position += take

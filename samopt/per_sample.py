@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-__all__ = ["Inputs", "chunk_size_for", "inputs_cat", "inputs_len", "inputs_map", "per_sample_grads"]
+__all__ = ["Inputs", "chunk_size_for", "inputs_cat", "inputs_index", "inputs_len", "inputs_map", "per_sample_grads"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 #: A batch of model inputs: one tensor (``model(x)``), or named tensors (``model(**x)``, as Hugging Face models
@@ -36,6 +36,11 @@ Inputs = Tensor | Mapping[str, Tensor]
 def inputs_map(x: Inputs, fn: Callable[[Tensor], Tensor]) -> Inputs:
     """``fn`` applied to the tensor, or to each named tensor."""
     return {k: fn(v) for k, v in x.items()} if isinstance(x, Mapping) else fn(x)
+
+
+def inputs_index(x: Inputs, index: int | slice) -> Inputs:
+    """The examples ``index`` of a batch (an example, or a slice of the batch)."""
+    return inputs_map(x, lambda t: t[index])
 
 
 def inputs_len(x: Inputs) -> int:
@@ -54,7 +59,7 @@ def _call(model: nn.Module, params: dict[str, Tensor], x: Inputs) -> Tensor:
     """The model's output for a batch of one (``.logits`` of a Hugging Face output)."""
     one = inputs_map(x, lambda t: t.unsqueeze(0))
     out: Any = (
-        functional_call(model, params, kwargs=one)
+        functional_call(model, params, kwargs=dict(one))
         if isinstance(one, Mapping)
         else functional_call(model, params, (one,))
     )
@@ -125,7 +130,7 @@ def per_sample_grads(
             diff = {n: all_params[n].detach() for n in names}
             per_example = vmap(grad(loss_one), in_dims=(None, 0, 0, 0), randomness="different")
             for start in range(0, inputs_len(inputs), chunk_size):
-                x = inputs_map(inputs, lambda t, start=start: t[start : start + chunk_size])
+                x = inputs_index(inputs, slice(start, start + chunk_size))
                 y = targets[start : start + chunk_size]
                 # each example gets its own copy of the buffers, so in-place updates stay private
                 b = {n: t.unsqueeze(0).expand(len(y), *t.shape).clone() for n, t in buffers.items()}
@@ -137,7 +142,7 @@ def per_sample_grads(
         if inputs_len(inputs) != len(targets):
             raise ValueError(f"{inputs_len(inputs)} inputs but {len(targets)} targets")
         for i, y in enumerate(targets):
-            x = inputs_map(inputs, lambda t, i=i: t[i])
+            x = inputs_index(inputs, i)
             b = {n: t.clone() for n, t in buffers.items()}
             gs = torch.autograd.grad(loss_one(diff, b, x, y), leaves, allow_unused=True, materialize_grads=True)
             yield [g.unsqueeze(0) for g in gs]

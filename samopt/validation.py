@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from numbers import Real
+from typing import Literal, cast, overload
 
 import torch
 
@@ -30,12 +31,12 @@ def rate(name: str, value: object, params: Iterable[torch.Tensor]) -> None:
         if value.device.type != "cpu":
             return
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or float(value) < 0:
         raise ValueError(f"{name} must be a finite real number >= 0, got {value!r}")
     dtypes = {p.dtype for p in params if p.is_floating_point() or p.is_complex()}
     for dtype in dtypes:
         top = torch.finfo(dtype).max
-        if value > top:
+        if float(value) > top:
             raise ValueError(f"{name} must be at most {top:.4g} (the largest {dtype} of its parameters), got {value!r}")
 
 
@@ -69,7 +70,7 @@ def choice(name: str, value: object, allowed: Iterable[str]) -> str:
     allowed = tuple(allowed)
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
-    return value  # type: ignore[return-value]
+    return cast(str, value)
 
 
 def unit_interval(name: str, value: object, *, include_one: bool) -> float:
@@ -77,9 +78,17 @@ def unit_interval(name: str, value: object, *, include_one: bool) -> float:
     interval = "[0, 1]" if include_one else "[0, 1)"
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number in {interval}, got {value!r} ({type(value).__name__})")
-    if not (0 <= value <= 1) or (value == 1 and not include_one):
+    if not (0 <= float(value) <= 1) or (value == 1 and not include_one):
         raise ValueError(f"{name} must be a real number in {interval}, got {value!r}")
     return float(value)
+
+
+@overload
+def positive_int(name: str, value: object, *, allow_none: Literal[False] = False) -> int: ...
+
+
+@overload
+def positive_int(name: str, value: object, *, allow_none: bool) -> int | None: ...
 
 
 def positive_int(name: str, value: object, *, allow_none: bool = False) -> int | None:

@@ -44,7 +44,7 @@ Needs ``transformers`` >= 5.8 and ``accelerate`` (``pip install 'samopt[hf]'``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -87,7 +87,7 @@ class SAMTrainer(Trainer):
         return opt
 
     def _take_over_step(self, opt: samopt.SAM) -> None:
-        wrapper = self.optimizer
+        wrapper: Any = self.optimizer  # accelerate's wrapper, whose step the Trainer calls
         if getattr(wrapper, "_samopt_step", False):
             return
         clip = self.args.max_grad_norm
@@ -160,7 +160,8 @@ class SAMTrainer(Trainer):
     def _after_update(self, scaler: torch.amp.GradScaler | None, scale: float | None) -> None:
         if scaler is not None:
             scaler.update()
-            self.optimizer._is_overflow = scaler.get_scale() < scale  # the Trainer then skips the LR step
+            overflowed = scale is not None and scaler.get_scale() < scale
+            cast(Any, self.optimizer)._is_overflow = overflowed  # the Trainer then skips the LR step
 
     def _clip_grad_norm(self, model: nn.Module) -> None:
         return None  # the engine clips the gradient at w + e
@@ -171,7 +172,9 @@ class SAMTrainer(Trainer):
     def _perturbed_loss(self, model: nn.Module, inputs: dict[str, Any], num_items: Any, steps: int) -> torch.Tensor:
         """The loss ``training_step`` backpropagates, recomputed (at ``w + e``)."""
         with self.compute_loss_context_manager():
-            loss = self.compute_loss(model, self._prepare_inputs(inputs), num_items_in_batch=num_items)
+            loss = cast(
+                torch.Tensor, self.compute_loss(model, self._prepare_inputs(inputs), num_items_in_batch=num_items)
+            )
         if self.args.n_gpu > 1:
             loss = loss.mean()
         scaled = getattr(self, "loss_is_scaled_for_ga", None)  # a Trainer attribute since transformers 5.20

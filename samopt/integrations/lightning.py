@@ -142,7 +142,15 @@ class SAMModule(L.LightningModule):
 
     def _step_schedulers(self, interval: str) -> None:
         for config in self.trainer.lr_scheduler_configs:
-            if config.interval == interval and (
-                interval == "epoch" or self.trainer.global_step % config.frequency == 0
-            ):
+            if config.interval != interval or (interval == "step" and self.trainer.global_step % config.frequency):
+                continue
+            if isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                metric = self.trainer.callback_metrics.get(config.monitor) if config.monitor else None
+                if metric is None:
+                    raise ValueError(
+                        f"ReduceLROnPlateau needs the metric it monitors ({config.monitor!r}), which no self.log() "
+                        f"has logged by this {interval}; log it in training_step or validation_step"
+                    )
+                config.scheduler.step(float(metric))
+            else:
                 config.scheduler.step()

@@ -19,8 +19,8 @@ import dataclasses
 import os
 import sys
 import typing
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 from samopt.sam import SYNC_MODES
 from samopt.train import data as datasets
@@ -105,7 +105,8 @@ def config_args(parser: argparse.ArgumentParser, kind: type[RunConfig] = TrainCo
                 kw["choices"], kw["metavar"] = choices[f.name], f.name.upper()
                 kw["help"] = f"{helps.get(f.name, f.name)}: {', '.join(choices[f.name])}"
         if kw["help"] is None:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            factory = cast(Callable[[], Any], f.default_factory)
+            default = f.default if f.default is not dataclasses.MISSING else factory()
             kw["help"] = f"default {default}"
         group.add_argument(flag, **kw)
 

@@ -61,7 +61,7 @@ __all__ = [
 
 #: Where Debian's ``dataset-fashion-mnist`` installs the files.
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_DTYPES: dict[int, Any] = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _SPLITS = {"train": "train", "test": "t10k"}
 #: Names :func:`load` accepts.
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagenet", "synthetic")
@@ -379,8 +379,8 @@ def load(
     root = Path(data_dir).expanduser() if data_dir is not None else FASHION_MNIST_DIR
     mean, std = _STATS[name]
     if name == "imagenet":
-        _, _, classes = image_folder(root, "train")
-        return ImageData(name, len(classes), mean, std, root=root)
+        _, _, class_names = image_folder(root, "train")
+        return ImageData(name, len(class_names), mean, std, root=root)
     read = fashion_mnist if name == "fashion-mnist" else (lambda split, r: cifar(name, split, r))
     try:
         x, y = read("train", root)

@@ -129,7 +129,8 @@ def read_split(name: str, data_dir: str | os.PathLike, split: str) -> GlueSplit:
         label_col = header.index(spec.label)  # type: ignore[arg-type]
     else:
         cols, label_col = list(spec.text), int(spec.label)  # type: ignore[arg-type]
-    texts, labels = [], []
+    texts: list[tuple[str, ...]] = []
+    labels: list[int | float] = []
     for line, row in enumerate(rows, start=2 if spec.header else 1):
         if len(row) <= max(*cols, label_col):
             raise ValueError(f"{path}:{line}: {len(row)} columns, expected at least {max(*cols, label_col) + 1}")
@@ -346,7 +347,7 @@ def build_task(cfg: Any, device: torch.device) -> Any:
         )
     encoded = _encode(tokenizer, texts, cfg.max_length)
     model = SequenceClassifier(hf, tuple(encoded)).to(device)
-    common = {"device": device}
+    common: dict[str, Any] = {"device": device}
     train_loader = TokenLoader(encoded, labels, cfg.batch_size, train=True, seed=cfg.seed, **common)
     fisher = None
     if optimizers.spec(cfg.optimizer).fisher:  # fixed length, so that the Fisher mask can stack examples across batches

@@ -162,8 +162,8 @@ class _FolderDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         from PIL import Image
 
-        with Image.open(self.files[i]) as im:
-            im = im.convert("RGB")
+        with Image.open(self.files[i]) as file:
+            im = file.convert("RGB")
             if self.train:
                 rnd = random.Random(batch_seed(self.seed, self.epoch, i))
                 im = _random_resized_crop(im, self.size, rnd)

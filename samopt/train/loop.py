@@ -526,12 +526,11 @@ def _train(cfg: RunConfig, ranks: Ranks, device: torch.device, out: Path) -> dic
         )
     train = Shard(task.train, ranks)
     fisher = _FisherStream(Shard(task.fisher, ranks)) if task.fisher is not None else None
-    net: nn.Module = model
+    ddp = None
     if ranks.world > 1:
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    opt = build_optimizer(
-        cfg, model, steps_per_epoch, fisher, task.loss_fn, ddp=net if ranks.world > 1 else None, world=ranks.world
-    )
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    net: nn.Module = model if ddp is None else ddp
+    opt = build_optimizer(cfg, model, steps_per_epoch, fisher, task.loss_fn, ddp=ddp, world=ranks.world)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, steps_per_epoch))
 
     state: dict[str, Any] = {"epoch": 0, "batch": 0, "history": [], "partial": None, "wall": 0.0, "peak": 0.0}
@@ -544,7 +543,7 @@ def _train(cfg: RunConfig, ranks: Ranks, device: torch.device, out: Path) -> dic
         _atomic_write(metrics_path, lambda f: f.writelines(json.dumps(r) + "\n" for r in state["history"]), "w")
 
     def save(epoch: int, batch: int, partial: dict[str, Any] | None, wall: float) -> None:
-        rngs = [_rng_state()]
+        rngs: list[Any] = [_rng_state()]
         if ranks.world > 1:
             rngs = [None] * ranks.world
             dist.all_gather_object(rngs, _rng_state())

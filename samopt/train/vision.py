@@ -8,6 +8,8 @@ Example::
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -52,18 +54,20 @@ class _Loaders:
     """The train and test batch streams of a run, and SSAM-F's Fisher stream (``None`` for other optimizers)."""
 
     def __init__(self, cfg: TrainConfig, data: datasets.ImageData, device: torch.device) -> None:
-        common = {"mean": data.mean, "std": data.std, "device": device}
+        common: dict[str, Any] = {"mean": data.mean, "std": data.std, "device": device}
         fisher = spec(cfg.optimizer).fisher
-        self.fisher: TensorLoader | FolderLoader | None = None
+        self.train: Loader
+        self.test: Loader
+        self.fisher: Loader | None = None
         if data.root is not None:  # image folders
-            folder = {"image_size": cfg.image_size, "workers": cfg.workers, **common}
-            train = {"train": True, "flip": cfg.flip is not False, **folder}
+            folder: dict[str, Any] = {"image_size": cfg.image_size, "workers": cfg.workers, **common}
+            train: dict[str, Any] = {"train": True, "flip": cfg.flip is not False, **folder}
             self.train = FolderLoader(data.root, "train", cfg.batch_size, seed=cfg.seed, **train)
             self.test = FolderLoader(data.root, "val", cfg.batch_size, train=False, **folder)
             if fisher:
                 self.fisher = FolderLoader(data.root, "train", cfg.batch_size, seed=cfg.seed + 1, **train)
             return
-        x, y = data.x_train, data.y_train
+        x, y = cast(Tensor, data.x_train), cast(Tensor, data.y_train)  # in memory, as the data set has no root
         keep = fixed_subset(len(x), cfg.train_subset, "training images")
         if keep is not None:
             x, y = x[keep], y[keep]
@@ -76,9 +80,13 @@ class _Loaders:
                     f"{name} must be between 0 and {side} (the side of the {data.name} images), got {value}"
                 )
         x, y = x.to(device), y.to(device)  # one copy on the device, shared by the train and Fisher streams
-        aug = {"crop_padding": pad, "flip": image if cfg.flip is None else cfg.flip, "cutout": cfg.cutout}
+        aug: dict[str, Any] = {
+            "crop_padding": pad,
+            "flip": image if cfg.flip is None else cfg.flip,
+            "cutout": cfg.cutout,
+        }
         self.train = TensorLoader(x, y, cfg.batch_size, train=True, seed=cfg.seed, **aug, **common)
-        self.test = TensorLoader(data.x_test, data.y_test, 1000, train=False, **common)
+        self.test = TensorLoader(cast(Tensor, data.x_test), cast(Tensor, data.y_test), 1000, train=False, **common)
         if fisher:
             self.fisher = TensorLoader(x, y, cfg.batch_size, train=True, seed=cfg.seed + 1, **aug, **common)
 
@@ -131,7 +139,7 @@ def build_task(cfg: TrainConfig, device: torch.device) -> Task:
         return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
 
     if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs lack it
     shape = (cfg.image_size,) * 2 if data.x_test is None else tuple(data.x_test.shape[-2:])
     where = data.root or cfg.data_dir or (datasets.FASHION_MNIST_DIR if cfg.dataset == "fashion-mnist" else "memory")
     _check_fits(model, prepare(torch.zeros(2, data.in_channels, *shape, device=device)), cfg, where)
