@@ -374,6 +374,17 @@ def fit(module, tmp_path, precision="fp32", batches=6, **kw):
     return trainer
 
 
+def test_lightning_refuses_a_plateau_scheduler_it_cannot_step(tmp_path):
+    class Plateau(Classifier):
+        def configure_optimizers(self):
+            opt = samopt.SAM(self.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "train_loss"}}
+
+    with pytest.raises(TypeError, match="a ReduceLROnPlateau needs the metric it monitors, which Lightning drops"):
+        fit(Plateau(mlp_with_bn_and_dropout()), tmp_path)
+
+
 def test_lightning_refuses_per_instance_sam(tmp_path):
     class PerInstance(Classifier):
         def configure_optimizers(self):

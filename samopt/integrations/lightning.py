@@ -145,12 +145,10 @@ class SAMModule(L.LightningModule):
             if config.interval != interval or (interval == "step" and self.trainer.global_step % config.frequency):
                 continue
             if isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                metric = self.trainer.callback_metrics.get(config.monitor) if config.monitor else None
-                if metric is None:
-                    raise ValueError(
-                        f"ReduceLROnPlateau needs the metric it monitors ({config.monitor!r}), which no self.log() "
-                        f"has logged by this {interval}; log it in training_step or validation_step"
-                    )
-                config.scheduler.step(float(metric))
-            else:
-                config.scheduler.step()
+                raise TypeError(
+                    "SAMModule steps the schedulers of configure_optimizers() itself, and a ReduceLROnPlateau needs "
+                    "the metric it monitors, which Lightning drops under manual optimisation: return it from "
+                    "configure_optimizers() without an lr_scheduler entry and step it yourself with the metric "
+                    "(e.g. in on_validation_epoch_end)"
+                )
+            config.scheduler.step()
