@@ -143,7 +143,7 @@ def methods(args: argparse.Namespace) -> dict[str, Callable[[list[Tensor]], samo
     return out
 
 
-def direction(opt: samopt.SAM, model: nn.Module, forward: Callable, batch: Any) -> Tensor:
+def direction(opt: torch.optim.Optimizer, model: nn.Module, forward: Callable, batch: Any) -> Tensor:
     if isinstance(opt, samopt.PerInstanceSAM):
         opt.step(lambda index: forward(model, batch, index)[0])
     else:

@@ -93,8 +93,10 @@ def test_wide_resnets_resnet50_and_the_small_resnet():
 
 def test_build_by_name_and_unknown_names():
     for name in MODELS:
-        if name != "resnet50":
-            assert build(name, 10, 1 if name == "small-cnn" else 3) is not None
+        channels, side = (1, 28) if name == "small-cnn" else (3, 64 if name == "resnet50" else 32)
+        model = build(name, 7, channels).eval()
+        assert type(model) is type(MODELS[name](7, channels))
+        assert model(torch.zeros(2, channels, side, side)).shape == (2, 7)
     with pytest.raises(ValueError, match="unknown model 'vgg'; choose one of: resnet18, resnet34, resnet50"):
         build("vgg", 10)
 

@@ -34,7 +34,11 @@ from torch import Tensor
 
 from samopt.train.data import image_folder
 
-__all__ = ["FolderLoader", "TensorLoader", "batch_seed", "fixed_subset"]
+__all__ = ["CUTOUT_P", "FolderLoader", "TensorLoader", "batch_seed", "fixed_subset"]
+
+
+#: The probability that an image gets its Cutout square, as in the Sparse SAM code's transforms.
+CUTOUT_P = 0.5
 
 
 def batch_seed(*keys: int) -> int:
@@ -73,7 +77,7 @@ class TensorLoader:
     batch is dropped (``drop_last`` as in the Sparse SAM code) and each image gets,
     in this order: a random crop after zero-padding by ``crop_padding`` pixels, a
     horizontal flip with probability 0.5 (``flip``), normalisation, and with
-    probability ``cutout_p`` a ``cutout`` x ``cutout`` square set to 0 (the mean).
+    probability :data:`CUTOUT_P` a ``cutout`` x ``cutout`` square set to 0 (the mean).
     """
 
     def __init__(
@@ -88,7 +92,6 @@ class TensorLoader:
         crop_padding: int = 0,
         flip: bool = False,
         cutout: int = 0,
-        cutout_p: float = 0.5,
         seed: int = 0,
         device: torch.device | str = "cpu",
     ) -> None:
@@ -101,7 +104,7 @@ class TensorLoader:
         self.device = torch.device(device)
         self.x, self.y = x.to(self.device), y.to(self.device)
         self.batch_size, self.train, self.seed = batch_size, train, seed
-        self.crop_padding, self.flip, self.cutout, self.cutout_p = crop_padding, flip, cutout, cutout_p
+        self.crop_padding, self.flip, self.cutout = crop_padding, flip, cutout
         self.normalize = _Normalize(mean, std, self.device)
 
     def __len__(self) -> int:
@@ -139,7 +142,7 @@ class TensorLoader:
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         x = self.normalize(x)
         if self.cutout:
-            apply = torch.rand(n, generator=g, device=dev) < self.cutout_p
+            apply = torch.rand(n, generator=g, device=dev) < CUTOUT_P
             cy = torch.randint(0, h, (n,), generator=g, device=dev)[:, None]
             cx = torch.randint(0, w, (n,), generator=g, device=dev)[:, None]
             half = self.cutout // 2
