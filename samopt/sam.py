@@ -384,16 +384,14 @@ class SAM(torch.optim.Optimizer):
                 "no parameter has a gradient in the clean pass (at w): the closure, or your code "
                 "before first_step(), must call loss.backward()"
             )
+        if scaler is not None and any(g.dtype == torch.float16 for g in grads):
+            raise ValueError("Attempting to unscale FP16 gradients: keep fp32 parameters under fp16 autocast")
         inv_scale = 1.0 if scaler is None else 1.0 / scaler.get_scale()
         ascends = self._ascends(grads, inv_scale)
         step = self._step = _Step(scaler=scaler)  # registered before anything moves: restore() undoes a failure
         if not ascends:
             return False  # second_step() steps with these gradients, unscaled there as for any optimizer
-        found_inf = False
-        if scaler is not None:
-            if any(g.dtype == torch.float16 for g in grads):
-                raise ValueError("Attempting to unscale FP16 gradients: keep fp32 parameters under fp16 autocast")
-            found_inf = bool(kernels.unscale_grads_(grads, inv_scale).item())
+        found_inf = scaler is not None and bool(kernels.unscale_grads_(grads, inv_scale).item())
         total = self._sync.over_shards(self.ascent.norm(collected)).item()
         if self._sync.any_rank(found_inf or not math.isfinite(total), grads[0].device) and math.isfinite(total):
             found_inf, total = True, math.inf  # another rank's own gradient overflowed (sync="local")
