@@ -48,7 +48,7 @@ from samopt import validation
 from samopt.bn import BufferGuard
 from samopt.per_sample import chunk_size_for
 from samopt.sam import SAM, NonFiniteGradientError
-from samopt.seams import Ascent, GroupGrads, Move
+from samopt.seams import Ascent, GroupGrads, Move, take_keywords
 
 __all__ = ["ESTIMATORS", "DeltaSAM", "DeltaWeights", "delta_weights"]
 
@@ -198,9 +198,13 @@ class DeltaSAM(SAM):
     (:meth:`SAM.second_step`). Everything the engine guarantees (BatchNorm, AMP
     with ``scaler=``, clipping, resume, errors) holds.
 
+    The keywords of :class:`DeltaWeights` (the ones below but ``reweight_descent``) build
+    the weights policy; all others go to :class:`samopt.SAM`.
+
     Args:
         params, base_optimizer, rho, **kwargs: as :class:`samopt.SAM` (``adaptive``,
-            ``bn``, ``max_grad_norm``, ``mask`` and the base optimizer's keywords).
+            ``bn``, ``max_grad_norm`` and the base optimizer's keywords).
+        mask: a :mod:`samopt.masks` mask: the weighted ascent gradient then perturbs its live entries only.
         estimator: how ``s_i ≈ ||grad l_i||`` is obtained. For classification,
             ``"logit"`` measured as close to per-instance SAM as ``"exact"`` and at
             SAM's cost; ``"probe"`` is the default because it needs only the losses.
@@ -259,29 +263,13 @@ class DeltaSAM(SAM):
         base_optimizer: type[torch.optim.Optimizer] = torch.optim.SGD,
         rho: float = 0.05,
         *,
-        estimator: str = "probe",
-        num_probes: int = 3,
-        sigma: float | None = None,
-        alpha: float = -1.0,
-        clip: float | None = 5.0,
-        kappa_rel: float = 1e-3,
-        reweight_descent: bool = False,
-        seed: int | None = None,
         mask: Ascent | None = None,
+        reweight_descent: bool = False,
         **kwargs: Any,
     ) -> None:
         if "ascent" in kwargs:
             raise TypeError("DeltaSAM's ascent policy is its DeltaWeights; give another one's mask as mask=")
-        weights = DeltaWeights(
-            mask,
-            estimator=estimator,
-            num_probes=num_probes,
-            sigma=sigma,
-            alpha=alpha,
-            clip=clip,
-            kappa_rel=kappa_rel,
-            seed=seed,
-        )
+        weights = DeltaWeights(mask, **take_keywords(DeltaWeights, kwargs))
         self.reweight_descent = validation.boolean("reweight_descent", reweight_descent)
         super().__init__(params, base_optimizer, rho, ascent=weights, **kwargs)
         self.mask = mask

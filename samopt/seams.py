@@ -35,6 +35,7 @@ Example (a schedule that ascends every other step; one forward/backward on the o
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,7 +44,7 @@ from torch import Tensor
 from samopt import functional as kernels
 from samopt.swap import Fill
 
-__all__ = ["Ascent", "Descent", "GroupGrads", "Move", "Part", "Policy", "Schedule", "perturb_parts"]
+__all__ = ["Ascent", "Descent", "GroupGrads", "Move", "Part", "Policy", "Schedule", "perturb_parts", "take_keywords"]
 
 #: One parameter group, its parameters that have a gradient and those gradients.
 GroupGrads = tuple[dict[str, Any], list[Tensor], list[Tensor]]
@@ -71,6 +72,13 @@ class Policy:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def take_keywords(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Remove from ``kwargs`` and return the keywords ``cls``'s constructor takes: how a configuration
+    (``SSAMF``, ``DeltaSAM``) sends each keyword to its policy or to :class:`~samopt.SAM`."""
+    names = inspect.signature(cls).parameters
+    return {k: kwargs.pop(k) for k in list(kwargs) if k in names}
 
 
 def perturb_parts(parts: Sequence[Part], norm: float, move: Move) -> None:

@@ -17,7 +17,6 @@ Example::
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -25,6 +24,7 @@ from torch.optim.optimizer import ParamsT
 
 from samopt.masks import DynamicSparseMask, FisherMask, Mask
 from samopt.sam import SAM
+from samopt.seams import take_keywords
 
 __all__ = ["SSAMD", "SSAMF"]
 
@@ -33,9 +33,7 @@ def _with_mask(
     mask: type[Mask], params: ParamsT, base_optimizer: type[torch.optim.Optimizer], kwargs: dict[str, Any]
 ) -> SAM:
     """``SAM(params, base_optimizer, mask=mask(...))``, each keyword going to the mask if its constructor takes it."""
-    names = inspect.signature(mask).parameters
-    mask_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
-    return SAM(params, base_optimizer, mask=mask(**mask_kwargs), **kwargs)
+    return SAM(params, base_optimizer, mask=mask(**take_keywords(mask, kwargs)), **kwargs)
 
 
 def SSAMF(params: ParamsT, base_optimizer: type[torch.optim.Optimizer] = torch.optim.SGD, **kwargs: Any) -> SAM:

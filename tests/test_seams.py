@@ -38,6 +38,31 @@ def counting_closure(model, x, y, calls):
     return closure
 
 
+def drive(opt, closure, api):
+    """One update through ``api``: ``step(closure)``, ``perturbed()`` or ``first_step``/``second_step``; returns
+    whether it ascended (counted from the closure's calls)."""
+    calls = []
+
+    def counted():
+        calls.append(1)
+        return closure()
+
+    if api == "closure":
+        opt.step(counted)
+        return len(calls) == 2
+    opt.zero_grad()
+    counted()
+    if api == "perturbed":
+        with opt.perturbed() as ascending:
+            if ascending:
+                counted()
+    else:
+        if opt.first_step():
+            counted()
+        opt.second_step()
+    return len(calls) == 2
+
+
 class SignAscent(seams.Ascent):
     """e = rho sign(g) / sqrt(N), N the number of entries: an L-infinity-flavoured ascent, with its step count."""
 
@@ -130,22 +155,7 @@ def test_a_schedule_needs_no_change_to_the_engine_and_skips_the_second_pass(api)
         if update % 2 == 0:  # SAM
             norm = math.sqrt(sum(float(gi.square().sum()) for gi in g))
             _, g = loss_at(model, [wi + RHO * gi / norm for wi, gi in zip(w, g, strict=True)], x, y)
-        closure = counting_closure(model, x, y, calls)
-        if api == "closure":
-            opt.step(closure)
-        elif api == "perturbed":
-            opt.zero_grad()
-            closure()
-            with opt.perturbed() as ascending:
-                assert ascending == (update % 2 == 0)
-                if ascending:
-                    closure()
-        else:
-            opt.zero_grad()
-            closure()
-            if opt.first_step():
-                closure()
-            opt.second_step()
+        assert drive(opt, counting_closure(model, x, y, calls), api) == (update % 2 == 0)
         assert len(calls) == (2 if update % 2 == 0 else 1)  # a step that does not ascend costs one pass
         for after, wi, gi in zip(model.parameters(), w, g, strict=True):
             torch.testing.assert_close(after.detach(), wi - LR * gi, rtol=1e-6, atol=1e-7)
@@ -228,22 +238,8 @@ def test_step_hooks_run_once_per_update_in_every_api(api):
         register_optimizer_step_post_hook(lambda o, a, k: seen.append(("global post", None, None))),
     ]
     try:
-        closure = counting_closure(model, x, y, [])
         for _ in range(2):
-            if api == "closure":
-                opt.step(closure)
-            elif api == "perturbed":
-                opt.zero_grad()
-                closure()
-                with opt.perturbed() as ascending:
-                    if ascending:
-                        closure()
-            else:
-                opt.zero_grad()
-                closure()
-                opt.first_step()
-                closure()
-                opt.second_step()
+            drive(opt, counting_closure(model, x, y, []), api)
     finally:
         for h in handles:
             h.remove()
