@@ -1,5 +1,6 @@
 """The ``samopt`` application: recipes, schedule, training step, resume after Ctrl-C, CLI errors, compare."""
 
+import csv
 import dataclasses
 import json
 import math
@@ -330,6 +331,7 @@ def test_cli_errors_name_the_valid_choices(tmp_path):
         ("--model", "vgg16", ("resnet18", "resnet34", "resnet50", "resnet-small", "wrn28-10", "wrn16-4", "small-cnn")),
         ("--optimizer", "lamb", ("sgd", "adamw", "sam", "asam", "ssam-f", "ssam-d", "random-mask", "delta-sam")),
         ("--recipe", "nope", tuple(RECIPES)),
+        ("--label-noise-mode", "asym", ("symmetric", "pairflip")),
     ):
         r = samopt_cli("train", flag, bad)
         message = r.stderr.splitlines()[-1]
@@ -339,6 +341,10 @@ def test_cli_errors_name_the_valid_choices(tmp_path):
     assert r.returncode == 2 and "samopt train: error: cifar10 files not found" in r.stderr and "--download" in r.stderr
     r = samopt_cli("compare", "--optimizers", "sgd,lamb", "--dataset", "synthetic")
     assert r.returncode == 2 and "unknown optimizer(s) ['lamb'] in --optimizers" in r.stderr
+    r = samopt_cli("glue", "--task", "stsb", "--label-noise", "0.2")  # no label noise on GLUE (nor regression)
+    assert r.returncode == 2 and "unrecognized arguments: --label-noise 0.2" in r.stderr
+    r = samopt_cli("train", "--dataset", "imagenet", "--data-dir", str(tmp_path), "--label-noise", "0.2")
+    assert r.returncode == 2 and "--label-noise applies to the data sets held in memory" in r.stderr
 
 
 def test_recipes_command_lists_every_recipe():
@@ -356,10 +362,21 @@ def test_compare_runs_tables_plots_and_skips_finished_runs(tmp_path):
     results = json.loads((out / "compare.json").read_text())
     assert list(results) == ["sgd", "sam"] and [s["seed"] for s in results["sam"]] == [0, 1]
     table = (out / "compare.md").read_text().splitlines()
-    header = "| optimizer | seeds | final test acc % | best test acc % | wall time s | s/epoch | x sgd | peak memory"
+    header = (
+        "| optimizer | seeds | final test acc % | best test acc % | best epoch | wall time s | s/epoch | x sgd | "
+        "peak memory"
+    )
     assert table[0].startswith(header)
     assert table[2].startswith("| sgd | 2 | ") and table[3].startswith("| sam | 2 | ")
-    assert "| 1.00 |" in table[2]
+    assert "| 1.00 |" in table[2] and " of 1 |" in table[2]  # the best epoch, of 1
+    # the CSV holds each run's numbers, as its summary.json has them
+    with open(out / "compare.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert [(r["optimizer"], int(r["seed"])) for r in csv_rows] == [("sgd", 0), ("sgd", 1), ("sam", 0), ("sam", 1)]
+    for row in csv_rows:
+        summary = json.loads((out / f"{row['optimizer']}-s{row['seed']}" / "summary.json").read_text())
+        assert float(row["final_score"]) == summary["final_score"] and float(row["best_score"]) == summary["best_score"]
+        assert float(row["seconds_per_epoch"]) == summary["seconds_per_epoch"] and int(row["best_epoch"]) == 1
     for png in ("accuracy.png", "cost.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "plots: " in r.stdout and str(out / "accuracy.png") in r.stdout
@@ -402,3 +419,42 @@ def test_a_diverging_run_stops_with_a_clear_error_not_a_traceback(tmp_path, caps
                      "--batch-size", "64", "--epochs", "1", "--optimizer", "sam", "--lr", "1e35", "--no-progress",
                      "--out", str(tmp_path / "cli")])  # fmt: skip
     assert code == 2 and "samopt train: error: the training diverged" in capsys.readouterr().err
+
+
+def _summary(seed, accs, noisy=None):
+    """A run's summary.json, as samopt train writes it, with the given test accuracy (and noise fit) per epoch."""
+    history = [
+        {
+            "epoch": e + 1,
+            "test_loss": 1.0 - a,
+            "test_acc": a,
+            **({} if noisy is None else {"flipped_acc_noisy": noisy[e]}),
+        }
+        for e, a in enumerate(accs)
+    ]
+    final = {k: v for k, v in history[-1].items() if k != "epoch"}
+    return {
+        "seed": seed, "epochs": len(accs), "score": "test_acc", "final_score": accs[-1], "best_score": max(accs),
+        "final": final, "history": history, "seconds_per_epoch": 2.0, "seconds_per_step": 0.1, "wall_seconds": 9.0,
+        "peak_memory_mib": 100.0, "peak_memory_kind": "process peak RSS",
+    }  # fmt: skip
+
+
+def test_compare_reports_the_best_epoch_and_plots_loss_and_memorisation(tmp_path):
+    from PIL import Image
+
+    from samopt.train.compare import plot, table
+
+    noisy = {
+        "sgd": [_summary(0, [0.5, 0.8, 0.7], noisy=[0.1, 0.2, 0.4])],
+        "sam": [_summary(0, [0.5, 0.7, 0.75], [0.1, 0.1, 0.1])],
+    }
+    text = table(noisy)
+    assert "| sgd | 1 | 70.00 | 80.00 | 2 of 3 | 40.00 |" in text  # final, best, best epoch, noise fitted at the end
+    assert "±" not in text  # one seed has no spread to show
+    accuracy, _ = plot(noisy, tmp_path)
+    assert Image.open(accuracy).size[0] > 3 * 5 * 120  # three panels: accuracy, loss and the noisy labels fitted
+    clean = {"sgd": [_summary(0, [0.5, 0.8]), _summary(1, [0.7, 0.6])]}
+    assert "| sgd | 2 | 70.00 ± 14.14 | 75.00 ± 7.07 | 2 ± 1 of 2 |" in table(clean)  # best at epochs 2 and 1
+    plot(clean, tmp_path)
+    assert Image.open(tmp_path / "accuracy.png").size[0] < 3 * 5 * 120  # two panels without label noise

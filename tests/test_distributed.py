@@ -357,6 +357,10 @@ def test_collectives_are_no_ops_in_one_process_and_bad_arguments_are_named():
 # ------------------------------------------------------------------- samopt train under torchrun
 
 
+# the run of the 2-rank application test: SSAM-F on labels with 25% noise (the same noisy labels on every rank)
+APP = {"optimizer": "ssam-f", "label_noise": 0.25}
+
+
 def _app_worker(rank: int, out: str, port: int, stop: int, resume: bool = False) -> None:
     """What ``torchrun --nproc_per_node 2 samopt train ...`` runs on rank ``rank``; rank 1 gets a Ctrl-C at ``stop``."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
@@ -366,7 +370,7 @@ def _app_worker(rank: int, out: str, port: int, stop: int, resume: bool = False)
     if rank == 1 and stop:
         _interrupt_at(pytest.MonkeyPatch(), stop)  # this process ends with the run: nothing to undo
     try:
-        summary = loop.run(tiny(Path(out), optimizer="ssam-f", resume=resume))
+        summary = loop.run(tiny(Path(out), resume=resume, **APP))
         code = 0
     except SystemExit as e:
         summary, code = None, e.code
@@ -407,7 +411,7 @@ def test_samopt_train_on_two_ranks_stops_together_and_resumes_on_one(tmp_path):
 
     loop.train_step = counted
     try:
-        resumed = loop.run(tiny(cut, optimizer="ssam-f", resume=True))
+        resumed = loop.run(tiny(cut, resume=True, **APP))
     finally:
         loop.train_step = real
     assert steps[0] == 2 and resumed["ranks"] == 1
@@ -416,6 +420,7 @@ def test_samopt_train_on_two_ranks_stops_together_and_resumes_on_one(tmp_path):
     ]
     assert untimed[0] == untimed[1]
     assert [r["epoch"] for r in resumed["history"]] == [1, 2] and math.isfinite(resumed["history"][1]["train_loss"])
+    assert 0 <= resumed["history"][1]["flipped_acc_noisy"] <= 1  # the noisy labels' memorisation is reported
     # on 2 ranks again, the interrupted run continues exactly as the uninterrupted one (per-rank RNG restored,
     # the interrupted epoch's saved tally counted once)
     mp.spawn(_app_worker, args=(str(cut2), _free_port(), 0, True), nprocs=WORLD, join=True)

@@ -512,3 +512,54 @@ def test_tensor_loader_rejects_bad_input():
         TensorLoader(x, y[:9], 2, mean=(0,), std=(1,), train=True)
     with pytest.raises(ValueError, match="batch_size must be between 1 and the number of images 10, got 11"):
         TensorLoader(x, y, 11, mean=(0,), std=(1,), train=True)
+
+
+# ------------------------------------------------------------------ label noise
+
+
+@pytest.mark.parametrize("mode", ["symmetric", "pairflip"])
+@pytest.mark.parametrize("rate", [0.0, 0.1, 0.4, 0.73])
+def test_noisy_labels_are_a_pure_function_of_seed_rate_and_subset(mode, rate):
+    labels = torch.randint(0, 10, (997,), generator=torch.Generator().manual_seed(5))
+    noisy = datasets.noisy_labels(labels, rate, 10, mode=mode, seed=3)
+    assert torch.equal(noisy, datasets.noisy_labels(labels, rate, 10, mode=mode, seed=3))  # the same every time
+    flipped = noisy != labels
+    assert int(flipped.sum()) == round(rate * 997)  # exactly that many, and each one really changed
+    assert noisy.dtype == labels.dtype and bool(((noisy >= 0) & (noisy < 10)).all())
+    if mode == "pairflip":
+        assert torch.equal(noisy[flipped], (labels[flipped] + 1) % 10)
+    if rate:
+        assert not torch.equal(noisy, datasets.noisy_labels(labels, rate, 10, mode=mode, seed=4))
+
+
+def test_symmetric_noise_draws_every_other_class_uniformly():
+    labels = torch.zeros(40_000, dtype=torch.int64)
+    noisy = datasets.noisy_labels(labels, 0.9, 4, seed=0)
+    counts = torch.bincount(noisy, minlength=4)
+    assert counts[0] == 4_000 and all(abs(int(c) - 12_000) < 600 for c in counts[1:])  # 36,000 spread over 3
+
+
+@pytest.mark.parametrize("rate, message", [(1.0, r"label_noise must be a real number in \[0, 1\), got 1.0"),
+                                           (-0.1, r"label_noise must be a real number in \[0, 1\)")])  # fmt: skip
+def test_noise_rates_outside_the_unit_interval_are_refused(rate, message):
+    with pytest.raises(ValueError, match=message):
+        datasets.noisy_labels(torch.zeros(3, dtype=torch.int64), rate, 10)
+    with pytest.raises(ValueError, match="label_noise_mode must be one of 'symmetric', 'pairflip'; got 'asym'"):
+        datasets.noisy_labels(torch.zeros(3, dtype=torch.int64), 0.2, 10, mode="asym")
+
+
+def test_the_memorisation_metric_is_its_definition():
+    from samopt.train.optimizers import Amp
+    from samopt.train.vision import memorisation
+
+    class Fixed(torch.nn.Module):  # predicts class x[0, 0, 0] of each image
+        def forward(self, x):
+            return F.one_hot(x[:, 0, 0, 0].round().long(), 4).float()
+
+    images = torch.tensor([0, 1, 2, 3, 3, 1], dtype=torch.uint8).view(6, 1, 1, 1)
+    noisy = torch.tensor([0, 2, 2, 1, 3, 0])  # the labels the model was trained on
+    true = torch.tensor([1, 1, 3, 3, 2, 0])
+    loader = TensorLoader(images, noisy, 4, mean=(0.0,), std=(1 / 255,), train=False)
+    got = memorisation(Fixed(), loader, true, Amp("none", torch.device("cpu")))
+    # predictions 0, 1, 2, 3, 3, 1: noisy labels hit at 0, 2, 4 (3 of 6); true labels at 1, 3 (2 of 6)
+    assert got == {"flipped_acc_noisy": 0.5, "flipped_acc_true": pytest.approx(1 / 3)}

@@ -403,6 +403,7 @@ def test_resume_with_a_data_dir_of_another_class_count_is_refused(tmp_path, caps
         (["--crop-padding", "100000"], "crop_padding must be between 0 and 32 (the side of the synthetic images), got"),
         (["--cutout", "33"], "cutout must be between 0 and 32 (the side of the synthetic images), got 33"),
         (["--optimizer", "ssam-f", "--num-samples", "100000"], "num_samples must be between 1 and 256 (the training"),
+        (["--label-noise", "1.0"], "label_noise must be a real number in [0, 1), got 1.0"),
     ],
 )
 def test_absurd_flags_are_refused_with_the_allowed_range(tmp_path, capsys, flags, message):

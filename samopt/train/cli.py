@@ -40,7 +40,11 @@ _CHOICES = {
     "amp": AMP_MODES,
     "sync": SYNC_MODES,
 }
-_IMAGE_CHOICES = {"dataset": datasets.DATASETS, "model": tuple(MODELS)}
+_IMAGE_CHOICES = {
+    "dataset": datasets.DATASETS,
+    "model": tuple(MODELS),
+    "label_noise_mode": datasets.NOISE_MODES,
+}
 _GLUE_CHOICES = {"task": tuple(TASKS)}
 _GLUE_HELP = {
     "data_dir": "the task's folder, holding train.tsv and the dev file(s) in the GLUE layout",
@@ -64,6 +68,9 @@ _HELP = {
     "resume": "continue the run in --out from its checkpoint",
     "device": "auto, cpu, cuda or cuda:N",
     "sync": "under torchrun, the SAM family's perturbation from the all-reduced gradient or each rank's own",
+    "label_noise": "fraction of the training labels replaced, in [0, 1) (the test set stays clean)",
+    "label_noise_mode": "symmetric (another class, uniformly) or pairflip (class c to c + 1)",
+    "label_noise_seed": "seed of the noise: which labels change, and into what (not the run's seed)",
 }
 
 

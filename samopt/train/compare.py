@@ -9,9 +9,13 @@ finishes its step, saves and exits, and a second one stops it at once), and if
 ``samopt compare`` is killed outright the run gets SIGTERM (on Linux). ``--out`` is
 locked for the life of the comparison, as each run locks its own directory.
 
-The results go to ``--out`` (default ``runs/compare``): ``compare.md`` (the table),
-``compare.json``, ``accuracy.png`` (test accuracy per epoch) and ``cost.png`` (final
-accuracy against time per epoch relative to SGD).
+The results go to ``--out`` (default ``runs/compare``): ``compare.md`` (the table: mean
+± std over seeds of the final and best score and the epoch of the best, the other
+metrics, time and memory relative to SGD), ``compare.csv`` (one row per run, for
+plotting elsewhere), ``compare.json`` (every run's summary), ``accuracy.png`` (per epoch,
+for every optimizer: the evaluation score and loss and, with label noise, how much of
+the noise the model has fitted; mean with a min-max band over seeds) and ``cost.png``
+(final score against time per epoch relative to SGD).
 
 Example::
 
@@ -21,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import csv
 import ctypes
 import json
 import os
@@ -37,13 +42,21 @@ from samopt.train.lock import DirectoryLock
 from samopt.train.loop import EXIT_INTERRUPTED, validate
 from samopt.train.optimizers import NAMES
 
-__all__ = ["compare", "plot", "table"]
+__all__ = ["compare", "plot", "rows", "table", "write_csv"]
 
 
 def _mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    """``mean ± std``; just the value for one seed, which has no spread to show."""
     m = statistics.mean(values) * scale
-    s = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
+    if len(values) == 1:
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
+
+
+def _best_epoch(summary: dict[str, Any]) -> int:
+    """The (first) epoch of the best score."""
+    scores = [r[summary["score"]] for r in summary["history"]]
+    return scores.index(max(scores)) + 1
 
 
 def _reference(results: dict[str, list[dict[str, Any]]]) -> tuple[str, float]:
@@ -72,9 +85,9 @@ def table(results: dict[str, list[dict[str, Any]]]) -> str:
     others = _other_metrics(first)
     extra = "".join(f" final {m.replace('_', ' ')} % |" for m in others)
     lines = [
-        f"| optimizer | seeds | final {score} % | best {score} % |{extra} wall time s | s/epoch | x {ref_name} | "
-        f"peak memory MiB ({kind}) | x {ref_name} |",
-        "|---" * (9 + len(others)) + "|",
+        f"| optimizer | seeds | final {score} % | best {score} % | best epoch |{extra} wall time s | s/epoch | "
+        f"x {ref_name} | peak memory MiB ({kind}) | x {ref_name} |",
+        "|---" * (10 + len(others)) + "|",
     ]
     for name, runs in results.items():
         spe = [r["seconds_per_epoch"] for r in runs]
@@ -82,15 +95,39 @@ def table(results: dict[str, list[dict[str, Any]]]) -> str:
         cells = "".join(f" {_mean_std([r['final'][m] for r in runs], 100)} |" for m in others)
         lines.append(
             f"| {name} | {len(runs)} | {_mean_std([r['final_score'] for r in runs], 100)} | "
-            f"{_mean_std([r['best_score'] for r in runs], 100)} |{cells} "
+            f"{_mean_std([r['best_score'] for r in runs], 100)} | "
+            f"{_mean_std([_best_epoch(r) for r in runs], digits=0)} of {runs[0]['epochs']} |{cells} "
             f"{statistics.mean(r['wall_seconds'] for r in runs):.0f} | {statistics.mean(spe):.1f} | "
             f"{statistics.mean(spe) / ref:.2f} | {memory:.0f} | {memory / ref_memory:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
 
+def rows(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per run, the numbers of its summary: what ``compare.csv`` holds."""
+    out = []
+    for name, runs in results.items():
+        for r in runs:
+            row = {"optimizer": name, "seed": r["seed"], "epochs": r["epochs"], "score": r["score"]}
+            row |= {"final_score": r["final_score"], "best_score": r["best_score"], "best_epoch": _best_epoch(r)}
+            row |= {f"final_{m}": r["final"][m] for m in _other_metrics(r)}
+            keys = ("seconds_per_epoch", "seconds_per_step", "wall_seconds", "peak_memory_mib")
+            out.append(row | {k: r[k] for k in keys})
+    return out
+
+
+def write_csv(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """``rows(results)`` as CSV."""
+    table_rows = rows(results)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(table_rows[0]))
+        writer.writeheader()
+        writer.writerows(table_rows)
+
+
 def plot(results: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
-    """``accuracy.png`` (the mean score per epoch, band = min..max over seeds) and ``cost.png``."""
+    """``accuracy.png`` (per epoch: the score, the evaluation loss and, with label noise, the noisy labels fitted;
+    the mean over seeds with a min-max band) and ``cost.png`` (final score against time per epoch)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,19 +135,28 @@ def plot(results: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
     from matplotlib.ticker import MaxNLocator
 
     ref_name, ref = _reference(results)
-    score = next(iter(results.values()))[0]["score"]
+    first = next(iter(results.values()))[0]
+    score = first["score"]
     label = score.replace("_", " ")
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name, runs in results.items():
-        epochs = min(len(r["history"]) for r in runs)
-        accs = [[100 * r["history"][e][score] for r in runs] for e in range(epochs)]
-        xs = list(range(1, epochs + 1))
-        ax.plot(xs, [statistics.mean(a) for a in accs], marker="o", label=name)
-        ax.fill_between(xs, [min(a) for a in accs], [max(a) for a in accs], alpha=0.2)
-    ax.set(xlabel="epoch", ylabel=f"{label} (%)", title=f"{label} per epoch (mean, min-max over seeds)")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    ax.legend()
+    loss = next(k for k in first["history"][0] if k.endswith("loss") and not k.startswith("train"))
+    panels = [(score, f"{label} (%)", 100), (loss, loss.replace("_", " "), 1)]
+    if "flipped_acc_noisy" in first["history"][0]:  # label noise: how much of it each optimizer fits
+        panels.append(("flipped_acc_noisy", "noisy labels fitted (%)", 100))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    seeds = max(len(runs) for runs in results.values())
+    band = f"mean, min-max over {seeds} seeds" if seeds > 1 else "one seed"
+    for ax, (key, ylabel, scale) in zip(axes[0], panels, strict=True):
+        for name, runs in results.items():
+            epochs = min(len(r["history"]) for r in runs)
+            values = [[scale * r["history"][e][key] for r in runs] for e in range(epochs)]
+            xs = list(range(1, epochs + 1))
+            ax.plot(xs, [statistics.mean(v) for v in values], marker="o", markersize=3, label=name)
+            if len(runs) > 1:
+                ax.fill_between(xs, [min(v) for v in values], [max(v) for v in values], alpha=0.2)
+        ax.set(xlabel="epoch", ylabel=ylabel, title=f"{ylabel} per epoch ({band})")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
     fig.tight_layout()
     paths = [out / "accuracy.png", out / "cost.png"]
     fig.savefig(paths[0], dpi=120)
@@ -125,7 +171,7 @@ def plot(results: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
     ax.set(
         xlabel=f"time per epoch relative to {ref_name}",
         ylabel=f"final {label} (%)",
-        title="Accuracy against cost (mean ± std over seeds)",
+        title=f"{label} against cost ({'mean ± std over seeds' if seeds > 1 else 'one seed'})",
     )
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -232,8 +278,9 @@ def compare(
                 results[name].append(json.loads(summary.read_text()))
         text = table(results)
         (out / "compare.md").write_text(text)
+        write_csv(results, out / "compare.csv")
         (out / "compare.json").write_text(json.dumps(results, indent=1))
         paths = plot(results, out)
         print("\n" + text)
-        print(f"table: {out / 'compare.md'}\nplots: {paths[0]}, {paths[1]}")
+        print(f"table: {out / 'compare.md'} (and compare.csv)\nplots: {paths[0]}, {paths[1]}")
         return results

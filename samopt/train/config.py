@@ -103,6 +103,9 @@ class TrainConfig(RunConfig):
     workers: int = 4  # ImageNet decoding processes
     model: str = "resnet-small"
     channels_last: bool = False
+    label_noise: float = 0.0  # fraction of the training labels replaced (the test set stays clean)
+    label_noise_mode: str = "symmetric"  # symmetric (another class, uniformly) or pairflip (class c to c + 1)
+    label_noise_seed: int = 0  # which labels, and into what: the same for every optimizer and run seed
 
     def default_out(self) -> str:
         return f"runs/{self.dataset}-{self.model}-{self.optimizer}-s{self.seed}"

@@ -45,15 +45,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from samopt import validation
+
 __all__ = [
     "DATASETS",
     "FASHION_MNIST_DIR",
+    "NOISE_MODES",
     "ImageData",
     "cifar",
     "download",
     "fashion_mnist",
     "image_folder",
     "load",
+    "noisy_labels",
     "read_cifar_batch",
     "read_idx",
     "synthetic",
@@ -95,6 +99,39 @@ _STATS = {
     "cifar100": ((125.3 / 255, 123.0 / 255, 113.9 / 255), (63.0 / 255, 62.1 / 255, 66.7 / 255)),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
+
+
+#: The kinds of label noise :func:`noisy_labels` makes.
+NOISE_MODES = ("symmetric", "pairflip")
+
+
+def noisy_labels(labels: Tensor, rate: float, num_classes: int, *, mode: str = "symmetric", seed: int = 0) -> Tensor:
+    """``labels`` with exactly ``round(rate * n)`` of them changed, as the noisy-label literature corrupts them.
+
+    ``"symmetric"``: each chosen label becomes a uniformly drawn *other* class (the
+    noise of Foret et al.'s Table 4, ICLR 2021, arXiv:2010.01412). ``"pairflip"``: class
+    ``c`` becomes ``c + 1 mod C``, the asymmetric class-pair noise of Han et al.,
+    "Co-teaching", NeurIPS 2018, arXiv:1804.06872. Which labels change, and into what,
+    is a pure function of ``(labels, rate, mode, seed)``: the same for every optimizer,
+    run seed, rank and resume.
+
+    Example::
+
+        noisy = noisy_labels(y, 0.4, 10, seed=0)    # 40% of y replaced by another class
+        flipped = noisy != y
+    """
+    validation.unit_interval("label_noise", rate, include_one=False)
+    validation.choice("label_noise_mode", mode, NOISE_MODES)
+    n, k = len(labels), round(rate * len(labels))
+    g = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(n, generator=g)[:k]
+    if mode == "symmetric":
+        shift = torch.randint(1, num_classes, (k,), generator=g)
+    else:
+        shift = torch.ones(k, dtype=torch.int64)
+    noisy = labels.clone()
+    noisy[chosen] = (labels[chosen] + shift.to(labels.device)) % num_classes
+    return noisy
 
 
 @dataclass

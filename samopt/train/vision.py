@@ -22,7 +22,7 @@ from samopt.train.models import MODELS, build
 from samopt.train.optimizers import Amp, spec
 from samopt.train.task import Loader, Task
 
-__all__ = ["build_task", "evaluate", "validate"]
+__all__ = ["build_task", "evaluate", "memorisation", "validate"]
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -48,10 +48,20 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"model 'small-cnn' is for 28x28 images (fashion-mnist); for {cfg.dataset} use resnet-small")
     if cfg.download and cfg.data_dir is None:
         raise ValueError("--download needs --data-dir: the directory to download the files into")
+    validation.unit_interval("label_noise", cfg.label_noise, include_one=False)
+    validation.choice("label_noise_mode", cfg.label_noise_mode, datasets.NOISE_MODES)
+    if isinstance(cfg.label_noise_seed, bool) or not isinstance(cfg.label_noise_seed, int):
+        raise TypeError(f"label_noise_seed must be an int, got {cfg.label_noise_seed!r}")
+    if cfg.label_noise and cfg.dataset == "imagenet":
+        raise ValueError(
+            "--label-noise applies to the data sets held in memory (fashion-mnist, cifar10, cifar100, synthetic), "
+            "not to imagenet's folders"
+        )
 
 
 class _Loaders:
-    """The train and test batch streams of a run, and SSAM-F's Fisher stream (``None`` for other optimizers)."""
+    """The train and test batch streams of a run, SSAM-F's Fisher stream (``None`` for other optimizers) and,
+    with label noise, the training examples whose labels were changed (``None`` without)."""
 
     def __init__(self, cfg: TrainConfig, data: datasets.ImageData, device: torch.device) -> None:
         common: dict[str, Any] = {"mean": data.mean, "std": data.std, "device": device}
@@ -59,6 +69,7 @@ class _Loaders:
         self.train: Loader
         self.test: Loader
         self.fisher: Loader | None = None
+        self.flipped: tuple[TensorLoader, Tensor] | None = None  # their images with noisy labels, their true labels
         if data.root is not None:  # image folders
             folder: dict[str, Any] = {"image_size": cfg.image_size, "workers": cfg.workers, **common}
             train: dict[str, Any] = {"train": True, "flip": cfg.flip is not False, **folder}
@@ -79,6 +90,17 @@ class _Loaders:
                 raise ValueError(
                     f"{name} must be between 0 and {side} (the side of the {data.name} images), got {value}"
                 )
+        if cfg.label_noise:
+            noisy = datasets.noisy_labels(
+                y, cfg.label_noise, data.num_classes, mode=cfg.label_noise_mode, seed=cfg.label_noise_seed
+            )
+            flipped = noisy != y
+            if bool(flipped.any()):  # a rate too small to change one label changes none
+                self.flipped = (
+                    TensorLoader(x[flipped], noisy[flipped], 1000, train=False, **common),
+                    y[flipped].to(device),
+                )
+            y = noisy
         x, y = x.to(device), y.to(device)  # one copy on the device, shared by the train and Fisher streams
         aug: dict[str, Any] = {
             "crop_padding": pad,
@@ -92,19 +114,39 @@ class _Loaders:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Loader, amp: Amp, prepare=lambda x: x) -> dict[str, float]:
-    """Mean cross-entropy (``test_loss``) and accuracy (``test_acc``) over ``loader`` in eval mode."""
+def _predict(model: nn.Module, loader: Loader, amp: Amp, prepare: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """The predicted classes over ``loader`` in eval mode, its labels, and the summed cross-entropy (float64)."""
     was = model.training
     model.eval()
-    loss, correct, n = torch.zeros((), dtype=torch.float64), 0, 0
+    loss, preds, labels = torch.zeros((), dtype=torch.float64), [], []
     for x, y in loader.epoch(0):
         with amp.autocast():
             logits = model(prepare(x))
         loss += F.cross_entropy(logits.float(), y, reduction="sum").double().cpu()
-        correct += int((logits.argmax(1) == y).sum())
-        n += len(y)
+        preds.append(logits.argmax(1))
+        labels.append(y)
     model.train(was)
-    return {"test_loss": float(loss) / n, "test_acc": correct / n}
+    return torch.cat(preds), torch.cat(labels), loss
+
+
+def evaluate(model: nn.Module, loader: Loader, amp: Amp, prepare: Any = lambda x: x) -> dict[str, float]:
+    """Mean cross-entropy (``test_loss``) and accuracy (``test_acc``) over ``loader`` in eval mode."""
+    preds, labels, loss = _predict(model, loader, amp, prepare)
+    return {"test_loss": float(loss) / len(labels), "test_acc": float((preds == labels).double().mean())}
+
+
+def memorisation(
+    model: nn.Module, loader: Loader, true: Tensor, amp: Amp, prepare: Any = lambda x: x
+) -> dict[str, float]:
+    """On the training examples whose labels the noise changed (``loader`` yields them with their noisy labels,
+    ``true`` holds their true ones), in eval mode and without augmentation: the fraction predicted as their noisy
+    label (``flipped_acc_noisy``, how much of the noise the model has memorised) and as their true label
+    (``flipped_acc_true``)."""
+    preds, noisy, _ = _predict(model, loader, amp, prepare)
+    return {
+        "flipped_acc_noisy": float((preds == noisy).double().mean()),
+        "flipped_acc_true": float((preds == true).double().mean()),
+    }
 
 
 @torch.no_grad()
@@ -147,12 +189,18 @@ def build_task(cfg: TrainConfig, device: torch.device) -> Task:
     def loss_fn(logits: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
         return F.cross_entropy(logits.float(), y, reduction=reduction, label_smoothing=cfg.label_smoothing)
 
+    def evaluate_all(m: nn.Module, amp: Amp) -> dict[str, float]:
+        metrics = evaluate(m, loaders.test, amp, prepare)
+        if loaders.flipped is not None:
+            metrics.update(memorisation(m, loaders.flipped[0], loaders.flipped[1], amp, prepare))
+        return metrics
+
     return Task(
         model=model,
         train=loaders.train,
         fisher=loaders.fisher,
         loss_fn=loss_fn,
-        evaluate=lambda m, amp: evaluate(m, loaders.test, amp, prepare),
+        evaluate=evaluate_all,
         score="test_acc",
         prepare=prepare,
     )
