@@ -57,6 +57,7 @@ _HELP = {
     "data_dir": "directory holding the data set's files (Fashion-MNIST: Debian's location by default)",
     "download": "download Fashion-MNIST or CIFAR into --data-dir if missing",
     "train_subset": "train on the first N images of a fixed shuffle of the training set",
+    "test_subset": "evaluate on the first N images of a fixed shuffle of the test set (faster; the same for every run)",
     "base": "base optimizer of the SAM family: any torch.optim class name (sgd, adamw, ...)",
     "rho": "perturbation radius (default 0.05; 0.5 for asam)",
     "mask_interval": "epochs between mask updates (ssam-f, ssam-d)",

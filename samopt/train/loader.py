@@ -47,12 +47,15 @@ def batch_seed(*keys: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def fixed_subset(n: int, size: int | None, what: str) -> Tensor | None:
-    """Indices of ``size`` of ``n`` examples, the same for every run and seed (a seed-0 shuffle); ``None`` for all."""
+def fixed_subset(n: int, size: int | None, what: str, name: str = "train_subset") -> Tensor | None:
+    """Indices of ``size`` of ``n`` examples, the same for every run and seed (a seed-0 shuffle); ``None`` for all.
+
+    ``what`` names the examples and ``name`` the setting in the error for a ``size`` above ``n``.
+    """
     if size is None:
         return None
     if size > n:
-        raise ValueError(f"train_subset must be at most the {n} {what}, got {size}")
+        raise ValueError(f"{name} must be at most the {n} {what}, got {size}")
     return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:size]
 
 

@@ -34,10 +34,15 @@ def validate(cfg: TrainConfig) -> None:
     if isinstance(cfg.workers, bool) or not isinstance(cfg.workers, int) or cfg.workers < 0:
         raise ValueError(f"workers must be an integer >= 0 (0: decode in the main process), got {cfg.workers!r}")
     validation.positive_int("train_subset", cfg.train_subset, allow_none=True)
+    validation.positive_int("test_subset", cfg.test_subset, allow_none=True)
     if cfg.cutout < 0 or (cfg.crop_padding is not None and cfg.crop_padding < 0):
         raise ValueError(f"cutout and crop_padding must be >= 0, got {cfg.cutout} and {cfg.crop_padding}")
     if cfg.dataset == "imagenet":
-        unused = [f"--{k.replace('_', '-')}" for k in ("train_subset", "crop_padding") if getattr(cfg, k) is not None]
+        unused = [
+            f"--{k.replace('_', '-')}"
+            for k in ("train_subset", "test_subset", "crop_padding")
+            if getattr(cfg, k) is not None
+        ]
         unused += ["--cutout"] if cfg.cutout else []
         if unused:
             raise ValueError(
@@ -108,7 +113,11 @@ class _Loaders:
             "cutout": cfg.cutout,
         }
         self.train = TensorLoader(x, y, cfg.batch_size, train=True, seed=cfg.seed, **aug, **common)
-        self.test = TensorLoader(cast(Tensor, data.x_test), cast(Tensor, data.y_test), 1000, train=False, **common)
+        xt, yt = cast(Tensor, data.x_test), cast(Tensor, data.y_test)
+        keep = fixed_subset(len(xt), cfg.test_subset, "test images", "test_subset")
+        if keep is not None:
+            xt, yt = xt[keep], yt[keep]
+        self.test = TensorLoader(xt, yt, 1000, train=False, **common)
         if fisher:
             self.fisher = TensorLoader(x, y, cfg.batch_size, train=True, seed=cfg.seed + 1, **aug, **common)
 
