@@ -58,7 +58,7 @@ def test_recipe_resolution_layers_defaults_recipe_and_flags():
     imagenet = resolve("imagenet-resnet50", {})
     settings = (imagenet.optimizer, imagenet.epochs, imagenet.batch_size, imagenet.rho, imagenet.weight_decay)
     assert (*settings, imagenet.num_samples) == ("ssam-f", 90, 256, 0.7, 1e-4, 128)
-    with pytest.raises(ValueError, match="unknown recipe 'cifar'; choose one of: fmnist-demo, cifar10-resnet18, "):
+    with pytest.raises(ValueError, match="unknown recipe 'cifar'; choose one of: fmnist-demo, fmnist-noisy, cifar10-resnet18, "):
         resolve("cifar", {})
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['rhoo'\]"):
         resolve(None, {"rhoo": 1})
@@ -458,3 +458,19 @@ def test_compare_reports_the_best_epoch_and_plots_loss_and_memorisation(tmp_path
     assert "| sgd | 2 | 70.00 ± 14.14 | 75.00 ± 7.07 | 2 ± 1 of 2 |" in table(clean)  # best at epochs 2 and 1
     plot(clean, tmp_path)
     assert Image.open(tmp_path / "accuracy.png").size[0] < 3 * 5 * 120  # two panels without label noise
+
+
+def test_the_demo_recipe_runs_a_smoke_epoch_with_label_noise(tmp_path):
+    from tests.test_train import write_fashion_mnist
+
+    (tmp_path / "fm").mkdir()
+    write_fashion_mnist(tmp_path / "fm", n=(300, 120))
+    cfg = resolve(
+        "fmnist-demo",
+        {"optimizer": "sam", "data_dir": str(tmp_path / "fm"), "train_subset": 256, "test_subset": 100,
+         "epochs": 1, "progress": False, "out": str(tmp_path / "run")},
+    )  # fmt: skip
+    assert (cfg.label_noise, cfg.rho, cfg.model, cfg.flip, cfg.crop_padding) == (0.4, 0.1, "small-cnn", False, 0)
+    record = run(cfg)["history"][0]
+    assert {"test_acc", "flipped_acc_noisy", "flipped_acc_true"} <= set(record)
+    assert record["steps"] == 2  # 256 images, batch 128
