@@ -58,7 +58,8 @@ def test_recipe_resolution_layers_defaults_recipe_and_flags():
     imagenet = resolve("imagenet-resnet50", {})
     settings = (imagenet.optimizer, imagenet.epochs, imagenet.batch_size, imagenet.rho, imagenet.weight_decay)
     assert (*settings, imagenet.num_samples) == ("ssam-f", 90, 256, 0.7, 1e-4, 128)
-    with pytest.raises(ValueError, match="unknown recipe 'cifar'; choose one of: fmnist-demo, fmnist-noisy, cifar10-resnet18, "):
+    recipes = "fmnist-demo, fmnist-noisy, cifar10-resnet18, "
+    with pytest.raises(ValueError, match=f"unknown recipe 'cifar'; choose one of: {recipes}"):
         resolve("cifar", {})
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['rhoo'\]"):
         resolve(None, {"rhoo": 1})
