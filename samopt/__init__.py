@@ -8,13 +8,15 @@ Sparse SAM's perturbation masks are in :mod:`samopt.masks` (``SAM(..., mask=)``)
 with :class:`SSAMF` and :class:`SSAMD` as ready-made configurations. δ-SAM
 (:class:`DeltaSAM`) reweights the examples of the batch in the ascent direction;
 :class:`PerInstanceSAM` is the per-instance / m-sharpness reference it approximates.
+:mod:`samopt.schedules` decides which steps ascend (periodic, random, adaptive, late
+phase); :attr:`SAM.work` counts the passes the updates cost.
 """
 
-from samopt import functional, masks, seams
+from samopt import functional, masks, schedules, seams
 from samopt.bn import BufferGuard
 from samopt.delta import DeltaSAM
 from samopt.per_instance import PerInstanceSAM
-from samopt.sam import SAM, NonFiniteGradientError
+from samopt.sam import SAM, NonFiniteGradientError, Work
 from samopt.ssam import SSAMD, SSAMF
 
 __version__ = "0.1.0"
@@ -27,8 +29,10 @@ __all__ = [
     "DeltaSAM",
     "NonFiniteGradientError",
     "PerInstanceSAM",
+    "Work",
     "__version__",
     "functional",
     "masks",
+    "schedules",
     "seams",
 ]

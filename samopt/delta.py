@@ -269,6 +269,11 @@ class DeltaSAM(SAM):
     ) -> None:
         if "ascent" in kwargs:
             raise TypeError("DeltaSAM's ascent policy is its DeltaWeights; give another one's mask as mask=")
+        if kwargs.get("schedule") is not None:
+            raise TypeError(
+                "DeltaSAM takes no schedule: its clean backward is of the reweighted loss, so a step that did not "
+                "ascend would update with the reweighted gradient instead of the plain one; use SAM for a schedule"
+            )
         weights = DeltaWeights(mask, **take_keywords(DeltaWeights, kwargs))
         self.reweight_descent = validation.boolean("reweight_descent", reweight_descent)
         super().__init__(params, base_optimizer, rho, ascent=weights, **kwargs)
@@ -429,6 +434,9 @@ class DeltaSAM(SAM):
             probes: list[Tensor] = []
             if self.alpha != 0 and self.estimator == "probe":
                 probes = self._probe_losses(closure, _RNG.of(self._params()))
+                self.work.extra_forwards += len(probes)
+            elif self.alpha != 0 and self.estimator == "exact":
+                self.work.extra_passes += 1  # the per-example backward of _exact_norms
             with torch.enable_grad():
                 losses, logits = self._losses(closure(), need_logits=self.estimator == "logit" and self.alpha != 0)
             lam = None

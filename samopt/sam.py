@@ -21,6 +21,7 @@ of one's own drives it with :meth:`SAM.perturbed` (or :meth:`SAM.first_step` and
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import math
 from collections.abc import Callable, Iterator
@@ -41,7 +42,7 @@ from samopt.seams import Ascent, Descent, GroupGrads, Policy, Schedule
 from samopt.swap import WeightSwap
 from samopt.sync import SYNC_MODES, GradientSync
 
-__all__ = ["BN_MODES", "GROUP_KEYS", "SAM", "SYNC_MODES", "NonFiniteGradientError"]
+__all__ = ["BN_MODES", "GROUP_KEYS", "SAM", "SYNC_MODES", "NonFiniteGradientError", "Work"]
 
 #: Hyperparameters SAM keeps in every parameter group, beside the base optimizer's.
 GROUP_KEYS = ("rho", "adaptive", "eta")
@@ -131,6 +132,66 @@ def _policy(name: str, value: Any, kind: type[Policy]) -> Any:
     if not isinstance(value, kind):
         raise TypeError(f"{name} must be a samopt.seams.{kind.__name__} or None, got {value!r}")
     return value
+
+
+@dataclass
+class Work:
+    """What an optimizer's updates have cost, in forward/backward passes over the batch: :attr:`SAM.work`.
+
+    Each update (``first_step``, overflow skips included) counts a clean pass and, if it
+    ascended, a perturbed pass. A policy that runs more adds to ``extra_passes``
+    (forward and backward) or ``extra_forwards`` (forward only: δ-SAM's probes). Mask
+    updates (SSAM-F's Fisher pass, once per mask interval) run outside the updates and
+    are not counted. ``opt.work.since(before)`` gives the work done since a copy.
+
+    Example::
+
+        before = opt.work.copy()
+        ...                                  # an epoch
+        opt.work.since(before).passes_per_step   # 2.0 for SAM, 1.2 for SAM every 5 steps
+    """
+
+    steps: int = 0
+    ascents: int = 0
+    clean_passes: float = 0.0
+    perturbed_passes: float = 0.0
+    extra_passes: float = 0.0
+    extra_forwards: float = 0.0
+
+    @property
+    def passes_per_step(self) -> float:
+        """Forward/backward passes per update (0 before the first)."""
+        passes = self.clean_passes + self.perturbed_passes + self.extra_passes
+        return passes / self.steps if self.steps else 0.0
+
+    @property
+    def ascent_fraction(self) -> float:
+        """The fraction of updates that ran the perturbed pass (0 before the first)."""
+        return self.ascents / self.steps if self.steps else 0.0
+
+    def copy(self) -> Work:
+        return dataclasses.replace(self)
+
+    def since(self, before: Work) -> Work:
+        """The work done since ``before`` (an earlier :meth:`copy`)."""
+        return Work(**{f.name: getattr(self, f.name) - getattr(before, f.name) for f in dataclasses.fields(self)})
+
+    def as_dict(self) -> dict[str, float]:
+        """The counts, ``passes_per_step`` and ``ascent_fraction``, for a log."""
+        rates = {"passes_per_step": self.passes_per_step, "ascent_fraction": self.ascent_fraction}
+        return {**dataclasses.asdict(self), **rates}
+
+
+def _work(saved: object) -> Work:
+    """The :class:`Work` of a state_dict's ``"work"`` entry (``None``, from a state that predates it: none counted)."""
+    if saved is None:
+        return Work()
+    names = [f.name for f in dataclasses.fields(Work)]
+    if isinstance(saved, dict) and sorted(saved) == sorted(names):
+        values = [saved[n] for n in names]
+        if all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in values):
+            return Work(**saved)
+    raise ValueError(f"the state_dict's work entry must hold {names}, each a finite number >= 0; got {saved!r}")
 
 
 @dataclass
@@ -259,6 +320,8 @@ class SAM(torch.optim.Optimizer):
         self._guard = BufferGuard() if self.bn == "first" else None
         self._step: _Step | None = None
         self._updates = 0  # the updates applied so far: the step index the schedule sees
+        #: The passes the updates have cost so far (:class:`Work`); carried by :meth:`state_dict`.
+        self.work = Work()
         self._bind()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -389,6 +452,8 @@ class SAM(torch.optim.Optimizer):
         inv_scale = 1.0 if scaler is None else 1.0 / scaler.get_scale()
         ascends = self._ascends(grads, inv_scale)
         step = self._step = _Step(scaler=scaler)  # registered before anything moves: restore() undoes a failure
+        self.work.steps += 1
+        self.work.clean_passes += 1
         if not ascends:
             return False  # second_step() steps with these gradients, unscaled there as for any optimizer
         found_inf = scaler is not None and bool(kernels.unscale_grads_(grads, inv_scale).item())
@@ -412,6 +477,8 @@ class SAM(torch.optim.Optimizer):
             self.restore()
             raise
         step.ascended = True
+        self.work.ascents += 1
+        self.work.perturbed_passes += 1
         if self._guard is not None:
             self._guard.start()
         if zero_grad:
@@ -599,6 +666,7 @@ class SAM(torch.optim.Optimizer):
             "base": _name(self.base_optimizer),
             "groups": groups,
             "updates": self._updates,
+            "work": dataclasses.asdict(self.work),
             **{seam: getattr(self, seam).state_dict() for seam in SEAMS},
         }
         for post in self._optimizer_state_dict_post_hooks.values():
@@ -621,19 +689,19 @@ class SAM(torch.optim.Optimizer):
             result = pre(self, state_dict)
             if result is not None:
                 state_dict = result
-        base, policies, updates = self._check_state(state_dict)
+        base, policies, updates, work = self._check_state(state_dict)
         self.base_optimizer.load_state_dict(base)
         for seam in SEAMS:
             getattr(self, seam).load_state_dict(policies[seam])
-        self._updates = updates
+        self._updates, self.work = updates, work
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         for post in self._optimizer_load_state_dict_post_hooks.values():
             post(self)
 
-    def _check_state(self, state_dict: Any) -> tuple[dict[str, Any], dict[str, Any], int]:
+    def _check_state(self, state_dict: Any) -> tuple[dict[str, Any], dict[str, Any], int, Work]:
         """Raise ``ValueError`` unless :meth:`load_state_dict` can load ``state_dict``; returns the base optimizer's
-        state dict (SAM's keys back in its groups), each seam's state and the update count."""
+        state dict (SAM's keys back in its groups), each seam's state, the update count and the work done."""
         if not isinstance(state_dict, dict) or "samopt" not in state_dict:
             raise ValueError(
                 "not a samopt state_dict (it has no 'samopt' entry); a plain optimizer's state goes to "
@@ -686,7 +754,7 @@ class SAM(torch.optim.Optimizer):
         validation.optimizer_state(self.base_optimizer, base_state)
         for seam in SEAMS:
             getattr(self, seam).check_state(policies[seam])
-        return base_state, policies, updates
+        return base_state, policies, updates, _work(meta.get("work"))
 
     def __repr__(self) -> str:
         return (

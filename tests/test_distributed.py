@@ -190,8 +190,34 @@ def _case_fsdp(rank: int, out: str) -> dict:
     return res
 
 
+def adaptive() -> samopt.schedules.AdaptiveAscent:
+    return samopt.schedules.AdaptiveAscent(8, lambda1=0.0, lambda2=0.0, decay=0.5)
+
+
+def scheduled_steps(opt: samopt.SAM, model: torch.nn.Module, batches) -> list[bool]:
+    """``sam_steps``, returning whether each step ascended (from the optimizer's own count)."""
+    decisions = []
+    for batch in batches:
+        before = opt.work.ascents
+        sam_steps(opt, model, [batch])
+        decisions.append(opt.work.ascents > before)
+    return decisions
+
+
+def _case_schedules(rank: int, out: str) -> dict:
+    res = {}
+    for sync in SYNCS:
+        model = mlp()
+        net = DistributedDataParallel(model)
+        opt = samopt.SAM(net.parameters(), torch.optim.SGD, rho=RHO, lr=LR, schedule=adaptive(), sync=sync, ddp=net)
+        decisions = scheduled_steps(opt, net, rank_batches(rank, range(8)))
+        res[sync] = ([p.detach().clone() for p in model.parameters()], decisions, opt.schedule.state_dict())
+    return res
+
+
 CASES = {
     "global": _case_global,
+    "schedules": _case_schedules,
     "local": _case_local,
     "resume": _case_resume,
     "delta": _case_delta,
@@ -283,6 +309,22 @@ def test_sync_local_averages_each_ranks_own_sam_gradient_and_masks_agree_across_
         for ma, mb in zip(a, b, strict=True):
             assert all(torch.equal(x, y) for x, y in zip(ma, mb, strict=True)), method
         assert any(not torch.equal(x, y) for x, y in zip(a[0], a[-1], strict=True)), method  # masks did change
+
+
+def test_every_rank_takes_the_same_ascent_decisions(tmp_path):
+    ranks = spawn("schedules", tmp_path)
+    model = mlp()
+    opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, schedule=adaptive())
+    reference = scheduled_steps(opt, model, full_batches(range(8)))
+    assert 0 < sum(reference) < 8  # the rule chose both kinds of step
+    for r in ranks:  # global: the averaged gradient's norm is the concatenated batch's, the decisions and weights too
+        weights, decisions, stats = r["global"]
+        assert decisions == reference
+        close(weights, [p.detach() for p in model.parameters()])
+        assert stats == pytest.approx(opt.schedule.state_dict(), rel=1e-5)
+    a, b = ranks[0]["local"], ranks[1]["local"]  # local: each rank's own statistics, one decision for both
+    assert a[1] == b[1] and a[2] != b[2]
+    close(a[0], b[0])
 
 
 def test_a_two_rank_checkpoint_resumes_on_one_process(tmp_path):

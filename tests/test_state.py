@@ -63,6 +63,9 @@ def test_resume_is_bit_exact(base, adaptive, in_place):
     assert opt3.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
 
 
+NO_EXTRA = {"extra_passes": 0.0, "extra_forwards": 0.0}
+
+
 def test_state_dict_holds_the_base_optimizer_state():
     x, y = vector_batch()
     model = mlp()
@@ -81,6 +84,7 @@ def test_state_dict_holds_the_base_optimizer_state():
         "base": "torch.optim.adamw.AdamW",
         "groups": [{"rho": 0.1, "adaptive": False, "eta": 0.01}],  # SAM's keys, kept out of the base's groups
         "updates": 1,
+        "work": {"steps": 1, "ascents": 1, "clean_passes": 1.0, "perturbed_passes": 1.0, **NO_EXTRA},  # one update
         "ascent": {},
         "descent": {},
         "schedule": {},
