@@ -169,6 +169,11 @@ class Work:
         """The fraction of updates that ran the perturbed pass (0 before the first)."""
         return self.ascents / self.steps if self.steps else 0.0
 
+    @property
+    def forwards_per_step(self) -> float:
+        """Extra forward-only passes per update (0 before the first)."""
+        return self.extra_forwards / self.steps if self.steps else 0.0
+
     def copy(self) -> Work:
         return dataclasses.replace(self)
 
@@ -177,8 +182,12 @@ class Work:
         return Work(**{f.name: getattr(self, f.name) - getattr(before, f.name) for f in dataclasses.fields(self)})
 
     def as_dict(self) -> dict[str, float]:
-        """The counts, ``passes_per_step`` and ``ascent_fraction``, for a log."""
-        rates = {"passes_per_step": self.passes_per_step, "ascent_fraction": self.ascent_fraction}
+        """The counts, ``passes_per_step``, ``ascent_fraction`` and ``forwards_per_step``, for a log."""
+        rates = {
+            "passes_per_step": self.passes_per_step,
+            "ascent_fraction": self.ascent_fraction,
+            "forwards_per_step": self.forwards_per_step,
+        }
         return {**dataclasses.asdict(self), **rates}
 
 

@@ -211,13 +211,17 @@ def _weights(path):
     return torch.load(path / "checkpoint.pt", weights_only=True)["model"]
 
 
-@pytest.mark.parametrize("optimizer, stop", [("ssam-f", 6), ("ssam-d", 3), ("delta-sam", 5), ("sgd", 4)])
-def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeypatch, optimizer, stop):
-    whole = run(tiny(tmp_path / "a", optimizer=optimizer))
+@pytest.mark.parametrize(
+    "optimizer, stop, extra",
+    [("ssam-f", 6, {}), ("ssam-d", 3, {}), ("delta-sam", 5, {}), ("sgd", 4, {}),
+     ("sam", 3, {"ascend": "random", "ascend_prob": 0.5}), ("sam", 6, {"ascend": "adaptive"})],
+)  # fmt: skip
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeypatch, optimizer, stop, extra):
+    whole = run(tiny(tmp_path / "a", optimizer=optimizer, **extra))
     with monkeypatch.context() as m:
         _interrupt_at(m, stop)
         with pytest.raises(SystemExit) as e:
-            run(tiny(tmp_path / "b", optimizer=optimizer))
+            run(tiny(tmp_path / "b", optimizer=optimizer, **extra))
     assert e.value.code == loop.EXIT_INTERRUPTED
     saved = torch.load(tmp_path / "b" / "run" / "checkpoint.pt", weights_only=True)
     # the step during which Ctrl-C came is finished, then saved (4 steps per epoch; after step 4, epoch 1 ends first)
@@ -229,11 +233,11 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, monk
         return real(*args, **kwargs)
 
     monkeypatch.setattr(loop, "train_step", counted)
-    resumed = run(tiny(tmp_path / "b", optimizer=optimizer, resume=True))
+    resumed = run(tiny(tmp_path / "b", optimizer=optimizer, resume=True, **extra))
     assert steps[0] == 2 * 4 - stop  # it continued, it did not start over
     if stop % 4:  # the interrupted epoch's time adds the part before the interrupt
         assert resumed["history"][stop // 4]["train_seconds"] >= saved["partial"]["seconds"] > 0
-    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "passes_per_step", "ascent_fraction"):
         assert [r[key] for r in resumed["history"]] == [r[key] for r in whole["history"]], key
     a, b = _weights(tmp_path / "a" / "run"), _weights(tmp_path / "b" / "run")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -261,8 +265,28 @@ def test_run_outputs(tmp_path):
         "train_seconds",
         "steps",
         "mask_density",
+        "passes_per_step",
+        "ascent_fraction",
+        "forwards_per_step",
+        "work",
     }
     assert record["mask_density"] == pytest.approx(0.5, abs=1e-3)
+    assert (record["passes_per_step"], record["ascent_fraction"], record["forwards_per_step"]) == (2.0, 1.0, 0.0)
+    assert record["work"]["steps"] == 4 and summary["history"][1]["work"]["steps"] == 8  # the running count
+    assert (summary["passes_per_step"], summary["ascent_fraction"]) == (2.0, 1.0)
+
+
+def test_ascend_every_k_halves_the_perturbed_passes_and_is_counted(tmp_path):
+    summary = run(tiny(tmp_path, optimizer="sam", ascend="every", ascend_every=2))
+    assert [(r["passes_per_step"], r["ascent_fraction"]) for r in summary["history"]] == [(1.5, 0.5)] * 2
+    assert summary["passes_per_step"] == 1.5
+    plain = run(tiny(tmp_path / "sgd", optimizer="sgd"))
+    assert (plain["passes_per_step"], plain["history"][0]["passes_per_step"]) == (1.0, 1.0)
+    late = run(tiny(tmp_path / "late", optimizer="ssam-d", ascend="late", ascend_from=0.75))  # SAM on the last 2 of 8
+    assert [r["passes_per_step"] for r in late["history"]] == [1.0, 1.5]
+    assert "mask_density" not in late["history"][0] and late["history"][1]["mask_density"] == pytest.approx(0.5, 1e-3)
+    with pytest.raises(ValueError, match="ascend must be one of 'always', 'every', 'random', 'adaptive', 'late'; got"):
+        run(tiny(tmp_path / "bad", optimizer="sam", ascend="often"))
 
 
 def test_checkpoint_errors(tmp_path):
@@ -365,10 +389,11 @@ def test_compare_runs_tables_plots_and_skips_finished_runs(tmp_path):
     table = (out / "compare.md").read_text().splitlines()
     header = (
         "| optimizer | seeds | final test acc % | best test acc % | best epoch | wall time s | s/epoch | x sgd | "
-        "peak memory"
+        "passes/step | peak memory"
     )
     assert table[0].startswith(header)
     assert table[2].startswith("| sgd | 2 | ") and table[3].startswith("| sam | 2 | ")
+    assert [[c.strip() for c in row.split("|")][9] for row in table[2:4]] == ["1.00", "2.00"]  # passes per step
     assert "| 1.00 |" in table[2] and " of 1 |" in table[2]  # the best epoch, of 1
     # the CSV holds each run's numbers, as its summary.json has them
     with open(out / "compare.csv") as f:
@@ -378,6 +403,7 @@ def test_compare_runs_tables_plots_and_skips_finished_runs(tmp_path):
         summary = json.loads((out / f"{row['optimizer']}-s{row['seed']}" / "summary.json").read_text())
         assert float(row["final_score"]) == summary["final_score"] and float(row["best_score"]) == summary["best_score"]
         assert float(row["seconds_per_epoch"]) == summary["seconds_per_epoch"] and int(row["best_epoch"]) == 1
+        assert float(row["passes_per_step"]) == summary["passes_per_step"]
     for png in ("accuracy.png", "cost.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "plots: " in r.stdout and str(out / "accuracy.png") in r.stdout
@@ -398,6 +424,7 @@ def test_the_installed_samopt_command_runs():
     r = subprocess.run([str(script), "optimizers"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[0].startswith("sgd ") and "Foret et al., ICLR 2021" in r.stdout
+    assert "--ascend: which steps of the SAM family" in r.stdout and "AE-SAM, Jiang, Yang, Zhang and Kwok" in r.stdout
 
 
 def test_a_setting_missing_from_an_older_checkpoint_counts_as_its_default():

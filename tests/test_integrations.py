@@ -117,6 +117,17 @@ def sam_sgd(model, **kw):
     return samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=1e-2, **kw)
 
 
+def sam_every_2(model, **kw):
+    """SAM on updates 0, 2, ...: the Trainer's second update must run one pass per micro-batch."""
+    return sam(model, schedule=samopt.schedules.EveryK(2), **kw)
+
+
+def count_forwards(model) -> list[int]:
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
 # fp32: equal to 1e-6 after two AdamW steps. bf16/fp16: AdamW's first steps (about lr * sign(g)) turn rounding
 # differences in near-zero gradients into lr-sized ones, so the mixed-precision runs use SGD, where the weights
 # agree to 2e-6 of a 1.6e-3 move (rounding: accelerate's autocast wraps model.forward, the plain loop the loss).
@@ -126,11 +137,14 @@ def sam_sgd(model, **kw):
 # loop does; MiniLM's head takes **kwargs but ignores num_items_in_batch, so by default the Trainer sums them
 # (transformers#47688; test_trainer_with_rho_0_is_the_trainer pins that SAMTrainer follows the Trainer there).
 @pytest.mark.parametrize(
-    "precision, make, clip, atol", [("fp32", sam, 0.5, 1e-6), ("bf16", sam_sgd, 0.5, 1e-5), ("fp16", sam_sgd, 10, 1e-5)]
-)
+    "precision, make, clip, atol",
+    [("fp32", sam, 0.5, 1e-6), ("bf16", sam_sgd, 0.5, 1e-5), ("fp16", sam_sgd, 10, 1e-5),
+     ("fp32", sam_every_2, 0.5, 1e-6)],
+)  # fmt: skip
 def test_trainer_with_accumulation_and_clipping_equals_the_plain_samopt_loop(tmp_path, precision, make, clip, atol):
     model = minilm()
     reference = copy.deepcopy(model).to(DEVICE)
+    forwards = count_forwards(model)
     settings = args(tmp_path, max_grad_norm=clip, bf16=precision == "bf16", fp16=precision == "fp16")
     trainer = Recording(model=model, args=settings, train_dataset=Pairs(), optimizers=(make(model), None))
     trainer.model_accepts_loss_kwargs = False
@@ -138,6 +152,7 @@ def test_trainer_with_accumulation_and_clipping_equals_the_plain_samopt_loop(tmp
         hf_fp16(trainer)
     trainer.train()
     assert len(trainer.seen) == 4  # 2 updates x 2 micro-batches
+    assert len(forwards) == (6 if make is sam_every_2 else 8)  # 2 micro-batches x 2 passes, then x 1 or x 2
     # the plain loop: the closure runs both micro-batches of a window, SAM clips the gradient at w + e
     opt = make(reference, max_grad_norm=clip)
     scaler = grad_scaler(precision)
@@ -318,12 +333,13 @@ def mlp_with_bn_and_dropout(p: float = 0.2) -> torch.nn.Sequential:
 
 
 class Classifier(SAMModule):
-    def __init__(self, net, accumulate=2, mask=None):
+    def __init__(self, net, accumulate=2, mask=None, schedule=None):
         super().__init__(accumulate_grad_batches=accumulate)
-        self.net, self.mask, self.seen = net, mask, []
+        self.net, self.mask, self.schedule, self.seen, self.losses = net, mask, schedule, [], 0
 
     def sam_loss(self, batch):
         x, y = batch
+        self.losses += 1
         return F.cross_entropy(self.net(x), y)
 
     def training_step(self, batch, batch_idx):
@@ -333,7 +349,9 @@ class Classifier(SAMModule):
         return super().training_step(batch, batch_idx)
 
     def configure_optimizers(self):
-        opt = samopt.SAM(self.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, mask=self.mask)
+        opt = samopt.SAM(
+            self.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, mask=self.mask, schedule=self.schedule
+        )
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -397,13 +415,17 @@ def test_lightning_refuses_per_instance_sam(tmp_path):
 
 # 5 batches: the epoch's last window has one batch, whose loss is still divided by 2, as Lightning's own
 # accumulation does
-@pytest.mark.parametrize("precision, batches", [(p, 6) for p in ("fp32", *MIXED)] + [("fp32", 5)])
-def test_lightning_module_equals_the_plain_samopt_loop(tmp_path, precision, batches):
-    module = Classifier(mlp_with_bn_and_dropout())
+@pytest.mark.parametrize(
+    "precision, batches, every", [(p, 6, 1) for p in ("fp32", *MIXED)] + [("fp32", 5, 1), ("fp32", 6, 2)]
+)
+def test_lightning_module_equals_the_plain_samopt_loop(tmp_path, precision, batches, every):
+    schedule = samopt.schedules.EveryK
+    module = Classifier(mlp_with_bn_and_dropout(), schedule=schedule(every))
     trainer = fit(module, tmp_path, precision, batches)
     assert trainer.global_step == 3 and len(module.seen) == batches
+    assert module.losses == (2 * batches if every == 1 else 2 * 4 + 2)  # with k = 2, update 1 runs each batch once
     net = mlp_with_bn_and_dropout().to(DEVICE)
-    opt = samopt.SAM(net.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+    opt = samopt.SAM(net.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, schedule=schedule(every))
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     scaler = grad_scaler(precision)
     net.train()

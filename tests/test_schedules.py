@@ -209,7 +209,7 @@ def test_work_counts_the_passes_of_each_update():
     assert (epoch.steps, epoch.ascents, epoch.passes_per_step) == (3, 1, 4 / 3)
     assert epoch.as_dict() == {
         "steps": 3, "ascents": 1, "clean_passes": 3.0, "perturbed_passes": 1.0, "extra_passes": 0.0,
-        "extra_forwards": 0.0, "passes_per_step": 4 / 3, "ascent_fraction": 1 / 3,
+        "extra_forwards": 0.0, "passes_per_step": 4 / 3, "ascent_fraction": 1 / 3, "forwards_per_step": 0.0,
     }  # fmt: skip
     sam = samopt.SAM(mlp().parameters(), torch.optim.SGD, rho=RHO, lr=LR)
     sam.load_state_dict(opt.state_dict())

@@ -404,6 +404,14 @@ def test_resume_with_a_data_dir_of_another_class_count_is_refused(tmp_path, caps
         (["--cutout", "33"], "cutout must be between 0 and 32 (the side of the synthetic images), got 33"),
         (["--optimizer", "ssam-f", "--num-samples", "100000"], "num_samples must be between 1 and 256 (the training"),
         (["--label-noise", "1.0"], "label_noise must be a real number in [0, 1), got 1.0"),
+        (["--optimizer", "sam", "--ascend", "every", "--ascend-every", "0"], "ascend_every must be an integer >= 1"),
+        (["--optimizer", "sam", "--ascend-prob", "1.5"], "ascend_prob must be a real number in [0, 1], got 1.5"),
+        (["--ascend-prob-end", "-0.5"], "ascend_prob_end must be a real number in [0, 1], got -0.5"),
+        (["--ascend", "late", "--ascend-from", "1"], "ascend_from must be a real number in [0, 1), got 1.0"),
+        (["--ae-lambda1", "inf"], "ae_lambda1 must be a finite real number, got inf"),
+        (["--ae-decay", "1"], "ae_decay must be a real number in [0, 1), got 1.0"),
+        (["--optimizer", "sgd", "--ascend", "every"], "ascend='every' applies to the SAM family; 'sgd' never ascends"),
+        (["--optimizer", "delta-sam", "--ascend", "random"], "ascend='random' does not run with delta-sam"),
     ],
 )
 def test_absurd_flags_are_refused_with_the_allowed_range(tmp_path, capsys, flags, message):

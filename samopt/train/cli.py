@@ -30,7 +30,7 @@ from samopt.train.glue import TASKS
 from samopt.train.lock import DirectoryInUseError
 from samopt.train.loop import EXIT_INTERRUPTED, SCHEDULES, CheckpointError, run
 from samopt.train.models import MODELS
-from samopt.train.optimizers import AMP_MODES, NAMES, OPTIMIZERS
+from samopt.train.optimizers import AMP_MODES, ASCEND, ASCEND_POLICIES, NAMES, OPTIMIZERS
 
 __all__ = ["build_parser", "config_args", "main"]
 
@@ -39,6 +39,7 @@ _CHOICES = {
     "schedule": SCHEDULES,
     "amp": AMP_MODES,
     "sync": SYNC_MODES,
+    "ascend": ASCEND,
 }
 _IMAGE_CHOICES = {
     "dataset": datasets.DATASETS,
@@ -69,6 +70,15 @@ _HELP = {
     "resume": "continue the run in --out from its checkpoint",
     "device": "auto, cpu, cuda or cuda:N",
     "sync": "under torchrun, the SAM family's perturbation from the all-reduced gradient or each rank's own",
+    "ascend": "which steps of the SAM family run the perturbed pass (the others cost one forward/backward): always, "
+    "every --ascend-every steps, at random (--ascend-prob), adaptive (AE-SAM, --ae-*) or late (from --ascend-from)",
+    "ascend_every": "--ascend every: the period k (Composer's advice: scale --rho with k)",
+    "ascend_prob": "--ascend random: the probability of a SAM step (at the start)",
+    "ascend_prob_end": "--ascend random: the probability at the end of training, along a half cosine (none: constant)",
+    "ascend_from": "--ascend late: the fraction of the training steps taken by the base optimizer before SAM starts",
+    "ae_lambda1": "--ascend adaptive: SAM when ||g||^2 >= mean + c std, c linear from this at the start ...",
+    "ae_lambda2": "... to this at the end",
+    "ae_decay": "--ascend adaptive: decay of the moving mean and variance of ||g||^2",
     "label_noise": "fraction of the training labels replaced, in [0, 1) (the test set stays clean)",
     "label_noise_mode": "symmetric (another class, uniformly) or pairflip (class c to c + 1)",
     "label_noise_seed": "seed of the noise: which labels change, and into what (not the run's seed)",
@@ -144,6 +154,9 @@ def _optimizers() -> None:
     for name, s in OPTIMIZERS.items():
         rho = f"; default rho {s.rho}" if s.rho is not None else ""
         print(f"{name:<{width}}  {s.summary} ({s.citation}{rho}; tasks: {', '.join(s.tasks)})")
+    print("\n--ascend: which steps of the SAM family (but delta-sam) run the perturbed pass; the others cost one pass")
+    for name, (summary, citation, advice) in ASCEND_POLICIES.items():
+        print(f"{name:<{width}}  {summary} ({citation}){'; ' + advice if advice else ''}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     glue_compare.add_argument("--seeds", type=int, default=1, help="number of seeds: seed, seed+1, ...")
     config_args(glue_compare, GlueConfig)
     sub.add_parser("recipes", help="list the presets of --recipe")
-    sub.add_parser("optimizers", help="list the optimizers, with their papers and default rho")
+    sub.add_parser("optimizers", help="list the optimizers and --ascend policies, with their papers and settings")
     return parser
 
 

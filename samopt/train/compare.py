@@ -68,8 +68,18 @@ def _reference(results: dict[str, list[dict[str, Any]]]) -> tuple[str, float]:
 def _other_metrics(summary: dict[str, Any]) -> list[str]:
     """The evaluation metrics of a run besides its score (e.g. MRPC's F1), from its last epoch."""
     final = summary["final"]
-    skip = {summary["score"], "mask_density"}
+    skip = {summary["score"], "mask_density", "passes_per_step", "ascent_fraction", "forwards_per_step"}
     return [k for k in final if k not in skip and not k.startswith("train_") and not k.endswith("loss")]
+
+
+def _passes(runs: list[dict[str, Any]]) -> str:
+    """Forward/backward passes per step (mean over seeds), with the extra forward-only passes if any; "n/a" for
+    runs that did not count them."""
+    if any("passes_per_step" not in r for r in runs):
+        return "n/a"
+    text = f"{statistics.mean(r['passes_per_step'] for r in runs):.2f}"
+    forwards = statistics.mean(r["forwards_per_step"] for r in runs)
+    return text + (f" + {forwards:.1f} fwd" if forwards else "")
 
 
 def table(results: dict[str, list[dict[str, Any]]]) -> str:
@@ -86,8 +96,8 @@ def table(results: dict[str, list[dict[str, Any]]]) -> str:
     extra = "".join(f" final {m.replace('_', ' ')} % |" for m in others)
     lines = [
         f"| optimizer | seeds | final {score} % | best {score} % | best epoch |{extra} wall time s | s/epoch | "
-        f"x {ref_name} | peak memory MiB ({kind}) | x {ref_name} |",
-        "|---" * (10 + len(others)) + "|",
+        f"x {ref_name} | passes/step | peak memory MiB ({kind}) | x {ref_name} |",
+        "|---" * (11 + len(others)) + "|",
     ]
     for name, runs in results.items():
         spe = [r["seconds_per_epoch"] for r in runs]
@@ -98,7 +108,7 @@ def table(results: dict[str, list[dict[str, Any]]]) -> str:
             f"{_mean_std([r['best_score'] for r in runs], 100)} | "
             f"{_mean_std([_best_epoch(r) for r in runs], digits=0)} of {runs[0]['epochs']} |{cells} "
             f"{statistics.mean(r['wall_seconds'] for r in runs):.0f} | {statistics.mean(spe):.1f} | "
-            f"{statistics.mean(spe) / ref:.2f} | {memory:.0f} | {memory / ref_memory:.2f} |"
+            f"{statistics.mean(spe) / ref:.2f} | {_passes(runs)} | {memory:.0f} | {memory / ref_memory:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -112,7 +122,8 @@ def rows(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
             row |= {"final_score": r["final_score"], "best_score": r["best_score"], "best_epoch": _best_epoch(r)}
             row |= {f"final_{m}": r["final"][m] for m in _other_metrics(r)}
             keys = ("seconds_per_epoch", "seconds_per_step", "wall_seconds", "peak_memory_mib")
-            out.append(row | {k: r[k] for k in keys})
+            work = ("passes_per_step", "ascent_fraction", "forwards_per_step")
+            out.append(row | {k: r[k] for k in keys} | {k: r.get(k) for k in work})
     return out
 
 

@@ -64,6 +64,15 @@ class RunConfig:
     alpha: float = -1.0
     num_probes: int = 3
     delta_clip: float | None = 5.0
+    # which SAM steps ascend (samopt.schedules); the others cost one forward/backward
+    ascend: str = "always"  # always | every | random | adaptive | late
+    ascend_every: int = 1  # every: k, the period
+    ascend_prob: float = 1.0  # random: the probability (at the start)
+    ascend_prob_end: float | None = None  # random: the probability at the end, along a half cosine (None: constant)
+    ascend_from: float = 0.0  # late: the fraction of training before SAM starts
+    ae_lambda1: float = -1.0  # adaptive (AE-SAM): the threshold's coefficient at the start ...
+    ae_lambda2: float = 1.0  # ... and at the end
+    ae_decay: float = 0.9  # adaptive: the moving averages' decay
     # schedule
     epochs: int = 200
     batch_size: int = 128

@@ -60,7 +60,7 @@ from samopt.train import glue, vision
 from samopt.train.config import GlueConfig, RunConfig, config_differences
 from samopt.train.launch import Ranks, Shard, setup
 from samopt.train.lock import DirectoryLock
-from samopt.train.optimizers import AMP_MODES, Amp, build_optimizer, spec, train_step
+from samopt.train.optimizers import AMP_MODES, ASCEND, Amp, build_optimizer, spec, train_step
 from samopt.train.task import Loader, Task
 
 __all__ = ["CheckpointError", "lr_factor", "run", "validate"]
@@ -114,12 +114,33 @@ def validate(cfg: RunConfig) -> None:
                 f"the weights it multiplies), got {getattr(cfg, name)!r}"
             )
     validation.unit_interval("label_smoothing", cfg.label_smoothing, include_one=True)
+    _validate_ascend(cfg)
     validation.positive_or_none("max_grad_norm", cfg.max_grad_norm)
     _task_module(cfg).validate(cfg)  # the task's own settings (data set, model, ...), without loading anything
     if cfg.warmup_epochs > cfg.epochs:
         raise ValueError(f"warmup_epochs must be at most epochs ({cfg.epochs}), got {cfg.warmup_epochs}")
     if sorted(cfg.milestones) != list(cfg.milestones) or any(m < 1 for m in cfg.milestones):
         raise ValueError(f"milestones must be increasing epoch numbers >= 1, got {cfg.milestones}")
+
+
+def _validate_ascend(cfg: RunConfig) -> None:
+    """The settings of ``--ascend`` (which SAM steps run the perturbed pass)."""
+    validation.choice("ascend", cfg.ascend, ASCEND)
+    validation.positive_int("ascend_every", cfg.ascend_every)
+    validation.unit_interval("ascend_prob", cfg.ascend_prob, include_one=True)
+    if cfg.ascend_prob_end is not None:
+        validation.unit_interval("ascend_prob_end", cfg.ascend_prob_end, include_one=True)
+    validation.unit_interval("ascend_from", cfg.ascend_from, include_one=False)
+    validation.finite("ae_lambda1", cfg.ae_lambda1)
+    validation.finite("ae_lambda2", cfg.ae_lambda2)
+    validation.unit_interval("ae_decay", cfg.ae_decay, include_one=False)
+    if cfg.ascend != "always" and not spec(cfg.optimizer).sam_family:
+        raise ValueError(f"ascend={cfg.ascend!r} applies to the SAM family; {cfg.optimizer!r} never ascends")
+    if cfg.ascend != "always" and cfg.optimizer == "delta-sam":
+        raise ValueError(
+            f"ascend={cfg.ascend!r} does not run with delta-sam: its clean gradient is of the reweighted loss, "
+            "so a step that did not ascend would descend along it; use ascend='always'"
+        )
 
 
 def _task_module(cfg: RunConfig) -> Any:
@@ -370,6 +391,37 @@ def _restore(
         raise bad(f"holds optimizer or schedule state that does not fit this run ({e})") from None
     task.model.load_state_dict(saved)
     _set_rng_state(rng)
+
+
+def _rates(work: samopt.Work | None) -> dict[str, float]:
+    """Passes per step, the fraction of steps that ascended and extra forwards per step (``None``: a plain
+    optimizer, one forward/backward per step)."""
+    if work is None:
+        return {"passes_per_step": 1.0, "ascent_fraction": 0.0, "forwards_per_step": 0.0}
+    return {k: work.as_dict()[k] for k in ("passes_per_step", "ascent_fraction", "forwards_per_step")}
+
+
+def _work(opt: torch.optim.Optimizer, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """An epoch's record of the work its updates did (:attr:`samopt.SAM.work` since the previous epoch's record,
+    which keeps the running count, so a resumed epoch counts what it did before the interruption)."""
+    if not isinstance(opt, samopt.SAM):
+        return _rates(None)
+    previous = history[-1].get("work") if history else None
+    work = opt.work.copy()
+    epoch = work.since(samopt.Work(**previous) if previous else samopt.Work())
+    return {**_rates(epoch), "work": dataclasses.asdict(work)}
+
+
+def _density(opt: torch.optim.Optimizer) -> dict[str, float]:
+    """The SAM family's mask density, once there is a mask (it is computed at the first step that ascends)."""
+    if not isinstance(opt, samopt.SAM) or (isinstance(opt.mask, samopt.masks.Mask) and opt.mask.masks is None):
+        return {}
+    return {"mask_density": opt.mask_density()}
+
+
+def _run_work(opt: torch.optim.Optimizer) -> dict[str, float]:
+    """The whole run's :func:`_rates`."""
+    return _rates(opt.work if isinstance(opt, samopt.SAM) else None)
 
 
 def _peak_memory_mib(device: torch.device) -> tuple[float, str]:
@@ -624,8 +676,8 @@ def _train(cfg: RunConfig, ranks: Ranks, device: torch.device, out: Path) -> dic
                     record["train_acc"] = done["correct"] / done["seen"]
                 record.update(metrics)
                 record.update({"lr": lr, "train_seconds": done["seconds"], "steps": steps_per_epoch})  # last step's lr
-                if isinstance(opt, samopt.SAM):
-                    record["mask_density"] = opt.mask_density()
+                record.update(_work(opt, state["history"]))
+                record.update(_density(opt))
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             record = _from_main(record, ranks)
@@ -635,7 +687,7 @@ def _train(cfg: RunConfig, ranks: Ranks, device: torch.device, out: Path) -> dic
                 shown = ", ".join(
                     f"{k} {v:.4f}"
                     for k, v in record.items()
-                    if k not in ("epoch", "lr", "steps") and not k.endswith("seconds")
+                    if k not in ("epoch", "lr", "steps", "work") and not k.endswith("seconds")
                 )
                 print(f"{label} epoch {epoch + 1}/{cfg.epochs}: {shown} ({done['seconds']:.1f} s)", flush=True)
             if _any_rank(interrupt.requested, ranks, device) and epoch + 1 < cfg.epochs:
@@ -652,10 +704,11 @@ def _train(cfg: RunConfig, ranks: Ranks, device: torch.device, out: Path) -> dic
         "score": task.score,
         "final_score": history[-1][task.score],
         "best_score": max(r[task.score] for r in history),
-        "final": {k: v for k, v in history[-1].items() if k not in ("epoch", "lr", "steps", "train_seconds")},
+        "final": {k: v for k, v in history[-1].items() if k not in ("epoch", "lr", "steps", "train_seconds", "work")},
         "wall_seconds": time.perf_counter() - wall0,
         "seconds_per_epoch": sum(r["train_seconds"] for r in history) / len(history),
         "seconds_per_step": sum(r["train_seconds"] for r in history) / sum(r["steps"] for r in history),
+        **_run_work(opt),
         "peak_memory_mib": peak,
         "peak_memory_kind": peak_kind,
         "device": str(device),

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 import samopt
-from samopt import validation
+from samopt import schedules, validation
 from samopt.masks import DynamicSparseMask, FisherMask, RandomMask
 
 __all__ = [
@@ -74,6 +74,52 @@ def _base_kwargs(cfg: Any, cls: type[torch.optim.Optimizer]) -> dict[str, Any]:
     return kw
 
 
+#: ``--ascend``: which steps of the SAM family run the perturbed pass (:mod:`samopt.schedules`): what each
+#: does, where it comes from and the settings its source suggests.
+ASCEND_POLICIES: dict[str, tuple[str, str, str]] = {
+    "always": ("every step (SAM)", "Foret et al., ICLR 2021, arXiv:2010.01412", ""),
+    "every": (
+        "every --ascend-every steps",
+        "MosaicML Composer's SAM interval",
+        "its method card scales --rho with the period: --ascend-every 10 --rho 0.5 on ImageNet",
+    ),
+    "random": (
+        "with probability --ascend-prob (constant, or a half cosine to --ascend-prob-end)",
+        "SS-SAM / RST, Zhao, Zhang and Hu, arXiv:2203.09962",
+        "about 1.5 passes per step (--ascend-prob 0.5) is reported as comparable to SAM",
+    ),
+    "adaptive": (
+        "when ||g||^2 >= its moving mean + c std, c linear from --ae-lambda1 to --ae-lambda2",
+        "AE-SAM, Jiang, Yang, Zhang and Kwok, ICLR 2023, arXiv:2304.14647",
+        "about half the steps ascend with the defaults (-1 to 1, decay 0.9; ours, inferred)",
+    ),
+    "late": (
+        "the base optimizer until --ascend-from of training, then SAM",
+        "Zhou et al., ICLR 2025, arXiv:2410.10373",
+        "SAM on the last 12.5% of the epochs: --ascend-from 0.875",
+    ),
+}
+ASCEND = tuple(ASCEND_POLICIES)
+
+
+def ascent_schedule(cfg: Any, total_steps: int) -> samopt.seams.Schedule:
+    """The :mod:`samopt.schedules` policy of ``cfg.ascend`` over a run of ``total_steps`` updates."""
+    validation.choice("ascend", cfg.ascend, ASCEND)
+    if cfg.ascend == "every":
+        return schedules.EveryK(cfg.ascend_every)
+    if cfg.ascend == "random":
+        end = cfg.ascend_prob_end
+        return schedules.RandomAscent(
+            cfg.ascend_prob, p_end=end, total_steps=None if end is None else total_steps, seed=cfg.seed
+        )
+    if cfg.ascend == "adaptive":
+        return schedules.AdaptiveAscent(total_steps, lambda1=cfg.ae_lambda1, lambda2=cfg.ae_lambda2, decay=cfg.ae_decay)
+    if cfg.ascend == "late":
+        validation.unit_interval("ascend_from", cfg.ascend_from, include_one=False)
+        return schedules.LatePhase(round(cfg.ascend_from * total_steps))
+    return samopt.seams.Schedule()
+
+
 @dataclass
 class _Build:
     """What a builder gets: the run's settings, the model and the run's data and ranks."""
@@ -89,10 +135,16 @@ class _Build:
     def plain(self, cls: type[torch.optim.Optimizer]) -> torch.optim.Optimizer:
         return cls(self.model.parameters(), **_base_kwargs(self.cfg, cls))
 
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.cfg.epochs
+
     def sam(self, cls: type[samopt.SAM], rho: float, **kw: Any) -> samopt.SAM:
         cfg = self.cfg
         base = base_optimizer(cfg.base)
         engine = {"bn": cfg.bn, "max_grad_norm": cfg.max_grad_norm, "sync": cfg.sync, "ddp": self.ddp}
+        if cfg.ascend != "always":
+            engine["schedule"] = ascent_schedule(cfg, self.total_steps)
         rho = cfg.rho if cfg.rho is not None else rho
         return cls(self.model.parameters(), base, rho, **engine, **kw, **_base_kwargs(cfg, base))
 
@@ -123,7 +175,7 @@ def _dynamic(b: _Build) -> samopt.SAM:
     cfg = b.cfg
     mask = DynamicSparseMask(
         cfg.sparsity,
-        total_steps=b.steps_per_epoch * cfg.epochs,
+        total_steps=b.total_steps,
         drop_rate=cfg.drop_rate,
         drop=cfg.drop,
         grow=cfg.grow,
