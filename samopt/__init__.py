@@ -9,12 +9,14 @@ with :class:`SSAMF` and :class:`SSAMD` as ready-made configurations. δ-SAM
 (:class:`DeltaSAM`) reweights the examples of the batch in the ascent direction;
 :class:`PerInstanceSAM` is the per-instance / m-sharpness reference it approximates.
 :mod:`samopt.schedules` decides which steps ascend (periodic, random, adaptive, late
-phase); :attr:`SAM.work` counts the passes the updates cost.
+phase); :class:`LookSAM` reuses SAM's extra direction between them; :attr:`SAM.work`
+counts the passes the updates cost.
 """
 
-from samopt import functional, masks, schedules, seams
+from samopt import functional, looksam, masks, schedules, seams
 from samopt.bn import BufferGuard
 from samopt.delta import DeltaSAM
+from samopt.looksam import LookSAM
 from samopt.per_instance import PerInstanceSAM
 from samopt.sam import SAM, NonFiniteGradientError, Work
 from samopt.ssam import SSAMD, SSAMF
@@ -27,11 +29,13 @@ __all__ = [
     "SSAMF",
     "BufferGuard",
     "DeltaSAM",
+    "LookSAM",
     "NonFiniteGradientError",
     "PerInstanceSAM",
     "Work",
     "__version__",
     "functional",
+    "looksam",
     "masks",
     "schedules",
     "seams",

@@ -391,6 +391,7 @@ class SAM(torch.optim.Optimizer):
     def _bind(self) -> None:
         """(Re)attach the ascent policy to every parameter (masks recompute over a new group at the next step)."""
         self.ascent.bind(self._all_params(), self, self.process_group, sharded=self._sync.sharded)
+        self.descent.bind(self._all_params(), self, sharded=self._sync.sharded)
 
     def mask_density(self) -> float:
         """Fraction of parameter entries the perturbation reaches (1.0 without a mask)."""
@@ -550,7 +551,9 @@ class SAM(torch.optim.Optimizer):
                 "second_step() must get the same scaler as first_step() "
                 f"(first_step: {step.scaler!r}, second_step: {scaler!r}); the update was not applied"
             )
-        grads = [g for _, _, gs in self._collect() for g in gs]
+        collected = self._collect()
+        params = [p for _, ps, _ in collected for p in ps]
+        grads = [g for _, _, gs in collected for g in gs]
         if step.ascended or step.skip:
             # a skipped step in local mode kept each rank's own first-pass gradients: averaging them spreads the
             # overflow to every rank's scaler, so all lower their scale alike
@@ -565,9 +568,9 @@ class SAM(torch.optim.Optimizer):
         if scaler is not None:
             scaler.unscale_(self)
         if step.ascended:
-            self.descent.combine(step.clean, grads)
+            self.descent.combine(params, step.clean, grads)
         elif not step.skip:
-            self.descent.without_ascent(grads)
+            self.descent.without_ascent(params, grads)
         total = self._sync.over_shards(kernels.global_norm(grads))
         total_f = total.item()
         if step.skip or not math.isfinite(total_f):

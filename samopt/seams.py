@@ -147,17 +147,24 @@ class Ascent(Policy):
 class Descent(Policy):
     """How the update gradient is formed from ``g`` (at ``w``) and ``g_p`` (at ``w + e``): ``g_p`` (SAM).
 
-    A subclass that needs ``g`` sets :attr:`needs_clean` and gets a copy of it.
+    A subclass that needs ``g`` sets :attr:`needs_clean` and gets a copy of it. The
+    gradients reach it unscaled (after a GradScaler's ``unscale_``) and averaged over
+    the ranks, with the parameters they belong to, in the same order.
     """
 
     #: Whether :meth:`combine` needs the gradient at ``w`` (the engine then keeps a copy of it).
     needs_clean = False
 
-    def combine(self, clean: list[Tensor] | None, grads: list[Tensor]) -> None:
-        """Turn ``grads`` (``g_p``, unscaled, the same order as ``clean``) into the update gradient, in place."""
+    def bind(self, params: list[Tensor], owner: object, *, sharded: bool = False) -> None:
+        """Attach to the optimizer ``owner`` and all its ``params`` (``sharded``: FSDP shards, of which each rank
+        holds a part, so a norm or dot product over them needs every rank's)."""
 
-    def without_ascent(self, grads: list[Tensor]) -> None:
-        """Turn ``grads`` (``g``) into the update gradient of a step that did not ascend, in place."""
+    def combine(self, params: list[Tensor], clean: list[Tensor] | None, grads: list[Tensor]) -> None:
+        """Turn ``grads`` (``g_p`` of ``params``; ``clean``: ``g``, the same order) into the update gradient, in
+        place."""
+
+    def without_ascent(self, params: list[Tensor], grads: list[Tensor]) -> None:
+        """Turn ``grads`` (``g`` of ``params``) into the update gradient of a step that did not ascend, in place."""
 
 
 class Schedule(Policy):

@@ -285,6 +285,11 @@ def test_ascend_every_k_halves_the_perturbed_passes_and_is_counted(tmp_path):
     late = run(tiny(tmp_path / "late", optimizer="ssam-d", ascend="late", ascend_from=0.75))  # SAM on the last 2 of 8
     assert [r["passes_per_step"] for r in late["history"]] == [1.0, 1.5]
     assert "mask_density" not in late["history"][0] and late["history"][1]["mask_density"] == pytest.approx(0.5, 1e-3)
+    look = run(tiny(tmp_path / "look", optimizer="looksam"))  # SAM on steps 0 and 5 of 8, reuse on the others
+    assert (look["config"]["ascend"], look["config"]["ascend_every"]) == ("every", 5)
+    assert [r["passes_per_step"] for r in look["history"]] == [1.25, 1.25]
+    assert resolve(None, {"optimizer": "looksam", "ascend": "adaptive"}).ascend == "adaptive"  # AE-LookSAM
+    assert resolve(None, {"optimizer": "sam"}).ascend == "always"
     with pytest.raises(ValueError, match="ascend must be one of 'always', 'every', 'random', 'adaptive', 'late'; got"):
         run(tiny(tmp_path / "bad", optimizer="sam", ascend="often"))
 

@@ -212,6 +212,11 @@ def _case_schedules(rank: int, out: str) -> dict:
         opt = samopt.SAM(net.parameters(), torch.optim.SGD, rho=RHO, lr=LR, schedule=adaptive(), sync=sync, ddp=net)
         decisions = scheduled_steps(opt, net, rank_batches(rank, range(8)))
         res[sync] = ([p.detach().clone() for p in model.parameters()], decisions, opt.schedule.state_dict())
+    model = mlp()
+    net = DistributedDataParallel(model)
+    opt = samopt.LookSAM(net.parameters(), torch.optim.SGD, rho=RHO, k=3, lr=LR, ddp=net)
+    sam_steps(opt, net, rank_batches(rank, range(8)))
+    res["looksam"] = [p.detach().clone() for p in model.parameters()]
     return res
 
 
@@ -325,6 +330,10 @@ def test_every_rank_takes_the_same_ascent_decisions(tmp_path):
     a, b = ranks[0]["local"], ranks[1]["local"]  # local: each rank's own statistics, one decision for both
     assert a[1] == b[1] and a[2] != b[2]
     close(a[0], b[0])
+    model = mlp()  # LookSAM's cached direction from the averaged gradients: the one-process run's
+    sam_steps(samopt.LookSAM(model.parameters(), torch.optim.SGD, rho=RHO, k=3, lr=LR), model, full_batches(range(8)))
+    for r in ranks:
+        close(r["looksam"], [p.detach() for p in model.parameters()])
 
 
 def test_a_two_rank_checkpoint_resumes_on_one_process(tmp_path):

@@ -249,3 +249,122 @@ def test_a_state_dict_without_work_loads_with_none_counted_and_a_bad_one_is_refu
         with pytest.raises(ValueError, match="the state_dict's work entry must hold"):
             fresh.load_state_dict({**state, "samopt": {**state["samopt"], "work": bad}})
     assert fresh.work == samopt.Work()  # nothing changed
+
+
+# ------------------------------------------------------------------ LookSAM
+
+
+def flat(tensors) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def grads_at(values, x, y) -> list[torch.Tensor]:
+    model = mlp()
+    with torch.no_grad():
+        for p, v in zip(model.parameters(), values, strict=True):
+            p.copy_(v)
+    return list(torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters())))
+
+
+def looksam_steps(opt, model, data) -> list[int]:
+    calls = []
+    for x, y in data:
+        n = []
+
+        def closure(x=x, y=y, n=n):
+            n.append(1)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        calls.append(len(n))
+    return calls
+
+
+def test_looksam_refreshes_as_sam_and_reuses_the_hand_computed_direction():
+    model = mlp()
+    opt = samopt.LookSAM(model.parameters(), torch.optim.SGD, rho=RHO, k=2, alpha=0.7, lr=LR)
+    (x0, y0), (x1, y1) = batches(2)
+    w = weights(model)
+    g = grads_at(w, x0, y0)
+    norm = flat(g).double().norm().item()
+    g_p = grads_at([wi + RHO * gi / norm for wi, gi in zip(w, g, strict=True)], x0, y0)
+    assert looksam_steps(opt, model, [(x0, y0)]) == [2]  # the refresh step is SAM's
+    for after, wi, gpi in zip(model.parameters(), w, g_p, strict=True):
+        torch.testing.assert_close(after.detach(), wi - LR * gpi, rtol=0, atol=1e-7)
+    # g_v = g_p - (<g_p, g> / ||g||^2) g, over the whole vector
+    G, GP = flat(g).double(), flat(g_p).double()
+    g_v = GP - (GP @ G) / (G @ G) * G
+    assert abs(float(g_v @ G)) < 1e-9 and float(g_v.norm()) > 1e-4  # orthogonal to g, and not zero
+    w1 = weights(model)
+    h = flat(grads_at(w1, x1, y1)).double()
+    expected = flat(w1).double() - LR * (h + 0.7 * h.norm() / g_v.norm() * g_v)
+    assert looksam_steps(opt, model, [(x1, y1)]) == [1]  # the reuse step: one pass
+    torch.testing.assert_close(flat(weights(model)).double(), expected, rtol=0, atol=1e-6)
+
+
+def test_the_orthogonal_part_agrees_with_the_papers_formula():
+    g = [torch.randn(3, 4, generator=torch.Generator().manual_seed(1)), torch.randn(5)]
+    g_p = [t + 0.3 * torch.randn(t.shape) for t in g]
+    g_v, norm = samopt.looksam.reuse_orthogonal(g, g_p)
+    reference = samopt.looksam.reuse_orthogonal_reference(flat(g), flat(g_p))
+    torch.testing.assert_close(flat(g_v), reference, rtol=1e-5, atol=1e-6)
+    assert norm == pytest.approx(float(reference.norm()), rel=1e-5)
+
+
+def test_looksam_with_k_1_is_sam_and_a_zero_direction_gives_the_plain_gradient():
+    model = mlp()
+    opt = samopt.LookSAM(model.parameters(), torch.optim.SGD, rho=RHO, k=1, lr=LR, momentum=0.9)
+    assert looksam_steps(opt, model, batches()) == [2] * STEPS
+    assert_equal_tensors(weights(model), weights(train(None)[1]))
+    # rho = 0: g_p = g, so g_v = 0 and every reuse step is the base optimizer's (no NaN from 0 / 0)
+    model = mlp()
+    opt = samopt.LookSAM(model.parameters(), torch.optim.SGD, rho=0.0, k=4, lr=LR, momentum=0.9)
+    assert looksam_steps(opt, model, batches()) == [2, 1, 1, 1] * 2
+    assert opt.descent.norm == 0.0
+    assert_equal_tensors(weights(model), weights(base()))
+
+
+def test_looksam_resumes_bit_exactly_with_its_cached_direction():
+    make = lambda m: samopt.LookSAM(m.parameters(), torch.optim.SGD, rho=RHO, k=3, lr=LR, momentum=0.9)  # noqa: E731
+    model = mlp()
+    straight = looksam_steps(make(model), model, batches())
+    expected = weights(model)
+    model = mlp()
+    opt = make(model)
+    first = looksam_steps(opt, model, batches()[:4])
+    saved = torch.load(_roundtrip(opt.state_dict()), weights_only=False)
+    resumed_model = mlp()
+    with torch.no_grad():
+        for p, v in zip(resumed_model.parameters(), weights(model), strict=True):
+            p.copy_(v)
+    resumed = make(resumed_model)
+    resumed.load_state_dict(saved)
+    assert first + looksam_steps(resumed, resumed_model, batches()[4:]) == straight == [2, 1, 1] * 2 + [2, 1]
+    assert_equal_tensors(weights(resumed_model), expected)
+
+
+def _roundtrip(state):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return buf
+
+
+def test_looksam_arguments_and_state_are_checked():
+    with pytest.raises(ValueError, match="alpha must be a finite real number >= 0, got -1"):
+        samopt.LookSAM(mlp().parameters(), alpha=-1)
+    with pytest.raises(ValueError, match="give k or schedule=, not both"):
+        samopt.LookSAM(mlp().parameters(), k=3, schedule=EveryK(2))
+    ae = samopt.LookSAM(mlp().parameters(), schedule=AdaptiveAscent(10), lr=LR)  # AE-LookSAM
+    assert isinstance(ae.schedule, AdaptiveAscent)
+    opt = samopt.LookSAM(mlp().parameters(), torch.optim.SGD, lr=LR)
+    state = opt.state_dict()
+    bad = {"cache": {0: torch.zeros(2, 2)}, "norm": 1.0}
+    with pytest.raises(ValueError, match=r"direction for parameter 0 has shape \(2, 2\), the parameter \(7, 5\)"):
+        opt.load_state_dict({**state, "samopt": {**state["samopt"], "descent": bad}})
+    with pytest.raises(ValueError, match="ReuseOrthogonal's state must be"):
+        opt.load_state_dict({**state, "samopt": {**state["samopt"], "descent": {"cache": {}, "norm": -1.0}}})

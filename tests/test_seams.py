@@ -98,7 +98,7 @@ class MeanDescent(seams.Descent):
 
     needs_clean = True
 
-    def combine(self, clean, grads):
+    def combine(self, params, clean, grads):
         for c, g in zip(clean, grads, strict=True):
             g.add_(c).mul_(0.5)
 

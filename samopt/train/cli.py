@@ -79,6 +79,7 @@ _HELP = {
     "ae_lambda1": "--ascend adaptive: SAM when ||g||^2 >= mean + c std, c linear from this at the start ...",
     "ae_lambda2": "... to this at the end",
     "ae_decay": "--ascend adaptive: decay of the moving mean and variance of ||g||^2",
+    "look_alpha": "looksam: the weight of the reused direction (0.7 in the paper)",
     "label_noise": "fraction of the training labels replaced, in [0, 1) (the test set stays clean)",
     "label_noise_mode": "symmetric (another class, uniformly) or pairflip (class c to c + 1)",
     "label_noise_seed": "seed of the noise: which labels change, and into what (not the run's seed)",
@@ -153,7 +154,8 @@ def _optimizers() -> None:
     width = max(map(len, OPTIMIZERS))
     for name, s in OPTIMIZERS.items():
         rho = f"; default rho {s.rho}" if s.rho is not None else ""
-        print(f"{name:<{width}}  {s.summary} ({s.citation}{rho}; tasks: {', '.join(s.tasks)})")
+        own = f"; by default {' '.join(to_flags(s.settings))}" if s.settings else ""
+        print(f"{name:<{width}}  {s.summary} ({s.citation}{rho}{own}; tasks: {', '.join(s.tasks)})")
     print("\n--ascend: which steps of the SAM family (but delta-sam) run the perturbed pass; the others cost one pass")
     for name, (summary, citation, advice) in ASCEND_POLICIES.items():
         print(f"{name:<{width}}  {summary} ({citation}){'; ' + advice if advice else ''}")

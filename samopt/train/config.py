@@ -20,7 +20,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Self
 
-from samopt.train.optimizers import SAM_FAMILY
+from samopt.train.optimizers import OPTIMIZERS, SAM_FAMILY
 
 __all__ = [
     "RECIPES",
@@ -73,6 +73,7 @@ class RunConfig:
     ae_lambda1: float = -1.0  # adaptive (AE-SAM): the threshold's coefficient at the start ...
     ae_lambda2: float = 1.0  # ... and at the end
     ae_decay: float = 0.9  # adaptive: the moving averages' decay
+    look_alpha: float = 0.7  # looksam: the weight of the reused direction
     # schedule
     epochs: int = 200
     batch_size: int = 128
@@ -248,7 +249,8 @@ RECIPES: dict[str, Recipe] = {
 
 
 def resolve(recipe: str | None, explicit: dict[str, Any], kind: type[RunConfig] = TrainConfig) -> RunConfig:
-    """Defaults of ``kind``, then ``recipe``'s settings and its settings for the chosen optimizer, then ``explicit``."""
+    """Defaults of ``kind``, then the chosen optimizer's own (looksam's --ascend), then ``recipe``'s settings and its
+    settings for the chosen optimizer, then ``explicit``."""
     fields = {f.name for f in dataclasses.fields(kind)}
     unknown = sorted(set(explicit) - fields)
     if unknown:
@@ -261,10 +263,14 @@ def resolve(recipe: str | None, explicit: dict[str, Any], kind: type[RunConfig] 
         settings.update(r.settings)
         if kind is not TrainConfig:
             raise ValueError(f"recipes are for `samopt train`; {kind.__name__} has none")
-        optimizer = explicit.get("optimizer", settings.get("optimizer", kind.optimizer))
-        settings.update(r.per_optimizer.get(optimizer, {}))
+        settings.update(r.per_optimizer.get(_optimizer(explicit, settings, kind), {}))
     settings.update(explicit)
-    return kind(**settings)
+    own = OPTIMIZERS[name].settings if (name := _optimizer(explicit, settings, kind)) in OPTIMIZERS else {}
+    return kind(**{**own, **settings})
+
+
+def _optimizer(explicit: dict[str, Any], settings: dict[str, Any], kind: type[RunConfig]) -> Any:
+    return explicit.get("optimizer", settings.get("optimizer", kind.optimizer))
 
 
 #: Settings a resumed run may change; any other difference from the checkpoint is an error.

@@ -134,6 +134,7 @@ def _validate_ascend(cfg: RunConfig) -> None:
     validation.finite("ae_lambda1", cfg.ae_lambda1)
     validation.finite("ae_lambda2", cfg.ae_lambda2)
     validation.unit_interval("ae_decay", cfg.ae_decay, include_one=False)
+    validation.nonnegative("look_alpha", cfg.look_alpha)
     if cfg.ascend != "always" and not spec(cfg.optimizer).sam_family:
         raise ValueError(f"ascend={cfg.ascend!r} applies to the SAM family; {cfg.optimizer!r} never ascends")
     if cfg.ascend != "always" and cfg.optimizer == "delta-sam":

@@ -210,6 +210,8 @@ class OptimizerSpec:
     rho: float | None = None
     #: Whether it needs SSAM-F's Fisher data stream.
     fisher: bool = False
+    #: Its own defaults of other settings (before a recipe's and the user's).
+    settings: dict[str, Any] = field(default_factory=dict)
     tasks: tuple[str, ...] = field(default=("image", "glue"))
 
     @property
@@ -250,6 +252,13 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             mask=RandomMask(b.cfg.sparsity, granularity=b.cfg.granularity, seed=b.cfg.seed),
         ),
         rho=0.05,
+    ),
+    "looksam": OptimizerSpec(
+        "LookSAM: SAM's extra direction every --ascend-every steps, reused with weight --look-alpha in between",
+        "Liu et al., CVPR 2022, arXiv:2203.02714",
+        lambda b: b.sam(samopt.SAM, 0.05, eta=b.cfg.eta, descent=samopt.looksam.ReuseOrthogonal(b.cfg.look_alpha)),
+        rho=0.05,
+        settings={"ascend": "every", "ascend_every": 5},
     ),
     "delta-sam": OptimizerSpec(
         "delta-SAM: SAM with per-example weights on the ascent",
