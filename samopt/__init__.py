@@ -13,7 +13,7 @@ phase); :class:`LookSAM` reuses SAM's extra direction between them; :attr:`SAM.w
 counts the passes the updates cost.
 """
 
-from samopt import functional, looksam, masks, schedules, seams
+from samopt import functional, looksam, masks, schedules, seams, sub_batch
 from samopt.bn import BufferGuard
 from samopt.delta import DeltaSAM
 from samopt.looksam import LookSAM
@@ -39,4 +39,5 @@ __all__ = [
     "masks",
     "schedules",
     "seams",
+    "sub_batch",
 ]

@@ -38,7 +38,7 @@ from torch.optim.optimizer import ParamsT
 from samopt import functional as kernels
 from samopt import validation
 from samopt.bn import BufferGuard
-from samopt.seams import Ascent, Descent, GroupGrads, Policy, Schedule
+from samopt.seams import Ascent, Descent, GroupGrads, Pass, Policy, Schedule
 from samopt.swap import WeightSwap
 from samopt.sync import SYNC_MODES, GradientSync
 
@@ -53,7 +53,8 @@ STATE_FORMAT = 2
 #: The seams, in the order of the ``"samopt"`` entry.
 SEAMS = ("ascent", "descent", "schedule")
 
-Closure = Callable[[], Any]
+#: ``closure()``, or ``closure(p)`` with the :class:`~samopt.seams.Pass` it runs.
+Closure = Callable[..., Any]
 
 
 class NonFiniteGradientError(RuntimeError, FloatingPointError):
@@ -124,6 +125,16 @@ def _enabled(scaler: torch.amp.GradScaler | None) -> torch.amp.GradScaler | None
     if not isinstance(scaler, torch.amp.GradScaler):
         raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
     return scaler if scaler.is_enabled() else None
+
+
+def _takes_an_argument(closure: Callable[..., Any]) -> bool:
+    """Whether ``closure`` has a required positional parameter (for the :class:`~samopt.seams.Pass`)."""
+    try:
+        params = inspect.signature(closure).parameters.values()
+    except (TypeError, ValueError):  # a callable without a signature: called as a plain closure
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return any(p.kind in positional and p.default is inspect.Parameter.empty for p in params)
 
 
 def _policy(name: str, value: Any, kind: type[Policy]) -> Any:
@@ -315,6 +326,11 @@ class SAM(torch.optim.Optimizer):
         self.ascent: Ascent = _policy("ascent", ascent if mask is None else mask, Ascent)
         self.descent: Descent = _policy("descent", descent, Descent)
         self.schedule: Schedule = _policy("schedule", schedule, Schedule)
+        if self.ascent.sub_batches > 1 and type(self.schedule) is not Schedule:
+            raise ValueError(
+                f"an ascent on a sub-batch ({self.ascent!r}) needs every step to ascend: a step that did not would "
+                f"update with the sub-batch's gradient; drop schedule={self.schedule!r}"
+            )
         super().__init__(params, defaults)
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
@@ -463,7 +479,7 @@ class SAM(torch.optim.Optimizer):
         ascends = self._ascends(grads, inv_scale)
         step = self._step = _Step(scaler=scaler)  # registered before anything moves: restore() undoes a failure
         self.work.steps += 1
-        self.work.clean_passes += 1
+        self.work.clean_passes += 1 / self.ascent.sub_batches
         if not ascends:
             return False  # second_step() steps with these gradients, unscaled there as for any optimizer
         found_inf = scaler is not None and bool(kernels.unscale_grads_(grads, inv_scale).item())
@@ -631,7 +647,9 @@ class SAM(torch.optim.Optimizer):
 
         Gradients are zeroed before each closure call. If the closure raises at ``w + e``
         (``KeyboardInterrupt`` included) the weights and buffers are restored to ``w``
-        before the exception propagates.
+        before the exception propagates. A closure with a required argument gets the
+        :class:`~samopt.seams.Pass` it runs (``"clean"``, then ``"perturbed"``); an ascent
+        on a sub-batch (:class:`~samopt.sub_batch.SubBatchAscent`) needs one.
         """
         if closure is None:
             raise ValueError(
@@ -642,9 +660,16 @@ class SAM(torch.optim.Optimizer):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
         if self._step is not None:
             raise RuntimeError("step() called between first_step() and second_step(); call second_step() first")
+        m = self.ascent.sub_batches
+        takes_pass = _takes_an_argument(closure)
+        if m > 1 and not takes_pass:
+            raise TypeError(
+                f"{self.ascent!r} runs the clean pass on 1/{m} of the batch, which only the closure can cut: give it "
+                "one argument, a samopt.seams.Pass (def closure(p): xb, yb = p.take(x, y); ...)"
+            )
         self.zero_grad(set_to_none=True)
         with torch.enable_grad(), self.first_pass():
-            loss = closure()
+            loss = closure(Pass("clean", m)) if takes_pass else closure()
         if loss is None:
             raise TypeError(
                 "the closure returned None: it must compute the loss, call loss.backward() and return the loss"
@@ -652,7 +677,10 @@ class SAM(torch.optim.Optimizer):
         with self.perturbed(scaler=scaler) as ascending:
             if ascending:
                 with torch.enable_grad():
-                    closure()
+                    if takes_pass:
+                        closure(Pass("perturbed"))
+                    else:
+                        closure()
         return loss
 
     step.hooked = True  # type: ignore[attr-defined]  # torch must not wrap it: the hooks run once, in _base_step

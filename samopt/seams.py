@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
@@ -44,7 +45,18 @@ from torch import Tensor
 from samopt import functional as kernels
 from samopt.swap import Fill
 
-__all__ = ["Ascent", "Descent", "GroupGrads", "Move", "Part", "Policy", "Schedule", "perturb_parts", "take_keywords"]
+__all__ = [
+    "Ascent",
+    "Descent",
+    "GroupGrads",
+    "Move",
+    "Part",
+    "Pass",
+    "Policy",
+    "Schedule",
+    "perturb_parts",
+    "take_keywords",
+]
 
 #: One parameter group, its parameters that have a gradient and those gradients.
 GroupGrads = tuple[dict[str, Any], list[Tensor], list[Tensor]]
@@ -52,6 +64,39 @@ GroupGrads = tuple[dict[str, Any], list[Tensor], list[Tensor]]
 Move = Callable[[list[Tensor], Fill], None]
 #: A group's parameters and gradients with a bool mask per parameter (``None``: all entries).
 Part = tuple[dict[str, Any], list[Tensor], list[Tensor], "list[Tensor] | None"]
+
+
+@dataclass(frozen=True)
+class Pass:
+    """Which pass of an update :meth:`samopt.SAM.step` runs, given to a closure that takes one argument.
+
+    ``kind`` is ``"clean"`` (at ``w``; its gradient builds ``e``) or ``"perturbed"`` (at
+    ``w + e``; its gradient is the update's); the clean pass should use the first
+    ``1 / sub_batches`` of the batch (:class:`~samopt.sub_batch.SubBatchAscent`), which
+    :meth:`take` cuts.
+
+    Example::
+
+        def closure(p: samopt.seams.Pass):
+            xb, yb = p.take(x, y)
+            loss = F.cross_entropy(model(xb), yb)
+            loss.backward()
+            return loss
+    """
+
+    kind: str
+    sub_batches: int = 1
+
+    def take(self, *tensors: Tensor) -> Any:
+        """The first ``len // sub_batches`` rows of each tensor: a tuple, or the tensor if one."""
+        for t in tensors:
+            if len(t) < self.sub_batches:
+                raise ValueError(
+                    f"the batch has {len(t)} rows, fewer than the {self.sub_batches} sub-batches of the ascent "
+                    "(SubBatchAscent's m must be at most the batch size)"
+                )
+        cut = tuple(t[: len(t) // self.sub_batches] for t in tensors)
+        return cut[0] if len(cut) == 1 else cut
 
 
 class Policy:
@@ -107,6 +152,9 @@ class Ascent(Policy):
     an overflow skip), then, if the step ascends, :meth:`perturb`; after every applied
     update :meth:`advance`. :meth:`bind` is called once with every parameter.
     """
+
+    #: The clean pass's share of the batch is ``1 / sub_batches`` (:class:`Pass`); 1: the whole batch.
+    sub_batches = 1
 
     def bind(self, params: list[Tensor], owner: object, group: Any = None, *, sharded: bool = False) -> None:
         """Attach to the optimizer ``owner`` and all its ``params`` (``group``: the ranks to agree with;

@@ -290,6 +290,9 @@ def test_ascend_every_k_halves_the_perturbed_passes_and_is_counted(tmp_path):
     assert [r["passes_per_step"] for r in look["history"]] == [1.25, 1.25]
     assert resolve(None, {"optimizer": "looksam", "ascend": "adaptive"}).ascend == "adaptive"  # AE-LookSAM
     assert resolve(None, {"optimizer": "sam"}).ascend == "always"
+    sub = run(tiny(tmp_path / "sub", optimizer="ssam-f", ascent_sub_batches=4))  # ascent on 16 of each 64 images
+    assert [r["passes_per_step"] for r in sub["history"]] == [1.25, 1.25]
+    assert sub["history"][0]["mask_density"] == pytest.approx(0.5, abs=1e-3)
     with pytest.raises(ValueError, match="ascend must be one of 'always', 'every', 'random', 'adaptive', 'late'; got"):
         run(tiny(tmp_path / "bad", optimizer="sam", ascend="often"))
 

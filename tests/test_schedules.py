@@ -10,6 +10,7 @@ from helpers import assert_equal_tensors, mlp, vector_batch, weights
 
 import samopt
 from samopt.schedules import AdaptiveAscent, EveryK, LatePhase, RandomAscent
+from samopt.sub_batch import SubBatchAscent
 
 LR, RHO = 0.1, 0.2
 STEPS = 8
@@ -368,3 +369,93 @@ def test_looksam_arguments_and_state_are_checked():
         opt.load_state_dict({**state, "samopt": {**state["samopt"], "descent": bad}})
     with pytest.raises(ValueError, match="ReuseOrthogonal's state must be"):
         opt.load_state_dict({**state, "samopt": {**state["samopt"], "descent": {"cache": {}, "norm": -1.0}}})
+
+
+# ------------------------------------------------------------------ ascent on a sub-batch
+
+
+def pass_closure(model, x, y, seen):
+    def closure(p):
+        seen.append(p)
+        xb, yb = p.take(x, y)
+        loss = F.cross_entropy(model(xb), yb)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def test_sub_batch_ascent_with_m_1_is_sam_bit_for_bit():
+    model = mlp()
+    opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=RHO, ascent=SubBatchAscent(1), lr=LR, momentum=0.9)
+    for x, y in batches():
+        opt.step(pass_closure(model, x, y, []))
+    assert_equal_tensors(weights(model), weights(train(None)[1]))
+
+
+def test_sub_batch_ascent_perturbs_along_the_sub_batch_gradient_and_descends_on_the_whole_batch():
+    model = mlp()
+    opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=RHO, ascent=SubBatchAscent(4), lr=LR)
+    x, y = vector_batch(n=8)
+    w = weights(model)
+    g = grads_at(w, x[:2], y[:2])  # the first quarter of the batch
+    norm = flat(g).double().norm().item()
+    h = grads_at([wi + RHO * gi / norm for wi, gi in zip(w, g, strict=True)], x, y)  # all 8 examples at w + e
+    seen = []
+    loss = opt.step(pass_closure(model, x, y, seen))
+    assert [(p.kind, p.sub_batches) for p in seen] == [("clean", 4), ("perturbed", 1)]
+    assert loss == F.cross_entropy(mlp()(x[:2]), y[:2])  # the clean pass's loss, on its quarter
+    for after, wi, hi in zip(model.parameters(), w, h, strict=True):
+        torch.testing.assert_close(after.detach(), wi - LR * hi, rtol=0, atol=1e-7)
+    assert (opt.work.clean_passes, opt.work.perturbed_passes, opt.work.passes_per_step) == (0.25, 1.0, 1.25)
+
+
+def test_sub_batch_ascent_keeps_a_masks_ascent_and_state():
+    mask = samopt.masks.RandomMask(0.5, seed=3)
+    model = mlp()
+    opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=RHO, ascent=SubBatchAscent(2, inner=mask), lr=LR)
+    x, y = vector_batch()
+    opt.step(pass_closure(model, x, y, []))
+    assert opt.mask_density() == pytest.approx(0.5, abs=0.02)
+    again = samopt.SAM(
+        mlp().parameters(),
+        torch.optim.SGD,
+        rho=RHO,
+        ascent=SubBatchAscent(2, inner=samopt.masks.RandomMask(0.5)),
+        lr=LR,
+    )
+    again.load_state_dict(opt.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(again.ascent.inner.masks, mask.masks, strict=True))
+
+
+def test_sub_batch_ascent_refuses_what_cannot_cut_the_batch():
+    model = mlp()
+    opt = samopt.SAM(model.parameters(), torch.optim.SGD, ascent=SubBatchAscent(2), lr=LR)
+    x, y = vector_batch()
+    with pytest.raises(TypeError, match=r"runs the clean pass on 1/2 of the batch, which only the closure can cut"):
+        opt.step(lambda: F.cross_entropy(model(x), y).backward())
+    with pytest.raises(ValueError, match="the batch has 8 rows, fewer than the 9 sub-batches of the ascent"):
+        samopt.seams.Pass("clean", 9).take(x, y)
+    with pytest.raises(ValueError, match="needs every step to ascend"):
+        samopt.SAM(mlp().parameters(), ascent=SubBatchAscent(2), schedule=EveryK(2), lr=LR)
+    with pytest.raises(ValueError, match="m must be an integer >= 1, got 0"):
+        SubBatchAscent(0)
+    with pytest.raises(TypeError, match="inner is already a SubBatchAscent"):
+        SubBatchAscent(2, inner=SubBatchAscent(2))
+    assert samopt.seams.Pass("clean", 3).take(torch.arange(7)).tolist() == [0, 1]  # 7 // 3 rows
+
+
+def test_a_plain_closure_and_one_with_defaults_are_called_without_the_pass():
+    model = mlp()
+    opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
+    x, y = vector_batch()
+    calls = []
+
+    def closure(x=x, y=y):
+        calls.append(1)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert len(calls) == 2

@@ -412,6 +412,10 @@ def test_resume_with_a_data_dir_of_another_class_count_is_refused(tmp_path, caps
         (["--ae-decay", "1"], "ae_decay must be a real number in [0, 1), got 1.0"),
         (["--optimizer", "sgd", "--ascend", "every"], "ascend='every' applies to the SAM family; 'sgd' never ascends"),
         (["--optimizer", "delta-sam", "--ascend", "random"], "ascend='random' does not run with delta-sam"),
+        (["--optimizer", "sam", "--ascent-sub-batches", "0"], "ascent_sub_batches must be an integer >= 1, got 0"),
+        (["--optimizer", "sgd", "--ascent-sub-batches", "2"], "ascent_sub_batches=2 needs a SAM-family optimizer"),
+        (["--optimizer", "looksam", "--ascent-sub-batches", "2"], "with ascend='always' (a step that did not ascend"),
+        (["--optimizer", "sam", "--ascent-sub-batches", "65"], "ascent_sub_batches must be at most batch_size (64)"),
     ],
 )
 def test_absurd_flags_are_refused_with_the_allowed_range(tmp_path, capsys, flags, message):

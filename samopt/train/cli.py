@@ -80,6 +80,9 @@ _HELP = {
     "ae_lambda2": "... to this at the end",
     "ae_decay": "--ascend adaptive: decay of the moving mean and variance of ||g||^2",
     "look_alpha": "looksam: the weight of the reused direction (0.7 in the paper)",
+    "ascent_sub_batches": "the SAM family's ascent gradient from the first 1/M of each batch, the update from all "
+    "of it "
+    "(Bahri et al., ACL 2022: about 1.25x the base cost at M = 4)",
     "label_noise": "fraction of the training labels replaced, in [0, 1) (the test set stays clean)",
     "label_noise_mode": "symmetric (another class, uniformly) or pairflip (class c to c + 1)",
     "label_noise_seed": "seed of the noise: which labels change, and into what (not the run's seed)",

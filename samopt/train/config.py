@@ -74,6 +74,7 @@ class RunConfig:
     ae_lambda2: float = 1.0  # ... and at the end
     ae_decay: float = 0.9  # adaptive: the moving averages' decay
     look_alpha: float = 0.7  # looksam: the weight of the reused direction
+    ascent_sub_batches: int = 1  # m: the clean pass (the ascent's gradient) on the first 1/m of each batch
     # schedule
     epochs: int = 200
     batch_size: int = 128

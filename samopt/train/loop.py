@@ -135,6 +135,15 @@ def _validate_ascend(cfg: RunConfig) -> None:
     validation.finite("ae_lambda2", cfg.ae_lambda2)
     validation.unit_interval("ae_decay", cfg.ae_decay, include_one=False)
     validation.nonnegative("look_alpha", cfg.look_alpha)
+    m = validation.positive_int("ascent_sub_batches", cfg.ascent_sub_batches)
+    if m > 1 and (not spec(cfg.optimizer).sam_family or cfg.optimizer == "delta-sam" or cfg.ascend != "always"):
+        raise ValueError(
+            f"ascent_sub_batches={m} needs a SAM-family optimizer other than delta-sam (its per-example weights need "
+            f"the whole batch) with ascend='always' (a step that did not ascend would update with the sub-batch's "
+            f"gradient); got optimizer={cfg.optimizer!r}, ascend={cfg.ascend!r}"
+        )
+    if m > cfg.batch_size:
+        raise ValueError(f"ascent_sub_batches must be at most batch_size ({cfg.batch_size}), got {m}")
     if cfg.ascend != "always" and not spec(cfg.optimizer).sam_family:
         raise ValueError(f"ascend={cfg.ascend!r} applies to the SAM family; {cfg.optimizer!r} never ascends")
     if cfg.ascend != "always" and cfg.optimizer == "delta-sam":
@@ -647,7 +656,7 @@ def _train(cfg: RunConfig, ranks: Ranks, device: torch.device, out: Path) -> dic
                     ) from e
                 lr = opt.param_groups[0]["lr"]
                 sched.step()
-                tally.add(loss, logits, y, task.classification)
+                tally.add(loss, logits, y[: len(logits)], task.classification)  # a sub-batch's clean pass: its rows
                 batch += 1
                 if bar is not None:
                     bar.update(1)

@@ -28,6 +28,8 @@ from torch.nn.parallel import DistributedDataParallel
 import samopt
 from samopt import schedules, validation
 from samopt.masks import DynamicSparseMask, FisherMask, RandomMask
+from samopt.seams import Pass
+from samopt.sub_batch import SubBatchAscent
 
 __all__ = [
     "AMP_MODES",
@@ -145,6 +147,8 @@ class _Build:
         engine = {"bn": cfg.bn, "max_grad_norm": cfg.max_grad_norm, "sync": cfg.sync, "ddp": self.ddp}
         if cfg.ascend != "always":
             engine["schedule"] = ascent_schedule(cfg, self.total_steps)
+        if cfg.ascent_sub_batches > 1:
+            kw["ascent"] = SubBatchAscent(cfg.ascent_sub_batches, inner=kw.pop("mask", None))
         rho = cfg.rho if cfg.rho is not None else rho
         return cls(self.model.parameters(), base, rho, **engine, **kw, **_base_kwargs(cfg, base))
 
@@ -317,6 +321,11 @@ class Amp:
         return torch.autocast(self.device.type, dtype=dtype, enabled=self.mode != "none")
 
 
+def _rows(batch: Any, n: int) -> Any:
+    """The first ``n`` rows of a batch: a tensor, or a dict of tensors (a tokenised GLUE batch)."""
+    return {k: v[:n] for k, v in batch.items()} if isinstance(batch, dict) else batch[:n]
+
+
 def train_step(
     opt: torch.optim.Optimizer,
     model: nn.Module,
@@ -326,7 +335,8 @@ def train_step(
     amp: Amp,
     max_grad_norm: float | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """One update of ``opt`` on the batch; returns the loss (mean) and the logits of the clean pass at ``w``.
+    """One update of ``opt`` on the batch; returns the loss (mean) and the logits of the clean pass at ``w``
+    (of the first rows only, with an ascent on a sub-batch).
 
     ``loss_fn(logits, y, reduction=...)`` is a cross-entropy-like loss. Plain
     optimizers clip to ``max_grad_norm`` here; the SAM family clips inside the
@@ -335,10 +345,10 @@ def train_step(
     scaler = amp.scaler
     clean: list[Tensor] = []
 
-    def forward(reduction: str) -> tuple[Tensor, Tensor]:
+    def forward(reduction: str, rows: int | None = None) -> tuple[Tensor, Tensor]:
         with amp.autocast():
-            logits = model(x)
-            return loss_fn(logits, y, reduction=reduction), logits
+            logits = model(x if rows is None else _rows(x, rows))
+            return loss_fn(logits, y[:rows], reduction=reduction), logits
 
     if isinstance(opt, samopt.SAM) and opt.per_example:
 
@@ -351,8 +361,8 @@ def train_step(
         loss = opt.step(delta_closure, scaler=scaler)
     elif isinstance(opt, samopt.SAM):
 
-        def closure() -> Tensor:
-            loss, logits = forward("mean")
+        def closure(p: Pass) -> Tensor:  # the clean pass on the first 1/m of the batch with --ascent-sub-batches m
+            loss, logits = forward("mean", len(y) // p.sub_batches)
             if not clean:
                 clean.append(logits.detach())
             scaler.scale(loss).backward()
