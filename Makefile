@@ -1,5 +1,6 @@
 # samopt developer commands.
-#   make demo   create .venv, get Fashion-MNIST, compare SGD/SAM/SSAM-F/SSAM-D/δ-SAM (under 15 min on 2 CPU cores)
+#   make demo   create .venv, get Fashion-MNIST, compare SGD/SAM/ASAM/SSAM-F/SSAM-D/δ-SAM with 40% label noise
+#               (under 15 min on 2 CPU cores)
 #   make test   create .venv, then ruff, the import contracts, mypy and the test suite (what CI runs, .ci/run)
 PYTHON ?= python3
 VENV ?= .venv
@@ -40,7 +41,7 @@ demo: setup
 	    || echo "apt-get could not install dataset-fashion-mnist; downloading Fashion-MNIST instead"; \
 	fi
 	@if [ -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then DATA=; else DATA="--data-dir data/fashion-mnist --download"; fi; \
-	$(BIN)/samopt compare --recipe fmnist-demo --optimizers sgd,sam,ssam-f,ssam-d,delta-sam \
+	$(BIN)/samopt compare --recipe fmnist-demo --optimizers sgd,sam,asam,ssam-f,ssam-d,delta-sam \
 	  --seeds $(DEMO_SEEDS) --out $(DEMO_OUT) $$DATA
 
 bench: setup

@@ -164,10 +164,11 @@ def plot(results: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
             ax.plot(xs, [statistics.mean(v) for v in values], marker="o", markersize=3, label=name)
             if len(runs) > 1:
                 ax.fill_between(xs, [min(v) for v in values], [max(v) for v in values], alpha=0.2)
-        ax.set(xlabel="epoch", ylabel=ylabel, title=f"{ylabel} per epoch ({band})")
+        ax.set(xlabel="epoch", ylabel=ylabel, title=f"{ylabel} per epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][0].legend()
+    fig.suptitle(f"{band}; {len(results)} optimizers", fontsize=10)
     fig.tight_layout()
     paths = [out / "accuracy.png", out / "cost.png"]
     fig.savefig(paths[0], dpi=120)
@@ -178,12 +179,12 @@ def plot(results: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
         cost = [r["seconds_per_epoch"] / ref for r in runs]
         err = statistics.stdev(acc) if len(acc) > 1 else 0.0
         ax.errorbar(statistics.mean(cost), statistics.mean(acc), yerr=err, fmt="o", capsize=4, label=name)
-        ax.annotate(name, (statistics.mean(cost), statistics.mean(acc)), textcoords="offset points", xytext=(6, 4))
     ax.set(
         xlabel=f"time per epoch relative to {ref_name}",
         ylabel=f"final {label} (%)",
         title=f"{label} against cost ({'mean ± std over seeds' if seeds > 1 else 'one seed'})",
     )
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(paths[1], dpi=120)
