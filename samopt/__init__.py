@@ -10,13 +10,15 @@ with :class:`SSAMF` and :class:`SSAMD` as ready-made configurations. δ-SAM
 :class:`PerInstanceSAM` is the per-instance / m-sharpness reference it approximates.
 :mod:`samopt.schedules` decides which steps ascend (periodic, random, adaptive, late
 phase); :class:`LookSAM` reuses SAM's extra direction between them; :attr:`SAM.work`
-counts the passes the updates cost.
+counts the passes the updates cost. :class:`MSAM` perturbs along the momentum at the cost of
+the base optimizer.
 """
 
 from samopt import functional, looksam, masks, schedules, seams, sub_batch
 from samopt.bn import BufferGuard
 from samopt.delta import DeltaSAM
 from samopt.looksam import LookSAM
+from samopt.msam import MSAM
 from samopt.per_instance import PerInstanceSAM
 from samopt.sam import SAM, NonFiniteGradientError, Work
 from samopt.ssam import SSAMD, SSAMF
@@ -24,6 +26,7 @@ from samopt.ssam import SSAMD, SSAMF
 __version__ = "0.1.0"
 
 __all__ = [
+    "MSAM",
     "SAM",
     "SSAMD",
     "SSAMF",

@@ -42,7 +42,7 @@ from samopt.seams import Ascent, Descent, GroupGrads, Pass, Policy, Schedule
 from samopt.swap import WeightSwap
 from samopt.sync import SYNC_MODES, GradientSync
 
-__all__ = ["BN_MODES", "GROUP_KEYS", "SAM", "SYNC_MODES", "NonFiniteGradientError", "Work"]
+__all__ = ["BN_MODES", "GROUP_KEYS", "SAM", "SYNC_MODES", "NonFiniteGradientError", "Work", "step_within_hooks"]
 
 #: Hyperparameters SAM keeps in every parameter group, beside the base optimizer's.
 GROUP_KEYS = ("rho", "adaptive", "eta")
@@ -111,6 +111,16 @@ def _check_params(index: int, params: list[Any], groups: list[dict[str, Any]]) -
                     f"param_groups[{index}] and param_groups[{k}] both hold a parameter (shape {tuple(p.shape)}): "
                     "each parameter belongs to one group"
                 )
+
+
+def step_within_hooks(owner: torch.optim.Optimizer, base: torch.optim.Optimizer) -> None:
+    """``base.step()`` inside the step hooks of ``owner``, a wrapper whose own ``step`` torch does not hook
+    (``step.hooked = True``): its hooks run once per update, the global ones in the base's step."""
+    for pre in owner._optimizer_step_pre_hooks.values():
+        pre(owner, (), {})
+    base.step()
+    for post in owner._optimizer_step_post_hooks.values():
+        post(owner, (), {})
 
 
 def _name(optimizer: torch.optim.Optimizer) -> str:
@@ -607,12 +617,7 @@ class SAM(torch.optim.Optimizer):
             self.zero_grad(set_to_none=True)
 
     def _base_step(self) -> None:
-        """The base optimizer's step, inside this optimizer's step hooks (the global ones run in the base's)."""
-        for pre in self._optimizer_step_pre_hooks.values():
-            pre(self, (), {})
-        self.base_optimizer.step()
-        for post in self._optimizer_step_post_hooks.values():
-            post(self, (), {})
+        step_within_hooks(self, self.base_optimizer)
 
     @contextlib.contextmanager
     def perturbed(self, scaler: torch.amp.GradScaler | None = None, zero_grad: bool = False) -> Iterator[bool]:

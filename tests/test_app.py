@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from samopt.train import cli, config, loop
-from samopt.train.config import RECIPES, TrainConfig, resolve
+from samopt.train.config import RECIPES, GlueConfig, TrainConfig, resolve
 from samopt.train.loop import CheckpointError, lr_factor, run
 from samopt.train.optimizers import Amp, base_optimizer, build_optimizer, train_step
 from tests.helpers import bn_net, image_batch
@@ -88,6 +88,17 @@ def test_lr_schedules_against_hand_values():
         pytest.approx(0.01),
     ]
     assert lr_factor(TrainConfig(schedule="constant"), 5)(123) == 1.0
+
+
+def test_glue_runs_default_to_a_smaller_rho_and_an_explicit_rho_wins():
+    def rho(cfg, kind):
+        return build_optimizer(cfg, bn_net(), steps_per_epoch=1, kind=kind).param_groups[0]["rho"]
+
+    for name in ("sam", "ssam-d", "random-mask", "delta-sam", "looksam"):
+        assert rho(GlueConfig(optimizer=name), "glue") == 0.01, name  # 0.05 stays at the majority class on MiniLM
+        assert rho(TrainConfig(optimizer=name), "image") == 0.05, name
+    assert (rho(GlueConfig(optimizer="asam"), "glue"), rho(TrainConfig(optimizer="asam"), "image")) == (0.1, 0.5)
+    assert rho(GlueConfig(optimizer="sam", rho=0.05), "glue") == 0.05
 
 
 def test_base_optimizer_by_name():
@@ -214,7 +225,7 @@ def _weights(path):
 @pytest.mark.parametrize(
     "optimizer, stop, extra",
     [("ssam-f", 6, {}), ("ssam-d", 3, {}), ("delta-sam", 5, {}), ("sgd", 4, {}),
-     ("sam", 3, {"ascend": "random", "ascend_prob": 0.5}), ("sam", 6, {"ascend": "adaptive"})],
+     ("sam", 3, {"ascend": "random", "ascend_prob": 0.5}), ("sam", 6, {"ascend": "adaptive"}), ("msam", 5, {})],
 )  # fmt: skip
 def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeypatch, optimizer, stop, extra):
     whole = run(tiny(tmp_path / "a", optimizer=optimizer, **extra))
@@ -510,3 +521,39 @@ def test_the_demo_recipe_runs_a_smoke_epoch_with_label_noise(tmp_path):
     record = run(cfg)["history"][0]
     assert {"test_acc", "flipped_acc_noisy", "flipped_acc_true"} <= set(record)
     assert record["steps"] == 2  # 256 images, batch 128
+
+
+def test_msam_runs_evaluate_and_save_the_true_weights(tmp_path, monkeypatch):
+    from samopt.train import vision
+
+    optimizers, tasks, checks = [], [], []
+    real_build, real_task = loop.build_optimizer, vision.build_task
+
+    def build_optimizer(*args, **kwargs):
+        optimizers.append(real_build(*args, **kwargs))
+        return optimizers[-1]
+
+    def build_task(cfg, device):
+        task = real_task(cfg, device)
+        tasks.append(task)
+        evaluate = task.evaluate
+
+        def recording(model, amp):
+            now = [p.detach().clone() for p in model.parameters()]
+            with optimizers[0].true_weights():  # w: a no-op if evaluate already runs inside true_weights()
+                checks.append(all(torch.equal(a, p) for a, p in zip(now, model.parameters(), strict=True)))
+            return evaluate(model, amp)
+
+        task.evaluate = recording
+        return task
+
+    monkeypatch.setattr(loop, "build_optimizer", build_optimizer)
+    monkeypatch.setattr(vision, "build_task", build_task)
+    summary = run(tiny(tmp_path, optimizer="msam", epochs=1))
+    assert summary["passes_per_step"] == 1.0  # one forward/backward per step
+    assert checks == [True]
+    opt = optimizers[0]
+    assert opt._swap.moved  # the weights rest at w~ ...
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]
+    with opt.true_weights():  # ... and the checkpoint holds w
+        assert all(torch.equal(saved[k], p) for k, p in tasks[0].model.named_parameters())

@@ -410,11 +410,18 @@ def test_resume_with_a_data_dir_of_another_class_count_is_refused(tmp_path, caps
         (["--ascend", "late", "--ascend-from", "1"], "ascend_from must be a real number in [0, 1), got 1.0"),
         (["--ae-lambda1", "inf"], "ae_lambda1 must be a finite real number, got inf"),
         (["--ae-decay", "1"], "ae_decay must be a real number in [0, 1), got 1.0"),
-        (["--optimizer", "sgd", "--ascend", "every"], "ascend='every' applies to the SAM family; 'sgd' never ascends"),
+        (
+            ["--optimizer", "sgd", "--ascend", "every"],
+            "applies to the SAM family's two-pass optimizers; 'sgd' never",
+        ),
         (["--optimizer", "delta-sam", "--ascend", "random"], "ascend='random' does not run with delta-sam"),
         (["--optimizer", "sam", "--ascent-sub-batches", "0"], "ascent_sub_batches must be an integer >= 1, got 0"),
-        (["--optimizer", "sgd", "--ascent-sub-batches", "2"], "ascent_sub_batches=2 needs a SAM-family optimizer"),
+        (
+            ["--optimizer", "sgd", "--ascent-sub-batches", "2"],
+            "ascent_sub_batches=2 needs a two-pass SAM-family",
+        ),
         (["--optimizer", "looksam", "--ascent-sub-batches", "2"], "with ascend='always' (a step that did not ascend"),
+        (["--optimizer", "msam", "--ascend", "every"], "two-pass optimizers; 'msam' never ascends a second time"),
         (["--optimizer", "sam", "--ascent-sub-batches", "65"], "ascent_sub_batches must be at most batch_size (64)"),
     ],
 )

@@ -60,7 +60,7 @@ _HELP = {
     "train_subset": "train on the first N images of a fixed shuffle of the training set",
     "test_subset": "evaluate on the first N images of a fixed shuffle of the test set (faster; the same for every run)",
     "base": "base optimizer of the SAM family: any torch.optim class name (sgd, adamw, ...)",
-    "rho": "perturbation radius (default 0.05; 0.5 for asam)",
+    "rho": "perturbation radius (default 0.05, on GLUE 0.01; 0.5 and 0.1 for asam; see `samopt optimizers`)",
     "mask_interval": "epochs between mask updates (ssam-f, ssam-d)",
     "num_samples": "examples in SSAM-F's Fisher estimate",
     "estimator": "delta-sam's per-example norm estimator: probe, logit or exact",
@@ -157,6 +157,7 @@ def _optimizers() -> None:
     width = max(map(len, OPTIMIZERS))
     for name, s in OPTIMIZERS.items():
         rho = f"; default rho {s.rho}" if s.rho is not None else ""
+        rho += f" (on GLUE {s.glue_rho})" if s.glue_rho is not None else ""
         own = f"; by default {' '.join(to_flags(s.settings))}" if s.settings else ""
         print(f"{name:<{width}}  {s.summary} ({s.citation}{rho}{own}; tasks: {', '.join(s.tasks)})")
     print("\n--ascend: which steps of the SAM family (but delta-sam) run the perturbed pass; the others cost one pass")

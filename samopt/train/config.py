@@ -48,7 +48,7 @@ class RunConfig:
     nesterov: bool = False
     weight_decay: float = 5e-4
     max_grad_norm: float | None = None
-    rho: float | None = None  # None: 0.05 (0.5 for asam)
+    rho: float | None = None  # None: the optimizer's (samopt optimizers): 0.05, 0.5 for asam; on GLUE 0.01 and 0.1
     eta: float = 0.01  # ASAM's eta
     bn: str = "first"
     sync: str = "global"  # under torchrun: perturb with the all-reduced gradient (global) or each rank's (local)

@@ -36,6 +36,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -97,7 +98,7 @@ class CheckpointError(RuntimeError):
 
 def validate(cfg: RunConfig) -> None:
     """Check the shared settings that no library call checks, before any work is done."""
-    kind = "glue" if isinstance(cfg, GlueConfig) else "image"
+    kind = _kind(cfg)
     if kind not in spec(cfg.optimizer).tasks:
         raise ValueError(f"optimizer {cfg.optimizer!r} does not run on {kind} tasks")
     validation.choice("schedule", cfg.schedule, SCHEDULES)
@@ -135,22 +136,36 @@ def _validate_ascend(cfg: RunConfig) -> None:
     validation.finite("ae_lambda2", cfg.ae_lambda2)
     validation.unit_interval("ae_decay", cfg.ae_decay, include_one=False)
     validation.nonnegative("look_alpha", cfg.look_alpha)
+    engine = spec(cfg.optimizer).sam_family and spec(cfg.optimizer).two_pass
     m = validation.positive_int("ascent_sub_batches", cfg.ascent_sub_batches)
-    if m > 1 and (not spec(cfg.optimizer).sam_family or cfg.optimizer == "delta-sam" or cfg.ascend != "always"):
+    if m > 1 and (not engine or cfg.optimizer == "delta-sam" or cfg.ascend != "always"):
         raise ValueError(
-            f"ascent_sub_batches={m} needs a SAM-family optimizer other than delta-sam (its per-example weights need "
+            f"ascent_sub_batches={m} needs a two-pass SAM-family optimizer other than delta-sam (its weights need "
             f"the whole batch) with ascend='always' (a step that did not ascend would update with the sub-batch's "
             f"gradient); got optimizer={cfg.optimizer!r}, ascend={cfg.ascend!r}"
         )
     if m > cfg.batch_size:
         raise ValueError(f"ascent_sub_batches must be at most batch_size ({cfg.batch_size}), got {m}")
-    if cfg.ascend != "always" and not spec(cfg.optimizer).sam_family:
-        raise ValueError(f"ascend={cfg.ascend!r} applies to the SAM family; {cfg.optimizer!r} never ascends")
+    if cfg.ascend != "always" and not engine:
+        raise ValueError(
+            f"ascend={cfg.ascend!r} applies to the SAM family's two-pass optimizers; {cfg.optimizer!r} never ascends "
+            "a second time"
+        )
     if cfg.ascend != "always" and cfg.optimizer == "delta-sam":
         raise ValueError(
             f"ascend={cfg.ascend!r} does not run with delta-sam: its clean gradient is of the reweighted loss, "
             "so a step that did not ascend would descend along it; use ascend='always'"
         )
+
+
+def _true_weights(opt: torch.optim.Optimizer) -> contextlib.AbstractContextManager[None]:
+    """The optimizer's true weights in place (:meth:`samopt.MSAM.true_weights`); a no-op for the others."""
+    return opt.true_weights() if isinstance(opt, samopt.MSAM) else contextlib.nullcontext()
+
+
+def _kind(cfg: RunConfig) -> str:
+    """``"glue"`` or ``"image"``: the kind of task ``cfg`` runs, as the optimizer registry names them."""
+    return "glue" if isinstance(cfg, GlueConfig) else "image"
 
 
 def _task_module(cfg: RunConfig) -> Any:
@@ -392,14 +407,15 @@ def _restore(
     if amp.scaler.is_enabled() and not scaler_keys <= set(ckpt["scaler"]):
         raise bad(f"has no fp16 loss scale (its scaler entry holds {sorted(ckpt['scaler'])})")
     try:
-        if not isinstance(opt, samopt.SAM):  # the SAM family checks its own state before loading it
+        if not isinstance(opt, samopt.SAM | samopt.MSAM):  # these check their own state before loading it
             validation.optimizer_state(opt, ckpt["optimizer"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         amp.scaler.load_state_dict(ckpt["scaler"])
     except (ValueError, TypeError, KeyError, RuntimeError) as e:
         raise bad(f"holds optimizer or schedule state that does not fit this run ({e})") from None
-    task.model.load_state_dict(saved)
+    with _true_weights(opt):  # MSAM: load w while it is in place; w~ follows from it and the loaded momentum
+        task.model.load_state_dict(saved)
     _set_rng_state(rng)
 
 
@@ -592,7 +608,9 @@ def _train(cfg: RunConfig, ranks: Ranks, device: torch.device, out: Path) -> dic
     if ranks.world > 1:
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     net: nn.Module = model if ddp is None else ddp
-    opt = build_optimizer(cfg, model, steps_per_epoch, fisher, task.loss_fn, ddp=ddp, world=ranks.world)
+    opt = build_optimizer(
+        cfg, model, steps_per_epoch, fisher, task.loss_fn, ddp=ddp, world=ranks.world, kind=_kind(cfg)
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, steps_per_epoch))
 
     state: dict[str, Any] = {"epoch": 0, "batch": 0, "history": [], "partial": None, "wall": 0.0, "peak": 0.0}
@@ -611,25 +629,26 @@ def _train(cfg: RunConfig, ranks: Ranks, device: torch.device, out: Path) -> dic
             dist.all_gather_object(rngs, _rng_state())
         if not ranks.main:
             return
-        payload = {
-            "format": CHECKPOINT_FORMAT,
-            "samopt_version": samopt.__version__,
-            "config": dataclasses.asdict(cfg),
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "scaler": amp.scaler.state_dict(),
-            "rng": rngs[0],
-            "rng_ranks": rngs,
-            "epoch": epoch,
-            "batch": batch,
-            "partial": partial,
-            "history": state["history"],
-            "wall": wall,
-            "peak": max(state["peak"], _peak_memory_mib(device)[0]),  # over every process of the run
-            "device_type": device.type,
-        }
-        _atomic_write(ckpt_path, lambda f: torch.save(payload, f))
+        with _true_weights(opt):  # MSAM: save the true weights, while they are in place
+            payload = {
+                "format": CHECKPOINT_FORMAT,
+                "samopt_version": samopt.__version__,
+                "config": dataclasses.asdict(cfg),
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "scaler": amp.scaler.state_dict(),
+                "rng": rngs[0],
+                "rng_ranks": rngs,
+                "epoch": epoch,
+                "batch": batch,
+                "partial": partial,
+                "history": state["history"],
+                "wall": wall,
+                "peak": max(state["peak"], _peak_memory_mib(device)[0]),  # over every process of the run
+                "device_type": device.type,
+            }
+            _atomic_write(ckpt_path, lambda f: torch.save(payload, f))
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -680,7 +699,8 @@ def _train(cfg: RunConfig, ranks: Ranks, device: torch.device, out: Path) -> dic
                 raise FloatingPointError(f"the training loss became non-finite in epoch {epoch + 1}; lower --lr, --rho")
             record = None
             if ranks.main:
-                metrics = task.evaluate(model, amp)
+                with _true_weights(opt):  # MSAM's weights rest at w~ between steps: evaluate w
+                    metrics = task.evaluate(model, amp)
                 record = {"epoch": epoch + 1, "train_loss": done["loss"] / done["seen"]}
                 if task.classification:
                     record["train_acc"] = done["correct"] / done["seen"]

@@ -133,6 +133,7 @@ class _Build:
     fisher_loss: Callable[..., Tensor]
     ddp: DistributedDataParallel | None
     world: int
+    kind: str  # "image" or "glue"
 
     def plain(self, cls: type[torch.optim.Optimizer]) -> torch.optim.Optimizer:
         return cls(self.model.parameters(), **_base_kwargs(self.cfg, cls))
@@ -141,7 +142,7 @@ class _Build:
     def total_steps(self) -> int:
         return self.steps_per_epoch * self.cfg.epochs
 
-    def sam(self, cls: type[samopt.SAM], rho: float, **kw: Any) -> samopt.SAM:
+    def sam(self, cls: type[samopt.SAM], **kw: Any) -> samopt.SAM:
         cfg = self.cfg
         base = base_optimizer(cfg.base)
         engine = {"bn": cfg.bn, "max_grad_norm": cfg.max_grad_norm, "sync": cfg.sync, "ddp": self.ddp}
@@ -149,8 +150,16 @@ class _Build:
             engine["schedule"] = ascent_schedule(cfg, self.total_steps)
         if cfg.ascent_sub_batches > 1:
             kw["ascent"] = SubBatchAscent(cfg.ascent_sub_batches, inner=kw.pop("mask", None))
-        rho = cfg.rho if cfg.rho is not None else rho
+        rho = cfg.rho if cfg.rho is not None else spec(cfg.optimizer).default_rho(self.kind)
+        assert rho is not None  # the SAM family has a default rho
         return cls(self.model.parameters(), base, rho, **engine, **kw, **_base_kwargs(cfg, base))
+
+    def msam(self) -> samopt.MSAM:
+        cfg = self.cfg
+        base = base_optimizer(cfg.base)
+        rho = cfg.rho if cfg.rho is not None else spec(cfg.optimizer).default_rho(self.kind)
+        assert rho is not None
+        return samopt.MSAM(self.model.parameters(), base, rho, **_base_kwargs(cfg, base))
 
     @property
     def every(self) -> int:
@@ -172,7 +181,7 @@ def _fisher(b: _Build) -> samopt.SAM:
         granularity=cfg.granularity,
         seed=cfg.seed,
     )
-    return b.sam(samopt.SAM, 0.05, eta=cfg.eta, mask=mask)
+    return b.sam(samopt.SAM, eta=cfg.eta, mask=mask)
 
 
 def _dynamic(b: _Build) -> samopt.SAM:
@@ -187,14 +196,13 @@ def _dynamic(b: _Build) -> samopt.SAM:
         granularity=cfg.granularity,
         seed=cfg.seed,
     )
-    return b.sam(samopt.SAM, 0.05, eta=cfg.eta, mask=mask)
+    return b.sam(samopt.SAM, eta=cfg.eta, mask=mask)
 
 
 def _delta(b: _Build) -> samopt.SAM:
     cfg = b.cfg
     return b.sam(
         samopt.DeltaSAM,
-        0.05,
         estimator=cfg.estimator,
         num_probes=cfg.num_probes,
         alpha=cfg.alpha,
@@ -212,8 +220,12 @@ class OptimizerSpec:
     build: Callable[[_Build], torch.optim.Optimizer]
     #: ``rho`` when ``--rho`` is not given; ``None`` for optimizers outside the SAM family.
     rho: float | None = None
+    #: ``rho`` of GLUE fine-tuning when ``--rho`` is not given (``None``: :attr:`rho`).
+    glue_rho: float | None = None
     #: Whether it needs SSAM-F's Fisher data stream.
     fisher: bool = False
+    #: Whether it runs on the SAM engine (two passes, the ``--ascend`` policies); MSAM does not.
+    two_pass: bool = True
     #: Its own defaults of other settings (before a recipe's and the user's).
     settings: dict[str, Any] = field(default_factory=dict)
     tasks: tuple[str, ...] = field(default=("image", "glue"))
@@ -222,8 +234,15 @@ class OptimizerSpec:
     def sam_family(self) -> bool:
         return self.rho is not None
 
+    def default_rho(self, kind: str) -> float | None:
+        """``rho`` when ``--rho`` is not given, for a run of ``kind`` (``"image"`` or ``"glue"``)."""
+        return self.glue_rho if kind == "glue" and self.glue_rho is not None else self.rho
+
 
 _SPARSE = "Mi et al., NeurIPS 2022, arXiv:2210.05177"
+#: The SAM family's rho on GLUE: at 0.05 SAM, SSAM-F and δ-SAM stay at the majority class on MiniLM where AdamW
+#: learns (docs/benchmarks.md, "GLUE: the rho grid"); ASAM's is ten times it, as on images (0.5 against 0.05).
+GLUE_RHO = 0.01
 #: Every optimizer of ``samopt train`` and ``samopt glue``, by name.
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "sgd": OptimizerSpec("SGD with momentum", "torch.optim.SGD", lambda b: b.plain(torch.optim.SGD)),
@@ -233,42 +252,55 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "sam": OptimizerSpec(
         "SAM over --base",
         "Foret et al., ICLR 2021, arXiv:2010.01412",
-        lambda b: b.sam(samopt.SAM, 0.05, eta=b.cfg.eta),
+        lambda b: b.sam(samopt.SAM, eta=b.cfg.eta),
         rho=0.05,
+        glue_rho=GLUE_RHO,
     ),
     "asam": OptimizerSpec(
         "element-wise adaptive SAM (ASAM)",
         "Kwon et al., ICML 2021, arXiv:2102.11600",
-        lambda b: b.sam(samopt.SAM, 0.5, adaptive=True, eta=b.cfg.eta),
+        lambda b: b.sam(samopt.SAM, adaptive=True, eta=b.cfg.eta),
         rho=0.5,
+        glue_rho=10 * GLUE_RHO,
     ),
     "ssam-f": OptimizerSpec(
-        "Sparse SAM with a Fisher-information mask (SSAM-F)", _SPARSE, _fisher, rho=0.05, fisher=True
+        "Sparse SAM with a Fisher-information mask (SSAM-F)", _SPARSE, _fisher, rho=0.05, glue_rho=GLUE_RHO, fisher=True
     ),
-    "ssam-d": OptimizerSpec("Sparse SAM with a dynamic sparse mask (SSAM-D)", _SPARSE, _dynamic, rho=0.05),
+    "ssam-d": OptimizerSpec(
+        "Sparse SAM with a dynamic sparse mask (SSAM-D)", _SPARSE, _dynamic, rho=0.05, glue_rho=GLUE_RHO
+    ),
     "random-mask": OptimizerSpec(
         "SAM with a random mask (Sparse SAM's baseline)",
         _SPARSE,
         lambda b: b.sam(
             samopt.SAM,
-            0.05,
             eta=b.cfg.eta,
             mask=RandomMask(b.cfg.sparsity, granularity=b.cfg.granularity, seed=b.cfg.seed),
         ),
         rho=0.05,
+        glue_rho=GLUE_RHO,
     ),
     "looksam": OptimizerSpec(
         "LookSAM: SAM's extra direction every --ascend-every steps, reused with weight --look-alpha in between",
         "Liu et al., CVPR 2022, arXiv:2203.02714",
-        lambda b: b.sam(samopt.SAM, 0.05, eta=b.cfg.eta, descent=samopt.looksam.ReuseOrthogonal(b.cfg.look_alpha)),
+        lambda b: b.sam(samopt.SAM, eta=b.cfg.eta, descent=samopt.looksam.ReuseOrthogonal(b.cfg.look_alpha)),
         rho=0.05,
+        glue_rho=GLUE_RHO,
         settings={"ascend": "every", "ascend_every": 5},
+    ),
+    "msam": OptimizerSpec(
+        "Momentum-SAM: the perturbation along --base's momentum, one forward/backward per step",
+        "Becker et al., arXiv:2401.12033 (rho 3: the official README's commands)",
+        lambda b: b.msam(),
+        rho=3.0,
+        two_pass=False,
     ),
     "delta-sam": OptimizerSpec(
         "delta-SAM: SAM with per-example weights on the ascent",
         "Zhou et al., Findings of EMNLP 2022, arXiv:2112.08772",
         _delta,
         rho=0.05,
+        glue_rho=GLUE_RHO,
     ),
 }
 #: The names, in the registry's order.
@@ -291,6 +323,7 @@ def build_optimizer(
     *,
     ddp: DistributedDataParallel | None = None,
     world: int = 1,
+    kind: str = "image",
 ) -> torch.optim.Optimizer:
     """The optimizer ``cfg.optimizer`` over ``model``'s parameters, configured from ``cfg`` (a RunConfig).
 
@@ -299,7 +332,7 @@ def build_optimizer(
     pass under it as ``cfg.sync`` says) and each rank scores ``num_samples / world``
     Fisher examples of its own.
     """
-    return spec(cfg.optimizer).build(_Build(cfg, model, steps_per_epoch, fisher_data, fisher_loss, ddp, world))
+    return spec(cfg.optimizer).build(_Build(cfg, model, steps_per_epoch, fisher_data, fisher_loss, ddp, world, kind))
 
 
 #: The ``amp`` modes: no autocast, bfloat16 autocast, float16 autocast with a GradScaler.
