@@ -36,6 +36,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "looksam-2": ("looksam", ["--ascend-every", "2"]),
     "sub-batch-4": ("sam", ["--ascent-sub-batches", "4"]),
     "sub-batch-8": ("sam", ["--ascent-sub-batches", "8"]),
+    "msam-3": ("msam", []),
+    "msam-0.3": ("msam", ["--rho", "0.3"]),
 }
 
 
