@@ -36,7 +36,7 @@ Example (a schedule that ascends every other step; one forward/backward on the o
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,16 +87,29 @@ class Pass:
     kind: str
     sub_batches: int = 1
 
-    def take(self, *tensors: Tensor) -> Any:
-        """The first ``len // sub_batches`` rows of each tensor: a tuple, or the tensor if one."""
-        for t in tensors:
-            if len(t) < self.sub_batches:
-                raise ValueError(
-                    f"the batch has {len(t)} rows, fewer than the {self.sub_batches} sub-batches of the ascent "
-                    "(SubBatchAscent's m must be at most the batch size)"
-                )
-        cut = tuple(t[: len(t) // self.sub_batches] for t in tensors)
+    def take(self, *batches: Any) -> Any:
+        """The first ``len // sub_batches`` rows of each batch (a tensor, or a tuple, list or dict of them, as a
+        data loader yields): one result per argument, or the result if one."""
+        cut = tuple(_first_rows(b, self.sub_batches) for b in batches)
         return cut[0] if len(cut) == 1 else cut
+
+
+def _first_rows(batch: Any, parts: int) -> Any:
+    """``batch`` with each tensor cut to its first ``len // parts`` rows (other values as they are)."""
+    if isinstance(batch, Tensor):
+        if len(batch) < parts:
+            raise ValueError(
+                f"the batch has {len(batch)} rows, fewer than the {parts} sub-batches of the ascent "
+                "(SubBatchAscent's m must be at most the batch size)"
+            )
+        return batch[: len(batch) // parts]
+    if isinstance(batch, Mapping):  # a dict, or a tokenizer's BatchEncoding
+        return {k: _first_rows(v, parts) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple
+        return type(batch)(*(_first_rows(v, parts) for v in batch))
+    if isinstance(batch, list | tuple):
+        return type(batch)(_first_rows(v, parts) for v in batch)
+    return batch
 
 
 class Policy:

@@ -122,6 +122,11 @@ def sam_every_2(model, **kw):
     return sam(model, schedule=samopt.schedules.EveryK(2), **kw)
 
 
+def sam_sub_batch(model, **kw):
+    """SAM whose ascent gradient comes from the first half of each micro-batch."""
+    return sam(model, ascent=samopt.sub_batch.SubBatchAscent(2), **kw)
+
+
 def count_forwards(model) -> list[int]:
     calls = []
     model.register_forward_hook(lambda *_: calls.append(1))
@@ -139,7 +144,7 @@ def count_forwards(model) -> list[int]:
 @pytest.mark.parametrize(
     "precision, make, clip, atol",
     [("fp32", sam, 0.5, 1e-6), ("bf16", sam_sgd, 0.5, 1e-5), ("fp16", sam_sgd, 10, 1e-5),
-     ("fp32", sam_every_2, 0.5, 1e-6)],
+     ("fp32", sam_every_2, 0.5, 1e-6), ("fp32", sam_sub_batch, 0.5, 1e-6)],
 )  # fmt: skip
 def test_trainer_with_accumulation_and_clipping_equals_the_plain_samopt_loop(tmp_path, precision, make, clip, atol):
     model = minilm()
@@ -160,11 +165,11 @@ def test_trainer_with_accumulation_and_clipping_equals_the_plain_samopt_loop(tmp
     set_rng_state(trainer.rng)  # the same dropout masks, drawn in the same order
     for window in (trainer.seen[:2], trainer.seen[2:]):
 
-        def closure(window=window):
+        def closure(p, window=window):  # p: the pass, whose take() cuts the clean pass of a sub-batch ascent
             total = 0.0
             for inputs in window:
                 with autocast(precision):
-                    loss = reference(**inputs).loss / 2
+                    loss = reference(**p.take(inputs)).loss / 2
                 scaler.scale(loss).backward()
                 total += loss.detach()
             return total
@@ -271,6 +276,36 @@ def test_trainer_runs_delta_sam_over_each_accumulation_window(tmp_path, precisio
     assert logged == pytest.approx(losses, rel=1e-4)  # the window's mean loss, as for any optimizer
 
 
+def test_trainer_runs_msam_as_a_plain_step_and_evaluates_and_saves_its_true_weights(tmp_path):
+    model = minilm()
+    reference = copy.deepcopy(model).to(DEVICE)
+    opt = samopt.MSAM(model.parameters(), torch.optim.AdamW, rho=0.5, lr=1e-4, weight_decay=0.01)
+    forwards = count_forwards(model)
+    trainer = Recording(model=model, args=args(tmp_path), train_dataset=Pairs(), optimizers=(opt, None))
+    trainer.model_accepts_loss_kwargs = False
+    trainer.train()
+    assert len(forwards) == 4  # one pass per micro-batch
+    # the plain loop: a window's two micro-batches, the Trainer's clipping at 0.5, MSAM's step
+    plain = samopt.MSAM(reference.parameters(), torch.optim.AdamW, rho=0.5, lr=1e-4, weight_decay=0.01)
+    reference.train()
+    set_rng_state(trainer.rng)
+    for window in (trainer.seen[:2], trainer.seen[2:]):
+        plain.zero_grad()
+        for inputs in window:
+            (reference(**inputs).loss / 2).backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+        plain.step()
+    for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), name  # both at w~
+    with plain.true_weights():
+        true = {k: v.detach().clone() for k, v in reference.state_dict().items()}
+    trainer.save_model(str(tmp_path / "saved"))
+    saved = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "saved").state_dict()
+    moved = max(float((saved[k] - v).abs().max()) for k, v in model.state_dict().items())
+    assert moved > 1e-4  # the model rests at w~, away from what was saved ...
+    assert all(torch.allclose(saved[k].to(DEVICE), true[k], atol=1e-6, rtol=0) for k in true)  # ... which is w
+
+
 def test_trainer_refuses_other_optimizers(tmp_path):
     model = minilm()
     plain = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -284,7 +319,9 @@ def test_trainer_refuses_other_optimizers(tmp_path):
     trainer = SAMTrainer(
         model=model, args=args(tmp_path, max_steps=1), train_dataset=Pairs(8), optimizers=(per_instance, None)
     )
-    with pytest.raises(TypeError, match=r"SAMTrainer needs a samopt\.SAM optimizer .*got PerInstanceSAM"):
+    with pytest.raises(
+        TypeError, match=r"SAMTrainer needs a samopt\.SAM optimizer .*or samopt\.MSAM .*got PerInstanceSAM"
+    ):
         trainer.train()
     opt = sam(model, max_grad_norm=2.0)
     trainer = SAMTrainer(model=model, args=args(tmp_path, max_steps=1), train_dataset=Pairs(8), optimizers=(opt, None))
@@ -448,6 +485,74 @@ def test_lightning_module_equals_the_plain_samopt_loop(tmp_path, precision, batc
     for a, b in zip(module.net.state_dict().values(), net.state_dict().values(), strict=True):
         assert torch.allclose(a.float(), b.float(), atol=1e-6, rtol=0)  # weights and BN statistics
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
+
+
+class SubBatchClassifier(Classifier):
+    def configure_optimizers(self):
+        ascent = samopt.sub_batch.SubBatchAscent(2)
+        return samopt.SAM(self.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, ascent=ascent)
+
+
+def test_lightning_sub_batch_ascent_equals_the_plain_loop(tmp_path):
+    module = SubBatchClassifier(mlp_with_bn_and_dropout())
+    fit(module, tmp_path)
+    assert module.losses == 2 * 6  # each batch: its first half at w, all of it at w + e
+    net = mlp_with_bn_and_dropout().to(DEVICE)
+    opt = samopt.SAM(
+        net.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, ascent=samopt.sub_batch.SubBatchAscent(2)
+    )
+    net.train()
+    set_rng_state(module.rng)
+    for w in range(3):
+
+        def closure(p, window=module.seen[2 * w : 2 * w + 2]):
+            for batch in window:
+                x, y = p.take(batch)
+                loss = F.cross_entropy(net(x), y) / 2
+                loss.backward()
+            return loss
+
+        opt.step(closure)
+    for a, b in zip(module.net.state_dict().values(), net.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6, rtol=0)
+
+
+class MomentumClassifier(Classifier):
+    def validation_step(self, batch, batch_idx):
+        self.validated.append([p.detach().clone() for p in self.net.parameters()])
+
+    def configure_optimizers(self):
+        return samopt.MSAM(self.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9)
+
+
+def test_lightning_msam_equals_the_plain_loop_and_validates_and_saves_the_true_weights(tmp_path):
+    module = MomentumClassifier(mlp_with_bn_and_dropout())
+    module.validated = []
+    trainer = lightning_trainer(tmp_path, num_sanity_val_steps=0)
+    trainer.fit(module, loader(), loader(1))
+    assert module.losses == 6 and trainer.global_step == 3  # one pass per batch, one update per window of 2
+    net = mlp_with_bn_and_dropout().to(DEVICE)
+    opt = samopt.MSAM(net.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9)
+    net.train()
+    set_rng_state(module.rng)
+    for w in range(3):
+        opt.zero_grad()
+        for x, y in module.seen[2 * w : 2 * w + 2]:
+            (F.cross_entropy(net(x), y) / 2).backward()
+        opt.step()
+    for a, b in zip(module.net.state_dict().values(), net.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6, rtol=0)  # both at w~
+    with opt.true_weights():
+        true = [p.detach().clone() for p in net.parameters()]
+        true_state = {k: v.clone() for k, v in net.state_dict().items()}
+    assert len(module.validated) == 1
+    for a, b in zip(module.validated[0], true, strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0)  # validated at w
+    assert not torch.allclose(module.validated[0][0], next(module.net.parameters()), atol=1e-4)  # and left at w~
+    trainer.save_checkpoint(tmp_path / "msam.ckpt")
+    saved = torch.load(tmp_path / "msam.ckpt", weights_only=False)["state_dict"]
+    for k, v in true_state.items():
+        assert torch.allclose(saved[f"net.{k}"], v, atol=1e-6, rtol=0), k  # the checkpoint holds w
 
 
 def test_lightning_checkpoint_resume(tmp_path):

@@ -44,6 +44,7 @@ Needs ``transformers`` >= 5.8 and ``accelerate`` (``pip install 'samopt[hf]'``).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, cast
 
 import torch
@@ -51,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import samopt
+from samopt.seams import Pass
 
 try:
     import transformers
@@ -69,22 +71,52 @@ __all__ = ["SAMTrainer"]
 
 
 class SAMTrainer(Trainer):
-    """``transformers.Trainer`` for a samopt :class:`~samopt.SAM` (SAM, ASAM, Sparse SAM masks) or
-    :class:`~samopt.DeltaSAM` given as ``optimizers=(opt, scheduler_or_None)``. Every other ``Trainer`` feature
-    works as usual."""
+    """``transformers.Trainer`` for a samopt :class:`~samopt.SAM` (SAM, ASAM, Sparse SAM masks, LookSAM, the
+    schedules, an ascent on a sub-batch), :class:`~samopt.DeltaSAM` or :class:`~samopt.MSAM` given as
+    ``optimizers=(opt, scheduler_or_None)``. Every other ``Trainer`` feature works as usual; with MSAM, whose
+    weights rest at the perturbed point between steps, evaluation, prediction and saving see the true weights."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._window: list[tuple[nn.Module, dict[str, Any], Any, int]] = []
 
-    def _sam(self) -> samopt.SAM:
+    def _opt(self) -> samopt.SAM | samopt.MSAM:
         opt = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
-        if not isinstance(opt, samopt.SAM):
+        if not isinstance(opt, samopt.SAM | samopt.MSAM):
             raise TypeError(
-                f"SAMTrainer needs a samopt.SAM optimizer (SAM, ASAM, Sparse SAM, DeltaSAM) in optimizers=(opt, "
-                f"scheduler), got {type(opt).__name__}; for other optimizers use transformers.Trainer"
+                f"SAMTrainer needs a samopt.SAM optimizer (SAM, ASAM, Sparse SAM, DeltaSAM, LookSAM) or samopt.MSAM "
+                f"in optimizers=(opt, scheduler), got {type(opt).__name__}; for other optimizers use "
+                "transformers.Trainer"
             )
         return opt
+
+    def _sam(self) -> samopt.SAM:
+        opt = self._opt()
+        assert isinstance(opt, samopt.SAM)
+        return opt
+
+    def _msam(self) -> samopt.MSAM | None:
+        opt = getattr(self.optimizer, "optimizer", self.optimizer)
+        return opt if isinstance(opt, samopt.MSAM) else None
+
+    def _true_weights(self) -> contextlib.AbstractContextManager[None]:
+        msam = self._msam()
+        return msam.true_weights() if msam is not None else contextlib.nullcontext()
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """``Trainer.evaluate``, on MSAM's true weights."""
+        with self._true_weights():
+            return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.predict``, on MSAM's true weights."""
+        with self._true_weights():
+            return super().predict(*args, **kwargs)
+
+    def save_model(self, *args: Any, **kwargs: Any) -> None:
+        """``Trainer.save_model`` (checkpoints included), of MSAM's true weights."""
+        with self._true_weights():
+            super().save_model(*args, **kwargs)
 
     def _take_over_step(self, opt: samopt.SAM) -> None:
         wrapper: Any = self.optimizer  # accelerate's wrapper, whose step the Trainer calls
@@ -115,7 +147,9 @@ class SAMTrainer(Trainer):
         that one returns the window's mean loss and the others 0, so the loss the
         ``Trainer`` logs (their sum) is the window's mean loss, as usual.
         """
-        opt = self._sam()
+        opt = self._opt()
+        if isinstance(opt, samopt.MSAM):  # one pass: the Trainer's own step, clipping and scaler
+            return super().training_step(model, inputs, num_items_in_batch)
         self._take_over_step(opt)
         if opt.per_example:
             model.train()
@@ -124,7 +158,8 @@ class SAMTrainer(Trainer):
                 return torch.zeros((), device=self.args.device)
             return self._delta_step(opt)
         self._window.append((model, inputs, num_items_in_batch, self.current_gradient_accumulation_steps))
-        return super().training_step(model, inputs, num_items_in_batch)
+        clean = Pass("clean", opt.ascent.sub_batches).take(inputs)  # all of it, or 1/m with SubBatchAscent(m)
+        return super().training_step(model, clean, num_items_in_batch)
 
     def per_example_loss(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """The per-example losses and the logits of a micro-batch, for :class:`samopt.DeltaSAM`.
@@ -163,10 +198,14 @@ class SAMTrainer(Trainer):
             overflowed = scale is not None and scaler.get_scale() < scale
             cast(Any, self.optimizer)._is_overflow = overflowed  # the Trainer then skips the LR step
 
-    def _clip_grad_norm(self, model: nn.Module) -> None:
+    def _clip_grad_norm(self, model: nn.Module) -> Any:
+        if self._msam() is not None:
+            return super()._clip_grad_norm(model)
         return None  # the engine clips the gradient at w + e
 
-    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> None:
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
+        if self._msam() is not None:
+            return super()._get_grad_norm(model, grad_norm)
         return None  # the clean gradient's norm would unscale fp16 gradients behind the engine's back
 
     def _perturbed_loss(self, model: nn.Module, inputs: dict[str, Any], num_items: Any, steps: int) -> torch.Tensor:

@@ -36,13 +36,18 @@ Example::
 
 With :class:`samopt.DeltaSAM` implement :meth:`SAMModule.sam_per_example_loss` too:
 δ-SAM owns its backward passes, so each window's batches are collected and updated on
-as one batch (its memory is then that of the whole window).
+as one batch (its memory is then that of the whole window). With an ascent on a
+sub-batch (:class:`~samopt.sub_batch.SubBatchAscent`) the clean pass gets the first
+``1/m`` of each batch (tensors, tuples, lists and dicts of them are cut). With
+:class:`samopt.MSAM` (one pass, the weights at ``w~`` between steps) each window is one
+plain optimizer step, and validation, testing and checkpoints see the true weights.
 
 Needs ``lightning`` (``pip install 'samopt[lightning]'``).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -50,6 +55,7 @@ from torch import Tensor
 
 import samopt
 from samopt import validation
+from samopt.seams import Pass
 
 try:
     import lightning as L
@@ -68,6 +74,7 @@ class SAMModule(L.LightningModule):
         self.automatic_optimization = False
         self.sam_accumulate = validation.positive_int("accumulate_grad_batches", accumulate_grad_batches)
         self._window: list[Any] = []
+        self._true: contextlib.AbstractContextManager[None] | None = None  # MSAM's true weights, in place
 
     def sam_loss(self, batch: Any) -> Tensor:
         """The (mean) training loss of ``batch``; called at ``w`` and again at ``w + e``."""
@@ -78,13 +85,13 @@ class SAMModule(L.LightningModule):
         the logits they come from (needed by ``estimator="logit"``)."""
         raise NotImplementedError("with DeltaSAM, SAMModule subclasses implement sam_per_example_loss(batch)")
 
-    def _sam(self) -> tuple[Any, samopt.SAM]:
+    def _sam(self) -> tuple[Any, samopt.SAM | samopt.MSAM]:
         wrapper = self.optimizers()
         opt = getattr(wrapper, "optimizer", wrapper)
-        if not isinstance(opt, samopt.SAM):
+        if not isinstance(opt, samopt.SAM | samopt.MSAM):
             raise TypeError(
-                f"SAMModule needs configure_optimizers() to return one samopt.SAM (SAM, ASAM, Sparse SAM, DeltaSAM), "
-                f"got {type(opt).__name__}"
+                "SAMModule needs configure_optimizers() to return one samopt.SAM (SAM, ASAM, Sparse SAM, DeltaSAM, "
+                f"LookSAM) or samopt.MSAM, got {type(opt).__name__}"
             )
         return wrapper, opt
 
@@ -99,13 +106,63 @@ class SAMModule(L.LightningModule):
         k = self.sam_accumulate
         self._window.append(batch)
         end = len(self._window) == k or self.trainer.is_last_batch
+        if isinstance(opt, samopt.MSAM):
+            loss = self.sam_loss(batch)
+            self.manual_backward(loss / k)
+            if end:
+                self._window = []
+                self._msam_step(wrapper)
+            return loss.detach()
         if opt.per_example:
             return self._update(wrapper, opt, k) if end else None
-        loss = self.sam_loss(batch)
+        loss = self.sam_loss(Pass("clean", opt.ascent.sub_batches).take(batch))
         self.manual_backward(loss / k)
         if end:
             self._update(wrapper, opt, k)
         return loss.detach()
+
+    def _msam_step(self, wrapper: Any) -> None:
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        scale = scaler.get_scale() if scaler is not None else None
+        wrapper.step()  # Lightning's precision plugin: the GradScaler's step and update, or the plain step
+        wrapper.zero_grad()
+        if scaler is None or scaler.get_scale() >= scale:
+            self._step_schedulers("step")
+
+    def _msam(self) -> samopt.MSAM | None:
+        if self._trainer is None or not self.trainer.optimizers:
+            return None
+        opt = self.trainer.optimizers[0]
+        return opt if isinstance(opt, samopt.MSAM) else None
+
+    def _enter_true_weights(self) -> None:
+        opt = self._msam()
+        if opt is not None:
+            self._true = opt.true_weights()
+            self._true.__enter__()
+
+    def _leave_true_weights(self) -> None:
+        true, self._true = self._true, None
+        if true is not None:
+            true.__exit__(None, None, None)
+
+    def on_validation_start(self) -> None:
+        self._enter_true_weights()  # MSAM: validate the true weights, not the perturbed ones
+
+    def on_validation_end(self) -> None:
+        self._leave_true_weights()
+
+    def on_test_start(self) -> None:
+        self._enter_true_weights()
+
+    def on_test_end(self) -> None:
+        self._leave_true_weights()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        opt = self._msam()
+        if opt is not None:  # MSAM: the checkpoint holds the true weights
+            with opt.true_weights():
+                checkpoint["state_dict"] = {k: v.detach().clone() for k, v in self.state_dict().items()}
 
     def _update(self, wrapper: Any, opt: samopt.SAM, k: int) -> Tensor | None:
         window, self._window = self._window, []
