@@ -217,7 +217,20 @@ def _case_schedules(rank: int, out: str) -> dict:
     opt = samopt.LookSAM(net.parameters(), torch.optim.SGD, rho=RHO, k=3, lr=LR, ddp=net)
     sam_steps(opt, net, rank_batches(rank, range(8)))
     res["looksam"] = [p.detach().clone() for p in model.parameters()]
+    model = mlp()
+    net = DistributedDataParallel(model)
+    msam = samopt.MSAM(net.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=0.9)
+    msam_steps(msam, net, rank_batches(rank, range(8)))
+    with msam.true_weights():
+        res["msam"] = [p.detach().clone() for p in model.parameters()]
     return res
+
+
+def msam_steps(opt: samopt.MSAM, model: torch.nn.Module, batches) -> None:
+    for x, y in batches:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
 
 
 CASES = {
@@ -334,6 +347,12 @@ def test_every_rank_takes_the_same_ascent_decisions(tmp_path):
     sam_steps(samopt.LookSAM(model.parameters(), torch.optim.SGD, rho=RHO, k=3, lr=LR), model, full_batches(range(8)))
     for r in ranks:
         close(r["looksam"], [p.detach() for p in model.parameters()])
+    model = mlp()  # MSAM: the momentum of the averaged gradients, the same perturbation on every rank
+    msam = samopt.MSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=0.9)
+    msam_steps(msam, model, full_batches(range(8)))
+    with msam.true_weights():
+        for r in ranks:
+            close(r["msam"], [p.detach() for p in model.parameters()])
 
 
 def test_a_two_rank_checkpoint_resumes_on_one_process(tmp_path):
