@@ -144,6 +144,12 @@ class MSAM(torch.optim.Optimizer):
 
     step.hooked = True  # type: ignore[attr-defined]  # torch must not wrap it: the hooks run once, in the base's
 
+    def first_step(self, *args: Any, **kwargs: Any) -> None:
+        """Not for MSAM, which has one pass: ``loss.backward()`` then :meth:`step`."""
+        raise TypeError("MSAM has one forward/backward per step and no two-phase API: loss.backward(), then step()")
+
+    second_step = perturbed = first_step
+
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict plus an ``"msam"`` entry (format, base optimizer, rho)."""
         state = self.base_optimizer.state_dict()

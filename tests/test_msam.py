@@ -142,6 +142,9 @@ def test_msam_refuses_what_has_no_momentum_and_a_foreign_state():
     with pytest.raises(ValueError, match="rho must be a finite real number >= 0, got -1"):
         samopt.MSAM(mlp().parameters(), torch.optim.SGD, rho=-1, lr=LR, momentum=0.9)
     opt = samopt.MSAM(mlp().parameters(), torch.optim.SGD, lr=LR, momentum=0.9)
+    for phase in (opt.first_step, opt.second_step, opt.perturbed):
+        with pytest.raises(TypeError, match="MSAM has one forward/backward per step and no two-phase API"):
+            phase()
     with pytest.raises(ValueError, match="not an MSAM state_dict"):
         opt.load_state_dict(torch.optim.SGD(mlp().parameters(), lr=LR).state_dict())
     adam = samopt.MSAM(mlp().parameters(), torch.optim.Adam, lr=LR)

@@ -355,6 +355,18 @@ def _roundtrip(state):
     return buf
 
 
+def test_looksam_reuses_unscaled_gradients_under_a_grad_scaler():
+    # a power-of-two loss scale is exact in fp32: with a GradScaler the run equals the one without, bit for bit
+    def run(scaler):
+        model = mlp()
+        opt = samopt.LookSAM(model.parameters(), torch.optim.SGD, rho=RHO, k=3, lr=LR, momentum=0.9)
+        train(None, scaler=scaler, model=model, opt=opt)
+        return weights(model)
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    assert_equal_tensors(run(scaler), run(None))
+
+
 def test_looksam_arguments_and_state_are_checked():
     with pytest.raises(ValueError, match="alpha must be a finite real number >= 0, got -1"):
         samopt.LookSAM(mlp().parameters(), alpha=-1)
