@@ -196,6 +196,7 @@ class Work:
         return self.extra_forwards / self.steps if self.steps else 0.0
 
     def copy(self) -> Work:
+        """A snapshot, to take :meth:`since` from later."""
         return dataclasses.replace(self)
 
     def since(self, before: Work) -> Work:
