@@ -8,6 +8,8 @@ label-noise recipe ``fmnist-noisy``, where SAM's benefit shows on a CPU.
 
     python benchmarks/efficient_sam.py --seeds 3 --out runs/efficient
     python benchmarks/efficient_sam.py --only sgd,sam,every-2 --seeds 1 --epochs 2 --train-subset 512   # a smoke run
+    python benchmarks/efficient_sam.py --recipe none --seeds 1 --dataset synthetic --synthetic-size 20000 \
+        --model resnet18 --epochs 2 --amp bf16 --channels-last --out runs/efficient-gpu    # epoch times on a GPU
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipe", default="fmnist-noisy")
+    parser.add_argument("--recipe", default="fmnist-noisy", help="a samopt recipe, or none")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", default="runs/efficient")
     parser.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variant labels")
@@ -57,7 +59,8 @@ def main() -> None:
     for label in labels:
         optimizer, flags = VARIANTS[label]
         folder = out / label
-        cmd = [sys.executable, "-m", "samopt.train.cli", "compare", "--recipe", args.recipe, "--optimizers", optimizer]
+        cmd = [sys.executable, "-m", "samopt.train.cli", "compare", "--optimizers", optimizer]
+        cmd += [] if args.recipe == "none" else ["--recipe", args.recipe]
         cmd += ["--seeds", str(args.seeds), "--out", str(folder), "--no-progress", *flags, *extra]
         print("==", label, " ".join(cmd[3:]), flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
