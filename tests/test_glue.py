@@ -127,7 +127,11 @@ def test_glue_run_reports_the_official_metrics(tmp_path):
         "lr",
         "train_seconds",
         "steps",
+        "passes_per_step",
+        "ascent_fraction",
+        "forwards_per_step",
     }
+    assert (record["passes_per_step"], record["ascent_fraction"], record["forwards_per_step"]) == (1.0, 0.0, 0.0)
     assert summary["score"] == "accuracy" and 0 <= summary["final_score"] <= 1 and record["steps"] == 4
     assert summary["parameters"] == 22_713_986  # MiniLM-L6 (22.7M) with a 2-class head
     assert summary["config"]["optimizer"] == "adamw" and summary["config"]["schedule"] == "linear"
