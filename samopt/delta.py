@@ -37,7 +37,7 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -48,7 +48,7 @@ from samopt import validation
 from samopt.bn import BufferGuard
 from samopt.per_sample import chunk_size_for
 from samopt.sam import SAM, NonFiniteGradientError
-from samopt.seams import Ascent, GroupGrads, Move, take_keywords
+from samopt.seams import AroundAscent, Ascent, take_keywords
 
 __all__ = ["ESTIMATORS", "DeltaSAM", "DeltaWeights", "delta_weights"]
 
@@ -94,7 +94,7 @@ def delta_weights(scores: Tensor, alpha: float, *, clip: float | None = 5.0, kap
     return lam.to(torch.float32)
 
 
-class DeltaWeights(Ascent):
+class DeltaWeights(AroundAscent):
     """δ-SAM's per-example weights on the ascent gradient: an ascent policy around another one.
 
     The perturbation itself is ``inner``'s (SAM's by default, or a :mod:`samopt.masks`
@@ -115,7 +115,7 @@ class DeltaWeights(Ascent):
         kappa_rel: float = 1e-3,
         seed: int | None = None,
     ) -> None:
-        self.inner = Ascent() if inner is None else inner
+        super().__init__(inner)
         self.estimator = validation.choice("estimator", estimator, ESTIMATORS)
         self.num_probes = validation.positive_int("num_probes", num_probes)
         self.sigma = validation.positive_or_none("sigma", sigma)
@@ -138,19 +138,7 @@ class DeltaWeights(Ascent):
         if self.generator is None:
             self.generator = torch.Generator(device=params[0].device)
             self.generator.manual_seed(self.seed)
-        self.inner.bind(params, owner, group, sharded=sharded)
-
-    def norm(self, groups: Sequence[GroupGrads]) -> Tensor:
-        return self.inner.norm(groups)
-
-    def perturb(self, groups: Sequence[GroupGrads], norm: float, move: Move) -> None:
-        self.inner.perturb(groups, norm, move)
-
-    def advance(self) -> None:
-        self.inner.advance()
-
-    def density(self) -> float:
-        return self.inner.density()
+        super().bind(params, owner, group, sharded=sharded)
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self._generator().get_state(), "inner": self.inner.state_dict()}

@@ -104,18 +104,13 @@ class MSAM(torch.optim.Optimizer):
         if not pairs or self.rho == 0:
             return
         params, moments = [p for p, _ in pairs], [v for _, v in pairs]
-        norm = kernels.global_norm([torch.linalg.vector_norm(v) for v in moments]).item()
+        norm = kernels.global_norm(moments).item()
         if norm == 0:
             return
-        scale = -self.rho / norm
 
         def fill(idx: list[int], out: list[Tensor] | None) -> None:
-            for i, o in zip(idx, out if out is not None else [None] * len(idx), strict=True):
-                p, v = params[i], moments[i]
-                if o is None:
-                    p.add_(v, alpha=scale)
-                else:
-                    torch.add(p, v, alpha=scale, out=o)
+            chosen = [params[i] for i in idx], [moments[i] for i in idx]
+            kernels.perturb_(*chosen, scale=-self.rho / norm, out=out)
 
         self._swap.move(params, fill)
 

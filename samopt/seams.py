@@ -46,6 +46,7 @@ from samopt import functional as kernels
 from samopt.swap import Fill
 
 __all__ = [
+    "AroundAscent",
     "Ascent",
     "Descent",
     "GroupGrads",
@@ -203,6 +204,41 @@ class Ascent(Policy):
         """This policy's state from the ``"samopt"`` entry of a state_dict of format 1 (before the seams),
         which kept a mask's state under ``"mask"``."""
         return meta.get("mask", {})
+
+
+class AroundAscent(Ascent):
+    """An ascent policy around another one, ``inner``, which builds the perturbation: every engine hook and the
+    state go to ``inner``; a subclass overrides what it adds (δ-SAM's weights, a sub-batch's share of the batch)."""
+
+    def __init__(self, inner: Ascent | None = None) -> None:
+        self.inner = Ascent() if inner is None else inner
+
+    def bind(self, params: list[Tensor], owner: object, group: Any = None, *, sharded: bool = False) -> None:
+        self.inner.bind(params, owner, group, sharded=sharded)
+
+    def norm(self, groups: Sequence[GroupGrads]) -> Tensor:
+        return self.inner.norm(groups)
+
+    def perturb(self, groups: Sequence[GroupGrads], norm: float, move: Move) -> None:
+        self.inner.perturb(groups, norm, move)
+
+    def advance(self) -> None:
+        self.inner.advance()
+
+    def density(self) -> float:
+        return self.inner.density()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def check_state(self, state: object) -> None:
+        self.inner.check_state(state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+    def state_from_format1(self, meta: dict[str, Any]) -> dict[str, Any]:
+        return self.inner.state_from_format1(meta)
 
 
 class Descent(Policy):

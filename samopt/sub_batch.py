@@ -21,18 +21,13 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
-from torch import Tensor
-
 from samopt import validation
-from samopt.seams import Ascent, GroupGrads, Move
+from samopt.seams import AroundAscent, Ascent
 
 __all__ = ["SubBatchAscent"]
 
 
-class SubBatchAscent(Ascent):
+class SubBatchAscent(AroundAscent):
     """The ascent of ``inner`` (SAM's, or a mask's) from the gradient of the first ``1 / m`` of the batch.
 
     Only the closure can cut the batch: with :meth:`samopt.SAM.step` it must take the
@@ -52,34 +47,7 @@ class SubBatchAscent(Ascent):
             raise TypeError(f"inner must be a samopt.seams.Ascent or None, got {inner!r}")
         if isinstance(inner, SubBatchAscent):
             raise TypeError("inner is already a SubBatchAscent: give its inner policy and one m")
-        self.inner = inner if inner is not None else Ascent()
-
-    def bind(self, params: list[Tensor], owner: object, group: Any = None, *, sharded: bool = False) -> None:
-        self.inner.bind(params, owner, group, sharded=sharded)
-
-    def norm(self, groups: Sequence[GroupGrads]) -> Tensor:
-        return self.inner.norm(groups)
-
-    def perturb(self, groups: Sequence[GroupGrads], norm: float, move: Move) -> None:
-        self.inner.perturb(groups, norm, move)
-
-    def advance(self) -> None:
-        self.inner.advance()
-
-    def density(self) -> float:
-        return self.inner.density()
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
-
-    def check_state(self, state: object) -> None:
-        self.inner.check_state(state)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state)
-
-    def state_from_format1(self, meta: dict[str, Any]) -> dict[str, Any]:
-        return self.inner.state_from_format1(meta)
+        super().__init__(inner)
 
     def __repr__(self) -> str:
         return f"SubBatchAscent(m={self.sub_batches}, inner={self.inner!r})"

@@ -20,12 +20,10 @@ def batches(n: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [vector_batch(seed) for seed in range(n)]
 
 
-def train(schedule, steps: int = STEPS, scaler=None, model=None, opt=None) -> tuple[list[int], torch.nn.Module]:
-    """``steps`` updates of SGD-with-momentum SAM under ``schedule``; returns the closure calls of each step."""
-    model = model or mlp()
-    opt = opt or samopt.SAM(model.parameters(), torch.optim.SGD, rho=RHO, schedule=schedule, lr=LR, momentum=0.9)
+def run_steps(opt, model, data, scaler=None) -> list[int]:
+    """One ``opt.step(closure)`` per batch of ``data``; returns how often each step called the closure."""
     calls = []
-    for x, y in batches(steps):
+    for x, y in data:
         n = []
 
         def closure(x=x, y=y, n=n):
@@ -38,7 +36,14 @@ def train(schedule, steps: int = STEPS, scaler=None, model=None, opt=None) -> tu
         if scaler is not None:
             scaler.update()
         calls.append(len(n))
-    return calls, model
+    return calls
+
+
+def train(schedule, steps: int = STEPS, scaler=None, model=None, opt=None) -> tuple[list[int], torch.nn.Module]:
+    """``steps`` updates of SGD-with-momentum SAM under ``schedule``; returns the closure calls of each step."""
+    model = model or mlp()
+    opt = opt or samopt.SAM(model.parameters(), torch.optim.SGD, rho=RHO, schedule=schedule, lr=LR, momentum=0.9)
+    return run_steps(opt, model, batches(steps), scaler), model
 
 
 def base(steps: int = STEPS) -> torch.nn.Module:
@@ -135,18 +140,7 @@ def test_resume_mid_run_is_bit_exact(make):
     resumed_model.load_state_dict(saved["model"])
     resumed = samopt.SAM(resumed_model.parameters(), torch.optim.SGD, rho=RHO, schedule=make(), lr=LR, momentum=0.9)
     resumed.load_state_dict(saved["opt"])
-    rest = []
-    for x, y in batches()[3:]:
-        n = []
-
-        def closure(x=x, y=y, n=n):
-            n.append(1)
-            loss = F.cross_entropy(resumed_model(x), y)
-            loss.backward()
-            return loss
-
-        resumed.step(closure)
-        rest.append(len(n))
+    rest = run_steps(resumed, resumed_model, batches()[3:])
     assert first + rest == calls
     assert_equal_tensors(weights(resumed_model), weights(straight))
 
@@ -267,22 +261,6 @@ def grads_at(values, x, y) -> list[torch.Tensor]:
     return list(torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters())))
 
 
-def looksam_steps(opt, model, data) -> list[int]:
-    calls = []
-    for x, y in data:
-        n = []
-
-        def closure(x=x, y=y, n=n):
-            n.append(1)
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        calls.append(len(n))
-    return calls
-
-
 def test_looksam_refreshes_as_sam_and_reuses_the_hand_computed_direction():
     model = mlp()
     opt = samopt.LookSAM(model.parameters(), torch.optim.SGD, rho=RHO, k=2, alpha=0.7, lr=LR)
@@ -291,7 +269,7 @@ def test_looksam_refreshes_as_sam_and_reuses_the_hand_computed_direction():
     g = grads_at(w, x0, y0)
     norm = flat(g).double().norm().item()
     g_p = grads_at([wi + RHO * gi / norm for wi, gi in zip(w, g, strict=True)], x0, y0)
-    assert looksam_steps(opt, model, [(x0, y0)]) == [2]  # the refresh step is SAM's
+    assert run_steps(opt, model, [(x0, y0)]) == [2]  # the refresh step is SAM's
     for after, wi, gpi in zip(model.parameters(), w, g_p, strict=True):
         torch.testing.assert_close(after.detach(), wi - LR * gpi, rtol=0, atol=1e-7)
     # g_v = g_p - (<g_p, g> / ||g||^2) g, over the whole vector
@@ -301,7 +279,7 @@ def test_looksam_refreshes_as_sam_and_reuses_the_hand_computed_direction():
     w1 = weights(model)
     h = flat(grads_at(w1, x1, y1)).double()
     expected = flat(w1).double() - LR * (h + 0.7 * h.norm() / g_v.norm() * g_v)
-    assert looksam_steps(opt, model, [(x1, y1)]) == [1]  # the reuse step: one pass
+    assert run_steps(opt, model, [(x1, y1)]) == [1]  # the reuse step: one pass
     torch.testing.assert_close(flat(weights(model)).double(), expected, rtol=0, atol=1e-6)
 
 
@@ -317,12 +295,12 @@ def test_the_orthogonal_part_agrees_with_the_papers_formula():
 def test_looksam_with_k_1_is_sam_and_a_zero_direction_gives_the_plain_gradient():
     model = mlp()
     opt = samopt.LookSAM(model.parameters(), torch.optim.SGD, rho=RHO, k=1, lr=LR, momentum=0.9)
-    assert looksam_steps(opt, model, batches()) == [2] * STEPS
+    assert run_steps(opt, model, batches()) == [2] * STEPS
     assert_equal_tensors(weights(model), weights(train(None)[1]))
     # rho = 0: g_p = g, so g_v = 0 and every reuse step is the base optimizer's (no NaN from 0 / 0)
     model = mlp()
     opt = samopt.LookSAM(model.parameters(), torch.optim.SGD, rho=0.0, k=4, lr=LR, momentum=0.9)
-    assert looksam_steps(opt, model, batches()) == [2, 1, 1, 1] * 2
+    assert run_steps(opt, model, batches()) == [2, 1, 1, 1] * 2
     assert opt.descent.norm == 0.0
     assert_equal_tensors(weights(model), weights(base()))
 
@@ -330,11 +308,11 @@ def test_looksam_with_k_1_is_sam_and_a_zero_direction_gives_the_plain_gradient()
 def test_looksam_resumes_bit_exactly_with_its_cached_direction():
     make = lambda m: samopt.LookSAM(m.parameters(), torch.optim.SGD, rho=RHO, k=3, lr=LR, momentum=0.9)  # noqa: E731
     model = mlp()
-    straight = looksam_steps(make(model), model, batches())
+    straight = run_steps(make(model), model, batches())
     expected = weights(model)
     model = mlp()
     opt = make(model)
-    first = looksam_steps(opt, model, batches()[:4])
+    first = run_steps(opt, model, batches()[:4])
     saved = torch.load(_roundtrip(opt.state_dict()), weights_only=False)
     resumed_model = mlp()
     with torch.no_grad():
@@ -342,7 +320,7 @@ def test_looksam_resumes_bit_exactly_with_its_cached_direction():
             p.copy_(v)
     resumed = make(resumed_model)
     resumed.load_state_dict(saved)
-    assert first + looksam_steps(resumed, resumed_model, batches()[4:]) == straight == [2, 1, 1] * 2 + [2, 1]
+    assert first + run_steps(resumed, resumed_model, batches()[4:]) == straight == [2, 1, 1] * 2 + [2, 1]
     assert_equal_tensors(weights(resumed_model), expected)
 
 

@@ -424,7 +424,8 @@ def _rates(work: samopt.Work | None) -> dict[str, float]:
     optimizer, one forward/backward per step)."""
     if work is None:
         return {"passes_per_step": 1.0, "ascent_fraction": 0.0, "forwards_per_step": 0.0}
-    return {k: work.as_dict()[k] for k in ("passes_per_step", "ascent_fraction", "forwards_per_step")}
+    return {"passes_per_step": work.passes_per_step, "ascent_fraction": work.ascent_fraction,
+            "forwards_per_step": work.forwards_per_step}  # fmt: skip
 
 
 def _work(opt: torch.optim.Optimizer, history: list[dict[str, Any]]) -> dict[str, Any]:

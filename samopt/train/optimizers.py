@@ -139,6 +139,13 @@ class _Build:
         return cls(self.model.parameters(), **_base_kwargs(self.cfg, cls))
 
     @property
+    def rho(self) -> float:
+        """``--rho``, or the optimizer's default for this kind of run."""
+        rho = self.cfg.rho if self.cfg.rho is not None else spec(self.cfg.optimizer).default_rho(self.kind)
+        assert rho is not None  # the SAM family has a default rho
+        return rho
+
+    @property
     def total_steps(self) -> int:
         return self.steps_per_epoch * self.cfg.epochs
 
@@ -150,16 +157,12 @@ class _Build:
             engine["schedule"] = ascent_schedule(cfg, self.total_steps)
         if cfg.ascent_sub_batches > 1:
             kw["ascent"] = SubBatchAscent(cfg.ascent_sub_batches, inner=kw.pop("mask", None))
-        rho = cfg.rho if cfg.rho is not None else spec(cfg.optimizer).default_rho(self.kind)
-        assert rho is not None  # the SAM family has a default rho
-        return cls(self.model.parameters(), base, rho, **engine, **kw, **_base_kwargs(cfg, base))
+        return cls(self.model.parameters(), base, self.rho, **engine, **kw, **_base_kwargs(cfg, base))
 
     def msam(self) -> samopt.MSAM:
         cfg = self.cfg
         base = base_optimizer(cfg.base)
-        rho = cfg.rho if cfg.rho is not None else spec(cfg.optimizer).default_rho(self.kind)
-        assert rho is not None
-        return samopt.MSAM(self.model.parameters(), base, rho, **_base_kwargs(cfg, base))
+        return samopt.MSAM(self.model.parameters(), base, self.rho, **_base_kwargs(cfg, base))
 
     @property
     def every(self) -> int:
