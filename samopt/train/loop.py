@@ -424,8 +424,11 @@ def _rates(work: samopt.Work | None) -> dict[str, float]:
     optimizer, one forward/backward per step)."""
     if work is None:
         return {"passes_per_step": 1.0, "ascent_fraction": 0.0, "forwards_per_step": 0.0}
-    return {"passes_per_step": work.passes_per_step, "ascent_fraction": work.ascent_fraction,
-            "forwards_per_step": work.forwards_per_step}  # fmt: skip
+    return {
+        "passes_per_step": work.passes_per_step,
+        "ascent_fraction": work.ascent_fraction,
+        "forwards_per_step": work.forwards_per_step,
+    }
 
 
 def _work(opt: torch.optim.Optimizer, history: list[dict[str, Any]]) -> dict[str, Any]:
