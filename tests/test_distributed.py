@@ -17,6 +17,8 @@ import samopt
 from samopt import distributed as D
 from samopt.delta import delta_weights
 from samopt.masks import DynamicSparseMask, FisherMask
+from samopt.seams import Pass
+from samopt.sub_batch import SubBatchAscent
 from samopt.train import loop
 from samopt.train.config import TrainConfig
 from samopt.train.launch import Ranks, Shard
@@ -223,7 +225,28 @@ def _case_schedules(rank: int, out: str) -> dict:
     msam_steps(msam, net, rank_batches(rank, range(8)))
     with msam.true_weights():
         res["msam"] = [p.detach().clone() for p in model.parameters()]
+    model = mlp()
+    net = DistributedDataParallel(model)
+    opt = samopt.SAM(net.parameters(), torch.optim.SGD, rho=RHO, lr=LR, ascent=SubBatchAscent(2), ddp=net)
+    res["sub-batch"] = (sub_batch_steps(opt, net, rank_batches(rank)), [p.detach().clone() for p in model.parameters()])
     return res
+
+
+def sub_batch_steps(opt: samopt.SAM, model: torch.nn.Module, batches, clean_rows=None) -> list[tuple[str, int]]:
+    """``sam_steps`` with a closure that takes the pass: the clean pass on ``p.take`` of the batch, or on
+    ``clean_rows`` of it where given; returns the (kind, rows) of every pass."""
+    seen = []
+    for x, y in batches:
+
+        def closure(p: Pass, x=x, y=y):
+            xb, yb = p.take(x, y) if clean_rows is None or p.kind == "perturbed" else (x[clean_rows], y[clean_rows])
+            seen.append((p.kind, len(xb)))
+            loss = F.cross_entropy(model(xb), yb)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    return seen
 
 
 def msam_steps(opt: samopt.MSAM, model: torch.nn.Module, batches) -> None:
@@ -353,6 +376,19 @@ def test_every_rank_takes_the_same_ascent_decisions(tmp_path):
     with msam.true_weights():
         for r in ranks:
             close(r["msam"], [p.detach() for p in model.parameters()])
+    # Sub-batch ascent: each rank's clean pass on the first half of its own 4 rows, averaged over the ranks: the
+    # clean gradient of rows 0, 1 (rank 0) and 4, 5 (rank 1) of the concatenated batch, the update from all 8.
+    model = mlp()
+    opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, ascent=SubBatchAscent(2))
+    reference = sub_batch_steps(opt, model, full_batches(), clean_rows=[0, 1, 4, 5])
+    assert reference == [("clean", 4), ("perturbed", 8)] * STEPS
+    for r in ranks:
+        seen, weights = r["sub-batch"]
+        assert seen == [("clean", 2), ("perturbed", 4)] * STEPS
+        close(weights, [p.detach() for p in model.parameters()])
+    model = mlp()  # and not SAM's clean pass on the whole batch
+    sam_steps(samopt.SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR), model, full_batches())
+    assert max(float((a - b.detach()).abs().max()) for a, b in zip(weights, model.parameters(), strict=True)) > 1e-4
 
 
 def test_a_two_rank_checkpoint_resumes_on_one_process(tmp_path):
