@@ -22,7 +22,8 @@ from pathlib import Path
 
 from samopt.train.compare import plot, table, write_csv
 
-#: label -> (optimizer, extra flags). Two settings per method; Composer scales rho with the period.
+#: label -> (optimizer, extra flags). Two settings per method (a third for sub-batch ascent: a quarter-batch
+#: gradient points less along the batch's, so a larger rho); Composer scales rho with the period.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "sgd": ("sgd", []),
     "sam": ("sam", []),
@@ -38,6 +39,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "looksam-2": ("looksam", ["--ascend-every", "2"]),
     "sub-batch-4": ("sam", ["--ascent-sub-batches", "4"]),
     "sub-batch-8": ("sam", ["--ascent-sub-batches", "8"]),
+    "sub-batch-4-rho-0.2": ("sam", ["--ascent-sub-batches", "4", "--rho", "0.2"]),
     "msam-3": ("msam", []),
     "msam-0.3": ("msam", ["--rho", "0.3"]),
 }
