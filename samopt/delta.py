@@ -140,6 +140,14 @@ class DeltaWeights(AroundAscent):
             self.generator.manual_seed(self.seed)
         super().bind(params, owner, group, sharded=sharded)
 
+    @property
+    def skips_clean_grads(self) -> bool:
+        return False
+
+    def clean_params(self) -> list[Tensor] | None:
+        """Every parameter: the estimators read the whole gradient at ``w`` (a tensor mask saves nothing here)."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self._generator().get_state(), "inner": self.inner.state_dict()}
 

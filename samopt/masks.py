@@ -16,7 +16,12 @@ global top-k over every parameter of the optimizer, keeping exactly
 ``floor(N * (1 - sparsity))`` of the ``N`` entries (computed on the decimal value of
 ``sparsity``, so ``N = 10, sparsity = 0.7`` keeps 3). ``granularity="tensor"`` turns
 whole parameter tensors on or off instead (the structured masks of the journal
-extension, arXiv:2306.17504). Masks are bool tensors on each parameter's device.
+extension, arXiv:2306.17504); such a mask saves time, because the clean pass computes
+no gradient for the tensors it leaves off (:meth:`samopt.SAM.first_pass`), and its
+perturbation is normalised over the live tensors (``renormalize=True``: the full
+gradient's norm is not computed). :class:`SelectMask` keeps tensors chosen by module
+and name; :func:`sam_on` is SAM-ON's choice, the affine parameters of the
+normalisation layers. Masks are bool tensors on each parameter's device.
 
 Under ``torch.distributed`` the masks are the same on every rank, whatever the
 optimizer's ``sync``: the mask's generator takes rank 0's state when it is bound,
@@ -61,11 +66,14 @@ from samopt.seams import Ascent, GroupGrads, Move, Part, perturb_parts
 
 __all__ = [
     "GRANULARITIES",
+    "NORM_LAYERS",
     "DynamicSparseMask",
     "FisherMask",
     "Mask",
     "RandomMask",
+    "SelectMask",
     "keep_count",
+    "sam_on",
     "select_top",
 ]
 
@@ -152,9 +160,15 @@ class Mask(Ascent):
         sparsity: fraction of entries NOT perturbed, in [0, 1). 0 perturbs every
             entry, which is SAM bit for bit.
         granularity: ``"element"`` (the paper) or ``"tensor"`` (whole tensors).
-        renormalize: ``False`` (default, as the official code): ``e = m * rho * g / ||g||``
+        renormalize: ``False`` (as the official code): ``e = m * rho * g / ||g||``
             with the full gradient's norm, so ``||e|| <= rho``. ``True``: divide by
             ``||m * g||`` instead, so the masked perturbation has norm ``rho``.
+            ``None`` (default): ``True`` for a tensor mask that skips (whose clean pass
+            does not compute the full gradient), ``False`` otherwise.
+        skip_unperturbed: with ``granularity="tensor"``, compute no clean gradient for
+            the tensors the mask leaves off (default ``True``: the time saving); every
+            step must then ascend (no schedule) and on several ranks the optimizer needs
+            ``ddp=`` or ``average_grads=True``. ``False`` computes them (no saving).
         update_interval: recompute the mask every this many applied updates (the
             first mask is computed at the first step); ``None``: never recompute.
         seed: seed of the mask's own random generator (random masks, sampled
@@ -167,13 +181,22 @@ class Mask(Ascent):
         sparsity: float,
         *,
         granularity: str = "element",
-        renormalize: bool = False,
+        renormalize: bool | None = None,
+        skip_unperturbed: bool = True,
         update_interval: int | None = None,
         seed: int | None = None,
     ) -> None:
         self.sparsity = validation.unit_interval("sparsity", sparsity, include_one=False)
         self.granularity = validation.choice("granularity", granularity, GRANULARITIES)
+        self.skip_unperturbed = validation.boolean("skip_unperturbed", skip_unperturbed)
+        if renormalize is None:
+            renormalize = self.skips_clean_grads
         self.renormalize = validation.boolean("renormalize", renormalize)
+        if self.skips_clean_grads and not self.renormalize:
+            raise ValueError(
+                "renormalize=False divides by the full gradient's norm, which a tensor mask that skips the "
+                "unperturbed tensors does not compute: give renormalize=True (or None), or skip_unperturbed=False"
+            )
         self.update_interval = validation.positive_int("update_interval", update_interval, allow_none=True)
         validation.seed_or_none("seed", seed)
         self.seed = torch.initial_seed() if seed is None else seed
@@ -244,6 +267,19 @@ class Mask(Ascent):
             norm = kernels.global_norm(norms).item()
         if norm > 0:
             perturb_parts(parts, norm, move)
+
+    @property
+    def skips_clean_grads(self) -> bool:
+        """Whether the clean pass computes the gradients of the live tensors only (``granularity="tensor"`` with
+        ``skip_unperturbed``)."""
+        return self.granularity == "tensor" and self.skip_unperturbed
+
+    def clean_params(self) -> list[Tensor] | None:
+        """The live tensors, or ``None`` (every parameter) for an element mask and on a step whose mask is due
+        (a new mask may read every gradient, and which tensors are live is known only after it)."""
+        if not self.skips_clean_grads or self.due():
+            return None
+        return [p for p, n in zip(self._bound(), self.live, strict=True) if n]
 
     def due(self) -> bool:
         """Whether :meth:`maybe_update` will compute a new mask now: there is none yet, or
@@ -359,7 +395,8 @@ class Mask(Ascent):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(sparsity={self.sparsity}, granularity={self.granularity!r}, "
-            f"renormalize={self.renormalize}, update_interval={self.update_interval})"
+            f"renormalize={self.renormalize}, skip_unperturbed={self.skip_unperturbed}, "
+            f"update_interval={self.update_interval})"
         )
 
 
@@ -377,6 +414,97 @@ class RandomMask(Mask):
 
     def compute(self, params: list[Tensor], grads: Sequence[Tensor | None]) -> list[Tensor]:
         return select_top(self._rand(params), keep_count(self.numel, self.sparsity), granularity=self.granularity)
+
+
+#: The normalisation layers whose affine parameters :func:`sam_on` perturbs (by module type, not by name).
+NORM_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.RMSNorm,
+)
+
+
+class SelectMask(Mask):
+    """A fixed tensor mask: the parameters of ``model`` for which ``select(module, name)`` is true.
+
+    ``select`` gets each module of ``model`` and the name of each of its own parameters
+    (``"weight"``, ``"bias"``, ...). A tensor mask: the clean pass computes the gradient of
+    the selected tensors only and the perturbation is normalised over them (see
+    :class:`Mask`). :func:`sam_on` is SAM-ON's selection.
+
+    Example (the last layer only)::
+
+        mask = samopt.masks.SelectMask(model, lambda module, name: module is model.fc)
+        opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.5, mask=mask, lr=0.1)
+
+    Args:
+        model: the module whose parameters the optimizer holds (or some of them).
+        select: ``select(module, name) -> bool``.
+        renormalize, skip_unperturbed: see :class:`Mask`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        select: Callable[[nn.Module, str], bool],
+        *,
+        renormalize: bool | None = None,
+        skip_unperturbed: bool = True,
+    ) -> None:
+        super().__init__(0.0, granularity="tensor", renormalize=renormalize, skip_unperturbed=skip_unperturbed)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(select):
+            raise TypeError(f"select must be a callable select(module, name) -> bool, got {select!r}")
+        chosen = {id(p): p for m in model.modules() for n, p in m.named_parameters(recurse=False) if select(m, n)}
+        if not chosen:
+            raise ValueError("select chose no parameter of the model: it must return True for at least one")
+        self.selected = list(chosen.values())
+
+    def bind(
+        self, params: Sequence[Tensor], owner: object, group: dist.ProcessGroup | None = None, *, sharded: bool = False
+    ) -> None:
+        super().bind(params, owner, group, sharded=sharded)
+        chosen = {id(p) for p in self.selected}
+        picked = sum(p.numel() for p in self._bound() if id(p) in chosen)
+        if not picked:
+            raise ValueError("none of the parameters the mask selected is in the optimizer (or all are empty)")
+        self.sparsity = 1 - picked / self.numel  # the fraction left unperturbed
+
+    def compute(self, params: list[Tensor], grads: Sequence[Tensor | None]) -> list[Tensor]:
+        chosen = {id(p) for p in self.selected}
+        return [torch.full_like(p, id(p) in chosen, dtype=torch.bool) for p in params]
+
+
+def sam_on(model: nn.Module, *, norm_layers: tuple[type[nn.Module], ...] = NORM_LAYERS, **kwargs: Any) -> SelectMask:
+    """SAM-ON's mask: only the affine parameters of the normalisation layers are perturbed.
+
+    Mueller, Vlaar, Rolnick and Hein, "Normalization Layers Are All That Sharpness-Aware
+    Minimization Needs", NeurIPS 2023, arXiv:2306.04226 (official code mueller-mp/SAM-ON,
+    which selects by parameter name; here by module type, ``norm_layers``). With SAM or
+    element-wise ASAM (``adaptive=True``); the paper uses a much larger ``rho`` than SAM's.
+    ``kwargs`` go to :class:`SelectMask`.
+
+    Example::
+
+        opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.5, mask=samopt.masks.sam_on(model), lr=0.1)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not any(isinstance(m, norm_layers) and any(True for _ in m.parameters(recurse=False)) for m in model.modules()):
+        names = ", ".join(t.__name__ for t in norm_layers)
+        raise ValueError(
+            f"sam_on: the model has no normalisation layer with affine parameters (looked for {names}); "
+            "pass norm_layers= with your model's normalisation classes"
+        )
+    return SelectMask(model, lambda module, name: isinstance(module, norm_layers), **kwargs)
 
 
 #: Allowed values of :class:`FisherMask`'s ``fisher_labels``.
@@ -415,7 +543,7 @@ class FisherMask(Mask):
             RNG is untouched and a resumed run (which fast-forwards to the saved
             position) sees the same examples if the data order is reproducible.
         loss_fn: ``loss_fn(outputs, targets)``, e.g. :func:`torch.nn.functional.cross_entropy`.
-        sparsity, granularity, renormalize, update_interval, seed: see :class:`Mask`.
+        sparsity, granularity, renormalize, skip_unperturbed, update_interval, seed: see :class:`Mask`.
         num_samples: examples per Fisher estimate (>= 1).
         fisher_labels: ``"true"`` (empirical Fisher, the paper and official code)
             or ``"sampled"`` (labels drawn from the model's predictive distribution,
@@ -449,13 +577,19 @@ class FisherMask(Mask):
         update_interval: int | None = 390,
         fisher_labels: str = "true",
         granularity: str = "element",
-        renormalize: bool = False,
+        renormalize: bool | None = None,
+        skip_unperturbed: bool = True,
         chunk_size: int | None = None,
         vectorize: bool | None = None,
         seed: int | None = None,
     ) -> None:
         super().__init__(
-            sparsity, granularity=granularity, renormalize=renormalize, update_interval=update_interval, seed=seed
+            sparsity,
+            granularity=granularity,
+            renormalize=renormalize,
+            skip_unperturbed=skip_unperturbed,
+            update_interval=update_interval,
+            seed=seed,
         )
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -677,7 +811,7 @@ class DynamicSparseMask(Mask):
       nothing is copied to the CPU.
 
     Args:
-        sparsity, granularity, renormalize, update_interval, seed: see :class:`Mask`.
+        sparsity, granularity, renormalize, skip_unperturbed, update_interval, seed: see :class:`Mask`.
         drop_rate: the initial drop rate ``alpha``, in [0, 1].
         drop: drop score, ``"gradient"`` (``|g|`` at ``w``: drop the flattest),
             ``"weight"`` (``|w|``) or ``"random"``.
@@ -700,11 +834,17 @@ class DynamicSparseMask(Mask):
         grow: str = "random",
         update_interval: int | None = 390,
         granularity: str = "element",
-        renormalize: bool = False,
+        renormalize: bool | None = None,
+        skip_unperturbed: bool = True,
         seed: int | None = None,
     ) -> None:
         super().__init__(
-            sparsity, granularity=granularity, renormalize=renormalize, update_interval=update_interval, seed=seed
+            sparsity,
+            granularity=granularity,
+            renormalize=renormalize,
+            skip_unperturbed=skip_unperturbed,
+            update_interval=update_interval,
+            seed=seed,
         )
         self.total_steps = validation.positive_int("total_steps", total_steps)
         self.drop_rate = validation.unit_interval("drop_rate", drop_rate, include_one=True)

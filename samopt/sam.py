@@ -342,6 +342,14 @@ class SAM(torch.optim.Optimizer):
                 f"an ascent on a sub-batch ({self.ascent!r}) needs every step to ascend: a step that did not would "
                 f"update with the sub-batch's gradient; drop schedule={self.schedule!r}"
             )
+        scheduled = type(self.schedule) is not Schedule
+        if self.ascent.skips_clean_grads and (scheduled or self.descent.needs_clean):
+            seam, policy = ("schedule", self.schedule) if scheduled else ("descent", self.descent)
+            raise ValueError(
+                f"{self.ascent!r} computes no clean gradient for the tensors it does not perturb, which "
+                f"{seam}={policy!r} needs (a step that does not ascend updates with the clean gradient; such a "
+                f"descent reads it): drop {seam}= or build the mask with skip_unperturbed=False"
+            )
         super().__init__(params, defaults)
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
@@ -355,6 +363,7 @@ class SAM(torch.optim.Optimizer):
         self._swap = WeightSwap(in_place=self.perturb_in_place or self._sync.sharded)  # FSDP gathers from its buffer
         self._guard = BufferGuard() if self.bn == "first" else None
         self._step: _Step | None = None
+        self._unsynced = False  # the last clean pass ran under DDP's no_sync() to skip tensors: samopt averages
         self._updates = 0  # the updates applied so far: the step index the schedule sees
         #: The passes the updates have cost so far (:class:`Work`); carried by :meth:`state_dict`.
         self.work = Work()
@@ -426,11 +435,40 @@ class SAM(torch.optim.Optimizer):
 
     # ---------------------------------------------------------------- protocol
 
-    def first_pass(self) -> contextlib.AbstractContextManager[None]:
-        """The context the clean pass (forward **and** backward) runs in: DDP's ``no_sync()`` with
-        ``sync="local"`` and ``ddp=``, nothing otherwise. :meth:`step` uses it; in a loop of one's own,
-        run the clean pass in it."""
-        return self._sync.clean_pass()
+    @contextlib.contextmanager
+    def first_pass(self) -> Iterator[None]:
+        """The context the clean pass (forward **and** backward) runs in. :meth:`step` uses it; in a loop of one's
+        own, run the clean pass in it.
+
+        With ``sync="local"`` and ``ddp=`` it is DDP's ``no_sync()``. With an ascent that needs
+        the gradient of only some tensors (a mask with ``granularity="tensor"``), the others
+        have ``requires_grad`` off inside it, so their weight-gradient products are not run
+        (restored on leaving, also after an exception; a step whose mask is due computes
+        every gradient); under DDP (``ddp=``) it is then ``no_sync()`` and samopt averages the
+        gradients it needs. Outside it every gradient is computed and the step is the same.
+        """
+        keep = self.ascent.clean_params()
+        skip = []
+        if keep is not None:
+            live = {id(p) for p in keep}
+            skip = [p for p in self._all_params() if p.requires_grad and id(p) not in live]
+        if skip and self._sync.world > 1 and self.ddp is None and not self.average_grads:
+            raise RuntimeError(
+                f"{self.ascent!r} skips the clean gradient of {len(skip)} tensor(s), which a wrapper that averages "
+                "gradients (DDP) would wait for: pass ddp=<the DistributedDataParallel model> (samopt then runs the "
+                "clean pass under no_sync() and averages what it needs) or average_grads=True for a plain model on "
+                "each rank, or build the mask with skip_unperturbed=False"
+            )
+        self._unsynced = bool(skip) and self.ddp is not None and self.sync == "global"
+        flags = [p.requires_grad for p in skip]
+        with self._sync.clean_pass(unsynced=self._unsynced):
+            try:
+                for p in skip:
+                    p.requires_grad_(False)
+                yield
+            finally:
+                for p, flag in zip(skip, flags, strict=True):
+                    p.requires_grad_(flag)
 
     def _collect(self) -> list[GroupGrads]:
         """Each group with its parameters that have a gradient, and those gradients (this rank's shards of
@@ -478,7 +516,8 @@ class SAM(torch.optim.Optimizer):
         for i, (group, _, _) in enumerate(collected):
             _check_group(i, group, group["params"])
         grads = [g for _, _, gs in collected for g in gs]
-        self._sync.ascent_gradients(grads)
+        self._sync.ascent_gradients(grads, unsynced=self._unsynced)
+        self._unsynced = False
         if not grads:
             raise RuntimeError(
                 "no parameter has a gradient in the clean pass (at w): the closure, or your code "

@@ -188,6 +188,21 @@ class Ascent(Policy):
     def advance(self) -> None:
         """One update was applied."""
 
+    @property
+    def skips_clean_grads(self) -> bool:
+        """Whether :meth:`clean_params` may leave parameters out: then every step must ascend and the update must
+        not read ``g`` (the engine refuses a schedule or a descent that needs the clean gradient beside it)."""
+        return False
+
+    def clean_params(self) -> list[Tensor] | None:
+        """The parameters whose gradient the next clean pass must compute (``None``: every one).
+
+        :meth:`samopt.SAM.first_pass` computes no gradient for the others (``requires_grad``
+        off for the clean pass, as the official Efficient SAM code, dydjw9/Efficient_SAM
+        ``utils/Esam.py``, does per tensor), so their weight-gradient products are not run.
+        """
+        return None
+
     def density(self) -> float:
         """The fraction of parameter entries the perturbation reaches."""
         return 1.0
@@ -224,6 +239,13 @@ class AroundAscent(Ascent):
 
     def advance(self) -> None:
         self.inner.advance()
+
+    @property
+    def skips_clean_grads(self) -> bool:
+        return self.inner.skips_clean_grads
+
+    def clean_params(self) -> list[Tensor] | None:
+        return self.inner.clean_params()
 
     def density(self) -> float:
         return self.inner.density()

@@ -108,18 +108,20 @@ class GradientSync:
         return D.world_size(self.process_group)
 
     @contextlib.contextmanager
-    def clean_pass(self) -> Iterator[None]:
-        """The context the clean pass (forward **and** backward) runs in: DDP's ``no_sync()`` with
-        ``sync="local"`` and ``ddp=``, nothing otherwise."""
-        with self.ddp.no_sync() if self.ddp is not None and self.mode == "local" else contextlib.nullcontext():
+    def clean_pass(self, unsynced: bool = False) -> Iterator[None]:
+        """The context the clean pass (forward **and** backward) runs in: DDP's ``no_sync()`` with ``ddp=`` and
+        ``sync="local"`` or ``unsynced`` (a pass that leaves tensors without a gradient, which DDP's reducer
+        would wait for), nothing otherwise."""
+        quiet = self.ddp is not None and (self.mode == "local" or unsynced)
+        with self.ddp.no_sync() if quiet else contextlib.nullcontext():  # type: ignore[union-attr]
             yield
 
-    def ascent_gradients(self, grads: list[Tensor]) -> None:
+    def ascent_gradients(self, grads: list[Tensor], unsynced: bool = False) -> None:
         """Make ``grads`` (the clean pass's) the ones the perturbation is built from: averaged for ``"global"``
-        (if samopt averages), each rank's own for ``"local"`` (refused on several ranks when nothing shows that
-        the clean pass was not averaged)."""
+        (if samopt averages, or the pass was ``unsynced``), each rank's own for ``"local"`` (refused on several
+        ranks when nothing shows that the clean pass was not averaged)."""
         if self.mode == "global":
-            self.average(grads)
+            self.average(grads, force=unsynced)
         elif self.ddp is None and not self.average_grads and self.world > 1:
             raise ValueError(
                 "sync='local' on several ranks needs ddp= (the DistributedDataParallel wrapper, whose first pass "

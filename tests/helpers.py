@@ -23,6 +23,19 @@ def bn_net(momentum: float | None = 0.1) -> nn.Sequential:
     )
 
 
+def conv_net(dropout: float = 0.0) -> nn.Sequential:
+    """Conv + BatchNorm2d (batch-1 statistics are defined), deterministic weights."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Dropout(dropout),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 3),
+    )
+
+
 def image_batch(seed: int = 0, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     g = seeded(seed)
     return torch.randn(n, 3, 6, 6, generator=g), torch.randint(0, 3, (n,), generator=g)

@@ -7,24 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_equal_tensors, image_batch, mlp, vector_batch, weights
+from helpers import assert_equal_tensors, conv_net, image_batch, mlp, vector_batch, weights
 from torch import nn
 
 import samopt
 from samopt.masks import DynamicSparseMask, FisherMask, RandomMask, keep_count, select_top
-
-
-def conv_net(dropout: float = 0.0) -> nn.Sequential:
-    """Conv + BatchNorm2d (batch-1 statistics are defined), deterministic weights."""
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.Dropout(dropout),
-        nn.Flatten(),
-        nn.Linear(4 * 6 * 6, 3),
-    )
 
 
 def fisher_batches(n_batches: int = 6, size: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
