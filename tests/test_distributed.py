@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 import samopt
 from samopt import distributed as D
 from samopt.delta import delta_weights
-from samopt.masks import DynamicSparseMask, FisherMask
+from samopt.masks import DynamicSparseMask, FisherMask, SelectMask
 from samopt.seams import Pass
 from samopt.sub_batch import SubBatchAscent
 from samopt.train import loop
@@ -249,6 +249,30 @@ def sub_batch_steps(opt: samopt.SAM, model: torch.nn.Module, batches, clean_rows
     return seen
 
 
+def last_layer(model: torch.nn.Sequential) -> SelectMask:
+    """A tensor mask on the last layer: from the second step the clean pass computes no other gradient."""
+    return SelectMask(model, lambda module, name: module is model[-1])
+
+
+def _case_structured(rank: int, out: str) -> dict:
+    res = {}
+    for wrap in ("ddp", "plain"):
+        model = mlp()
+        net = DistributedDataParallel(model) if wrap == "ddp" else model
+        wrapping = {"ddp": net} if wrap == "ddp" else {"average_grads": True}
+        opt = samopt.SAM(net.parameters(), torch.optim.SGD, rho=RHO, lr=LR, mask=last_layer(model), **wrapping)
+        sam_steps(opt, net, rank_batches(rank))
+        res[wrap] = [p.detach().clone() for p in model.parameters()]
+    model = mlp()  # nothing says who averages: DDP's reducer would wait for the skipped gradients
+    opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, mask=last_layer(model))
+    sam_steps(opt, model, rank_batches(rank, range(1)))  # the mask's first step computes every gradient
+    try:
+        sam_steps(opt, model, rank_batches(rank, range(1, 2)))
+    except RuntimeError as e:
+        res["error"] = (str(e), [p.requires_grad for p in model.parameters()])
+    return res
+
+
 def msam_steps(opt: samopt.MSAM, model: torch.nn.Module, batches) -> None:
     for x, y in batches:
         opt.zero_grad()
@@ -259,6 +283,7 @@ def msam_steps(opt: samopt.MSAM, model: torch.nn.Module, batches) -> None:
 CASES = {
     "global": _case_global,
     "schedules": _case_schedules,
+    "structured": _case_structured,
     "local": _case_local,
     "resume": _case_resume,
     "delta": _case_delta,
@@ -389,6 +414,20 @@ def test_every_rank_takes_the_same_ascent_decisions(tmp_path):
     model = mlp()  # and not SAM's clean pass on the whole batch
     sam_steps(samopt.SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR), model, full_batches())
     assert max(float((a - b.detach()).abs().max()) for a, b in zip(weights, model.parameters(), strict=True)) > 1e-4
+
+
+def test_a_tensor_mask_skips_on_two_ranks_and_equals_one_process_on_the_concatenated_batch(tmp_path):
+    ranks = spawn("structured", tmp_path)
+    model = mlp()
+    sam_steps(samopt.SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, mask=last_layer(model)), model,
+              full_batches())  # fmt: skip
+    for r in ranks:  # DDP: the clean pass under no_sync(), samopt averages the last layer's gradients
+        close(r["ddp"], [p.detach() for p in model.parameters()])
+        close(r["plain"], [p.detach() for p in model.parameters()])
+        message, flags = r["error"]
+        assert "skips the clean gradient of 2 tensor(s)" in message and "pass ddp=" in message
+        assert "average_grads=True" in message and "skip_unperturbed=False" in message
+        assert all(flags)
 
 
 def test_a_two_rank_checkpoint_resumes_on_one_process(tmp_path):
