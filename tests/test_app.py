@@ -227,7 +227,8 @@ def _weights(path):
 @pytest.mark.parametrize(
     "optimizer, stop, extra",
     [("ssam-f", 6, {}), ("ssam-d", 3, {}), ("delta-sam", 5, {}), ("sgd", 4, {}),
-     ("sam", 3, {"ascend": "random", "ascend_prob": 0.5}), ("sam", 6, {"ascend": "adaptive"}), ("msam", 5, {})],
+     ("sam", 3, {"ascend": "random", "ascend_prob": 0.5}), ("sam", 6, {"ascend": "adaptive"}), ("msam", 5, {}),
+     ("sam-on", 3, {}), ("ssam-d", 6, {"granularity": "tensor"})],
 )  # fmt: skip
 def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeypatch, optimizer, stop, extra):
     whole = run(tiny(tmp_path / "a", optimizer=optimizer, **extra))

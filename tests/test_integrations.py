@@ -127,6 +127,18 @@ def sam_sub_batch(model, **kw):
     return sam(model, ascent=samopt.sub_batch.SubBatchAscent(2), **kw)
 
 
+def sam_on_norms(model, **kw):
+    """SAM on MiniLM's LayerNorms only (SAM-ON): from the second update the clean pass computes no other gradient."""
+    return sam(model, mask=samopt.masks.sam_on(model), **kw)
+
+
+def count_grads(param) -> list[int]:
+    """One entry per gradient computed for ``param``."""
+    calls = []
+    param.register_hook(lambda g: calls.append(1))
+    return calls
+
+
 def count_forwards(model) -> list[int]:
     calls = []
     model.register_forward_hook(lambda *_: calls.append(1))
@@ -144,12 +156,12 @@ def count_forwards(model) -> list[int]:
 @pytest.mark.parametrize(
     "precision, make, clip, atol",
     [("fp32", sam, 0.5, 1e-6), ("bf16", sam_sgd, 0.5, 1e-5), ("fp16", sam_sgd, 10, 1e-5),
-     ("fp32", sam_every_2, 0.5, 1e-6), ("fp32", sam_sub_batch, 0.5, 1e-6)],
+     ("fp32", sam_every_2, 0.5, 1e-6), ("fp32", sam_sub_batch, 0.5, 1e-6), ("fp32", sam_on_norms, 0.5, 1e-6)],
 )  # fmt: skip
 def test_trainer_with_accumulation_and_clipping_equals_the_plain_samopt_loop(tmp_path, precision, make, clip, atol):
     model = minilm()
     reference = copy.deepcopy(model).to(DEVICE)
-    forwards = count_forwards(model)
+    forwards, head_grads = count_forwards(model), count_grads(model.classifier.weight)
     settings = args(tmp_path, max_grad_norm=clip, bf16=precision == "bf16", fp16=precision == "fp16")
     trainer = Recording(model=model, args=settings, train_dataset=Pairs(), optimizers=(make(model), None))
     trainer.model_accepts_loss_kwargs = False
@@ -158,6 +170,8 @@ def test_trainer_with_accumulation_and_clipping_equals_the_plain_samopt_loop(tmp
     trainer.train()
     assert len(trainer.seen) == 4  # 2 updates x 2 micro-batches
     assert len(forwards) == (6 if make is sam_every_2 else 8)  # 2 micro-batches x 2 passes, then x 1 or x 2
+    # the head's gradient: in every pass, but not in the second update's clean passes under SAM-ON
+    assert len(head_grads) == (6 if make is sam_on_norms else len(forwards))
     # the plain loop: the closure runs both micro-batches of a window, SAM clips the gradient at w + e
     opt = make(reference, max_grad_norm=clip)
     scaler = grad_scaler(precision)
@@ -508,6 +522,33 @@ def test_lightning_sub_batch_ascent_equals_the_plain_loop(tmp_path):
         def closure(p, window=module.seen[2 * w : 2 * w + 2]):
             for batch in window:
                 x, y = p.take(batch)
+                loss = F.cross_entropy(net(x), y) / 2
+                loss.backward()
+            return loss
+
+        opt.step(closure)
+    for a, b in zip(module.net.state_dict().values(), net.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6, rtol=0)
+
+
+class SamOnClassifier(Classifier):
+    def configure_optimizers(self):
+        return samopt.SAM(self.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, mask=samopt.masks.sam_on(self.net))
+
+
+def test_lightning_sam_on_skips_the_clean_gradients_it_does_not_need_and_equals_the_plain_loop(tmp_path):
+    module = SamOnClassifier(mlp_with_bn_and_dropout())
+    head = count_grads(module.net[-1].weight)
+    fit(module, tmp_path)
+    assert len(head) == 2 * 2 + 2 * 2  # update 0 (its mask is due): 2 clean + 2 perturbed passes; then perturbed only
+    net = mlp_with_bn_and_dropout().to(DEVICE)
+    opt = samopt.SAM(net.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, mask=samopt.masks.sam_on(net))
+    net.train()
+    set_rng_state(module.rng)
+    for w in range(3):
+
+        def closure(window=module.seen[2 * w : 2 * w + 2]):
+            for x, y in window:
                 loss = F.cross_entropy(net(x), y) / 2
                 loss.backward()
             return loss

@@ -423,6 +423,12 @@ def test_resume_with_a_data_dir_of_another_class_count_is_refused(tmp_path, caps
         (["--optimizer", "looksam", "--ascent-sub-batches", "2"], "with ascend='always' (a step that did not ascend"),
         (["--optimizer", "msam", "--ascend", "every"], "two-pass optimizers; 'msam' never ascends a second time"),
         (["--optimizer", "sam", "--ascent-sub-batches", "65"], "ascent_sub_batches must be at most batch_size (64)"),
+        (["--optimizer", "sam-on", "--ascend", "random"], "which sam-on with a tensor mask does not compute; use"),
+        (
+            ["--optimizer", "ssam-d", "--granularity", "tensor", "--ascend", "late"],
+            "ascend='late' needs every tensor's clean gradient",
+        ),
+        (["--optimizer", "ssam-d", "--granularity", "layer"], "granularity must be one of 'element', 'tensor'"),
     ],
 )
 def test_absurd_flags_are_refused_with_the_allowed_range(tmp_path, capsys, flags, message):

@@ -159,7 +159,8 @@ class SAMTrainer(Trainer):
             return self._delta_step(opt)
         self._window.append((model, inputs, num_items_in_batch, self.current_gradient_accumulation_steps))
         clean = Pass("clean", opt.ascent.sub_batches).take(inputs)  # all of it, or 1/m with SubBatchAscent(m)
-        return super().training_step(model, clean, num_items_in_batch)
+        with opt.first_pass():  # a tensor mask's unperturbed tensors get no gradient here
+            return super().training_step(model, clean, num_items_in_batch)
 
     def per_example_loss(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """The per-example losses and the logits of a micro-batch, for :class:`samopt.DeltaSAM`.

@@ -115,8 +115,9 @@ class SAMModule(L.LightningModule):
             return loss.detach()
         if opt.per_example:
             return self._update(wrapper, opt, k) if end else None
-        loss = self.sam_loss(Pass("clean", opt.ascent.sub_batches).take(batch))
-        self.manual_backward(loss / k)
+        with opt.first_pass():  # a tensor mask's unperturbed tensors get no gradient here
+            loss = self.sam_loss(Pass("clean", opt.ascent.sub_batches).take(batch))
+            self.manual_backward(loss / k)
         if end:
             self._update(wrapper, opt, k)
         return loss.detach()

@@ -182,13 +182,13 @@ _NOISY = {
 }
 _NOISY_SOURCE = (
     "samopt, measured (docs/benchmarks.md, 'Label noise'): 40% symmetric noise as in Foret et al., ICLR 2021, "
-    "Table 4; rho 0.1 for the SAM family but ASAM and MSAM, which keep their own (0.05 fitted a fifth of the "
+    "Table 4; rho 0.1 for the SAM family but ASAM, SAM-ON and MSAM, which keep their own (0.05 fitted a fifth of the "
     "noise); lr 0.02 with a 1-epoch warmup; "
     "no augmentation"
 )
-#: Optimizers whose rho lives on another scale than SAM's (ASAM's is relative to |w|, MSAM's an order larger):
+#: Optimizers whose rho lives on another scale than SAM's (ASAM's is relative to |w|, SAM-ON's and MSAM's larger):
 #: a recipe's SAM rho is not theirs, so they keep their own defaults (samopt optimizers).
-OWN_RHO = ("asam", "msam")
+OWN_RHO = ("asam", "sam-on", "msam")
 #: The optimizers that take a recipe's SAM rho.
 SAM_RHO = tuple(o for o in SAM_FAMILY if o not in OWN_RHO)
 _CIFAR = {"batch_size": 128, "lr": 0.05, "momentum": 0.9, "schedule": "cosine", "epochs": 200, "cutout": 16}

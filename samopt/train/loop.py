@@ -57,11 +57,12 @@ from torch.nn.parallel import DistributedDataParallel
 import samopt
 from samopt import distributed as D
 from samopt import validation
+from samopt.masks import GRANULARITIES
 from samopt.train import glue, vision
 from samopt.train.config import GlueConfig, RunConfig, config_differences
 from samopt.train.launch import Ranks, Shard, setup
 from samopt.train.lock import DirectoryLock
-from samopt.train.optimizers import AMP_MODES, ASCEND, Amp, build_optimizer, spec, train_step
+from samopt.train.optimizers import AMP_MODES, ASCEND, Amp, build_optimizer, spec, tensor_mask, train_step
 from samopt.train.task import Loader, Task
 
 __all__ = ["CheckpointError", "lr_factor", "run", "validate"]
@@ -150,6 +151,12 @@ def _validate_ascend(cfg: RunConfig) -> None:
         raise ValueError(
             f"ascend={cfg.ascend!r} applies to the SAM family's two-pass optimizers; {cfg.optimizer!r} never ascends "
             "a second time"
+        )
+    validation.choice("granularity", cfg.granularity, GRANULARITIES)
+    if cfg.ascend != "always" and tensor_mask(cfg):
+        raise ValueError(
+            f"ascend={cfg.ascend!r} needs every tensor's clean gradient (a step that does not ascend updates with "
+            f"it), which {cfg.optimizer} with a tensor mask does not compute; use ascend='always'"
         )
     if cfg.ascend != "always" and cfg.optimizer == "delta-sam":
         raise ValueError(

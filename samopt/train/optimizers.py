@@ -27,12 +27,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 import samopt
 from samopt import schedules, validation
-from samopt.masks import DynamicSparseMask, FisherMask, RandomMask
+from samopt.masks import DynamicSparseMask, FisherMask, RandomMask, sam_on
 from samopt.seams import Pass
 from samopt.sub_batch import SubBatchAscent
 
 __all__ = [
     "AMP_MODES",
+    "MASKED",
     "NAMES",
     "OPTIMIZERS",
     "SAM_FAMILY",
@@ -41,6 +42,7 @@ __all__ = [
     "base_optimizer",
     "build_optimizer",
     "spec",
+    "tensor_mask",
     "train_step",
 ]
 
@@ -283,6 +285,14 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         rho=0.05,
         glue_rho=GLUE_RHO,
     ),
+    "sam-on": OptimizerSpec(
+        "SAM-ON: SAM on the normalisation layers' affine parameters only; the clean pass skips every other "
+        "weight gradient",
+        "Mueller et al., NeurIPS 2023, arXiv:2306.04226; a larger rho than SAM's, as the paper (0.5: ours, inferred)",
+        lambda b: b.sam(samopt.SAM, eta=b.cfg.eta, mask=sam_on(b.model)),
+        rho=0.5,
+        glue_rho=10 * GLUE_RHO,
+    ),
     "looksam": OptimizerSpec(
         "LookSAM: SAM's extra direction every --ascend-every steps, reused with weight --look-alpha in between",
         "Liu et al., CVPR 2022, arXiv:2203.02714",
@@ -310,6 +320,16 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
 NAMES = tuple(OPTIMIZERS)
 #: The names of the SAM family (the optimizers with a ``rho``).
 SAM_FAMILY = tuple(name for name, s in OPTIMIZERS.items() if s.sam_family)
+
+
+#: The optimizers whose mask ``--granularity`` shapes.
+MASKED = ("ssam-f", "ssam-d", "random-mask")
+
+
+def tensor_mask(cfg: Any) -> bool:
+    """Whether ``cfg``'s optimizer perturbs whole tensors, so that its clean pass skips the others (SAM-ON, or a
+    mask with ``--granularity tensor``): every step must then ascend."""
+    return cfg.optimizer == "sam-on" or (cfg.optimizer in MASKED and cfg.granularity == "tensor")
 
 
 def spec(name: object) -> OptimizerSpec:
