@@ -7,9 +7,18 @@ per step and its ratio to SGD, and each method's peak memory over three steps in
 fresh process (peak resident set on CPU, see ``measure_memory``;
 ``torch.cuda.max_memory_allocated`` on CUDA) and its excess over SGD's.
 
-Workloads (from issue 2):
-  cnn  small CNN with BatchNorm, batch 128 at 32x32, 10 classes
-  mlp  MLP with 10.5M parameters, batch 32
+Workloads (from issues 2, 17 and 18):
+  cnn       small CNN with BatchNorm, batch 128 at 32x32, 10 classes
+  mlp       MLP with 10.5M parameters, batch 32
+  resnet18  CIFAR ResNet-18 (samopt.train.models), batch 128 at 32x32
+  fmnist    the fmnist-noisy recipe's small CNN, batch 128 at 28x28 (1 channel)
+
+Methods beyond SGD and SAM: structured masks whose clean pass skips the gradients of
+the tensors they leave unperturbed (``sam-on``, ``ssam-f-tensor``, ``ssam-d-tensor`` at
+sparsity 0.5; ``ssam-f-element`` for comparison: an element mask saves nothing), and the
+cheaper-SAM policies of issue 17 (``every-5``, ``looksam-5``, ``sub-batch-4``, ``msam``;
+with ``--steps`` a multiple of 5 each round holds whole periods). The masks are computed
+in the warm-up and not updated while timed.
 
 Usage::
 
@@ -17,6 +26,7 @@ Usage::
     python benchmarks/step_cost.py --allocator glibc    # glibc's default malloc settings
     python benchmarks/step_cost.py --device cuda --rounds 20
     python benchmarks/step_cost.py --workload mlp --steps 5 --rounds 3   # quick look
+    python benchmarks/step_cost.py --workload resnet18 --methods sgd,samopt-closure,sam-on,ssam-f-tensor,ssam-d-tensor
 
 Needs ``pip install pytorch-optimizer==4.1.0`` (the ``bench`` extra) for the peer column.
 """
@@ -38,6 +48,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import samopt
+from samopt.masks import DynamicSparseMask, FisherMask
+from samopt.seams import Pass
+from samopt.sub_batch import SubBatchAscent
+from samopt.train import models
 
 #: glibc malloc settings of the timing workers. "caching" keeps freed memory mapped,
 #: as PyTorch's CUDA caching allocator (and jemalloc/tcmalloc) do, so that every step
@@ -51,7 +65,21 @@ ALLOCATORS = {
 }
 #: Pause before each timed run, so the previous worker's OpenMP threads stop spinning.
 PAUSE_S = 0.2
-METHODS = ("sgd", "samopt-closure", "samopt-two-phase", "pytorch_optimizer")
+METHODS = (
+    "sgd",
+    "samopt-closure",
+    "samopt-two-phase",
+    "pytorch_optimizer",
+    "sam-on",
+    "ssam-f-tensor",
+    "ssam-d-tensor",
+    "ssam-f-element",
+    "every-5",
+    "looksam-5",
+    "sub-batch-4",
+    "msam",
+)
+WORKLOADS = ("cnn", "mlp", "resnet18", "fmnist")
 
 
 def make_model(workload: str) -> nn.Module:
@@ -74,13 +102,17 @@ def make_model(workload: str) -> nn.Module:
             nn.Linear(1024, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(),
             nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 10),
         )  # fmt: skip
-    raise ValueError(f"workload must be 'cnn' or 'mlp', got {workload!r}")
+    if workload == "resnet18":
+        return models.resnet18()
+    if workload == "fmnist":
+        return models.small_cnn()
+    raise ValueError(f"workload must be one of {WORKLOADS}, got {workload!r}")
 
 
 def make_batch(workload: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    if workload == "cnn":
-        x = torch.randn(128, 3, 32, 32, generator=g)
+    if workload in ("cnn", "resnet18", "fmnist"):
+        x = torch.randn(128, *((1, 28, 28) if workload == "fmnist" else (3, 32, 32)), generator=g)
         y = torch.randint(0, 10, (128,), generator=g)
     else:
         x = torch.randn(32, 1024, generator=g)
@@ -120,6 +152,42 @@ def make_stepper(method: str, workload: str, device: torch.device) -> Callable[[
             sam.first_step(zero_grad=True)
             loss_backward()
             sam.second_step(zero_grad=True)
+
+        return step
+    masks = {
+        "sam-on": lambda: samopt.masks.sam_on(model),
+        "ssam-f-tensor": lambda: FisherMask(model, [(x[:16], y[:16])], F.cross_entropy, 0.5, num_samples=16,
+                                            granularity="tensor", update_interval=None),
+        "ssam-d-tensor": lambda: DynamicSparseMask(0.5, total_steps=10**6, update_interval=None, granularity="tensor"),
+        "ssam-f-element": lambda: FisherMask(model, [(x[:16], y[:16])], F.cross_entropy, 0.5, num_samples=16,
+                                             update_interval=None),
+    }  # fmt: skip
+    if method in masks:
+        sam = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.05, mask=masks[method](), **kw)
+        return lambda: sam.step(loss_backward)
+    if method == "every-5":
+        sam = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.05, schedule=samopt.schedules.EveryK(5), **kw)
+        return lambda: sam.step(loss_backward)
+    if method == "looksam-5":
+        sam = samopt.LookSAM(model.parameters(), torch.optim.SGD, rho=0.05, k=5, **kw)
+        return lambda: sam.step(loss_backward)
+    if method == "sub-batch-4":
+        sam = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.05, ascent=SubBatchAscent(4), **kw)
+
+        def sub_batch_pass(p: Pass) -> torch.Tensor:
+            xb, yb = p.take(x, y)
+            loss = F.cross_entropy(model(xb), yb)
+            loss.backward()
+            return loss
+
+        return lambda: sam.step(sub_batch_pass)
+    if method == "msam":
+        msam = samopt.MSAM(model.parameters(), torch.optim.SGD, rho=1.0, **kw)
+
+        def step() -> None:
+            msam.zero_grad(set_to_none=True)
+            loss_backward()
+            msam.step()
 
         return step
     if method == "pytorch_optimizer":
@@ -250,11 +318,11 @@ def measure_memory(methods: list[str], workload: str, device: str) -> dict[str, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workload", choices=("cnn", "mlp", "all"), default="all")
+    parser.add_argument("--workload", choices=(*WORKLOADS, "all"), default="all", help="all: cnn and mlp")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=10, help="steps per method per round")
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
+    parser.add_argument("--methods", default=",".join(METHODS[:4]), help=f"comma-separated subset of {METHODS}")
     parser.add_argument(
         "--allocator", choices=sorted(ALLOCATORS), default="caching", help="malloc settings of the timing workers"
     )
