@@ -292,3 +292,47 @@ def test_bad_structured_masks_are_refused_naming_the_argument():
     mask = last_layer(model)  # δ-SAM computes every gradient at w: nothing to refuse, nothing skipped
     opt = samopt.DeltaSAM(model.parameters(), torch.optim.SGD, rho=RHO, mask=mask, lr=LR)
     assert not opt.ascent.skips_clean_grads and opt.ascent.clean_params() is None
+
+
+def test_grad_scaler_and_micro_batches_work_with_a_skipping_mask():
+    """Scaling by a power of two is exact in fp32: scaled equals unscaled bit for bit; four micro-batches of two
+    equal the batch of eight; an fp16 overflow at w on a skipping step skips the update."""
+    results = []
+    for mode in ("plain", "scaled", "micro"):
+        model = deep_mlp()
+        opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=RHO, mask=last_layer(model), lr=LR, momentum=0.9)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+        for t in range(4):
+            x, y = vector_batch(seed=t)
+
+            def closure(x=x, y=y, model=model, scaler=scaler, mode=mode):
+                parts = 4 if mode == "micro" else 1
+                for xs, ys in zip(x.chunk(parts), y.chunk(parts), strict=True):
+                    loss = F.cross_entropy(model(xs), ys) / parts
+                    (scaler.scale(loss) if mode == "scaled" else loss).backward()
+                return loss
+
+            opt.step(closure, scaler=scaler if mode == "scaled" else None)
+            if mode == "scaled":
+                scaler.update()
+        results.append(weights(model))
+    assert_equal_tensors(results[0], results[1])
+    for a, b in zip(results[0], results[2], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    model = deep_mlp()
+    opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=RHO, mask=last_layer(model), lr=LR)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    run(model, opt, 1, batch=vector_batch)
+    before, x, y = weights(model), *vector_batch(seed=1)
+
+    def overflow():
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss * 1e30).backward()
+        assert model[0].weight.grad is None  # a skipping pass
+        return loss
+
+    opt.step(overflow, scaler=scaler)
+    scaler.update()
+    assert_equal_tensors(weights(model), before)
+    assert scaler.get_scale() == 2.0**15
