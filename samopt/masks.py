@@ -298,6 +298,13 @@ class Mask(Ascent):
         else:
             masks = self.compute(params, grads)
         self._set([m.to(device=p.device, dtype=torch.bool) for m, p in zip(masks, params, strict=True)])
+        if self.granularity == "tensor" and not any(self.live):
+            smallest = min((p.numel() for p in params if p.numel()), default=0)
+            raise ValueError(
+                f"sparsity={self.sparsity} leaves a budget of {keep_count(self.numel, self.sparsity)} parameter(s), "
+                f"which no whole tensor fits (the smallest has {smallest}): the tensor mask would perturb nothing; "
+                "lower sparsity"
+            )
         self.last_update = self.steps
         return True
 

@@ -281,6 +281,12 @@ def test_bad_structured_masks_are_refused_naming_the_argument():
     RandomMask(0.5, granularity="tensor", renormalize=False, skip_unperturbed=False)  # computes the full norm
     with pytest.raises(TypeError, match="skip_unperturbed must be True or False"):
         RandomMask(0.5, granularity="tensor", skip_unperturbed=1)  # type: ignore[arg-type]
+    opt = samopt.SAM(model.parameters(), torch.optim.SGD, mask=RandomMask(0.99, granularity="tensor"), lr=LR)
+    before = weights(model)
+    message = r"sparsity=0.99 leaves a budget of 1 parameter\(s\), which no whole tensor fits \(the smallest has 3\)"
+    with pytest.raises(ValueError, match=message + ": the tensor mask would perturb nothing; lower sparsity"):
+        run(model, opt, 1, batch=vector_batch)
+    assert_equal_tensors(weights(model), before)
     other = deep_mlp()
     with pytest.raises(ValueError, match="none of the parameters the mask selected is in the optimizer"):
         samopt.SAM(model.parameters(), torch.optim.SGD, mask=last_layer(other), lr=LR)
