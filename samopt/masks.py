@@ -163,12 +163,13 @@ class Mask(Ascent):
         renormalize: ``False`` (as the official code): ``e = m * rho * g / ||g||``
             with the full gradient's norm, so ``||e|| <= rho``. ``True``: divide by
             ``||m * g||`` instead, so the masked perturbation has norm ``rho``.
-            ``None`` (default): ``True`` for a tensor mask that skips (whose clean pass
-            does not compute the full gradient), ``False`` otherwise.
+            ``None`` (default): ``True`` for a tensor mask (whose skipping clean pass
+            does not compute the full gradient), ``False`` for an element mask.
         skip_unperturbed: with ``granularity="tensor"``, compute no clean gradient for
             the tensors the mask leaves off (default ``True``: the time saving); every
             step must then ascend (no schedule) and on several ranks the optimizer needs
-            ``ddp=`` or ``average_grads=True``. ``False`` computes them (no saving).
+            ``ddp=`` or ``average_grads=True``. ``False`` computes them: the same
+            perturbation, without the saving (and ``renormalize=False`` becomes possible).
         update_interval: recompute the mask every this many applied updates (the
             first mask is computed at the first step); ``None``: never recompute.
         seed: seed of the mask's own random generator (random masks, sampled
@@ -190,7 +191,7 @@ class Mask(Ascent):
         self.granularity = validation.choice("granularity", granularity, GRANULARITIES)
         self.skip_unperturbed = validation.boolean("skip_unperturbed", skip_unperturbed)
         if renormalize is None:
-            renormalize = self.skips_clean_grads
+            renormalize = self.granularity == "tensor"  # the same perturbation whether or not the pass skips
         self.renormalize = validation.boolean("renormalize", renormalize)
         if self.skips_clean_grads and not self.renormalize:
             raise ValueError(
@@ -297,14 +298,14 @@ class Mask(Ascent):
             masks = [torch.ones_like(p, dtype=torch.bool) for p in params]  # sparsity 0: nothing to rank
         else:
             masks = self.compute(params, grads)
-        self._set([m.to(device=p.device, dtype=torch.bool) for m, p in zip(masks, params, strict=True)])
-        if self.granularity == "tensor" and not any(self.live):
-            smallest = min((p.numel() for p in params if p.numel()), default=0)
+        budget = keep_count(self.numel, self.sparsity)
+        smallest = min((p.numel() for p in params if p.numel()), default=0)
+        if self.granularity == "tensor" and budget < smallest and not any(bool(m.any()) for m in masks):
             raise ValueError(
-                f"sparsity={self.sparsity} leaves a budget of {keep_count(self.numel, self.sparsity)} parameter(s), "
-                f"which no whole tensor fits (the smallest has {smallest}): the tensor mask would perturb nothing; "
-                "lower sparsity"
+                f"sparsity={self.sparsity} leaves a budget of {budget} parameter(s), which no whole tensor fits (the "
+                f"smallest has {smallest}): the tensor mask would perturb nothing; lower sparsity"
             )
+        self._set([m.to(device=p.device, dtype=torch.bool) for m, p in zip(masks, params, strict=True)])
         self.last_update = self.steps
         return True
 
@@ -480,14 +481,26 @@ class SelectMask(Mask):
     ) -> None:
         super().bind(params, owner, group, sharded=sharded)
         chosen = {id(p) for p in self.selected}
-        picked = sum(p.numel() for p in self._bound() if id(p) in chosen)
+        picked = [p for p in self._bound() if id(p) in chosen and p.numel()]
         if not picked:
             raise ValueError("none of the parameters the mask selected is in the optimizer (or all are empty)")
-        self.sparsity = 1 - picked / self.numel  # the fraction left unperturbed
+        if not any(p.requires_grad for p in picked):
+            raise ValueError("every parameter the mask selected is frozen (requires_grad=False): nothing to perturb")
+        self.sparsity = 1 - sum(p.numel() for p in picked) / self.numel  # the fraction left unperturbed
 
     def compute(self, params: list[Tensor], grads: Sequence[Tensor | None]) -> list[Tensor]:
         chosen = {id(p) for p in self.selected}
         return [torch.full_like(p, id(p) in chosen, dtype=torch.bool) for p in params]
+
+    def check_state(self, state: object) -> None:
+        """As :meth:`Mask.check_state`, and the saved masks must be this mask's selection."""
+        super().check_state(state)
+        saved = state["masks"]  # type: ignore[index]
+        if saved is not None and any(
+            not torch.equal(m.to(e.device, torch.bool), e)
+            for m, e in zip(saved, self.compute(self._bound(), []), strict=True)
+        ):
+            raise ValueError("the saved masks are not this SelectMask's selection: build it with the same select")
 
 
 def sam_on(model: nn.Module, *, norm_layers: tuple[type[nn.Module], ...] = NORM_LAYERS, **kwargs: Any) -> SelectMask:

@@ -443,23 +443,26 @@ class SAM(torch.optim.Optimizer):
         With ``sync="local"`` and ``ddp=`` it is DDP's ``no_sync()``. With an ascent that needs
         the gradient of only some tensors (a mask with ``granularity="tensor"``), the others
         have ``requires_grad`` off inside it, so their weight-gradient products are not run
-        (restored on leaving, also after an exception; a step whose mask is due computes
-        every gradient); under DDP (``ddp=``) it is then ``no_sync()`` and samopt averages the
-        gradients it needs. Outside it every gradient is computed and the step is the same.
+        (set back to their values at entry on leaving, also after an exception; a step whose
+        mask is due computes every gradient); under DDP (``ddp=``) it is then ``no_sync()``
+        and samopt averages the gradients it needs. Outside it every gradient is computed and
+        the step is the same (but for an fp16 overflow confined to the skipped tensors at
+        ``w``, which only a full pass sees; the perturbed pass checks every gradient).
         """
+        if self.ascent.skips_clean_grads and self._sync.world > 1 and self.ddp is None and not self.average_grads:
+            raise RuntimeError(  # on the first step, before any update, on every rank alike
+                f"{self.ascent!r} skips the clean gradients of the tensors it does not perturb, which a wrapper that "
+                "averages gradients (DDP) would wait for: pass ddp=<the DistributedDataParallel model> (samopt then "
+                "runs the clean pass under no_sync() and averages what it needs) or average_grads=True for a plain "
+                "model on each rank, or build the mask with skip_unperturbed=False (the same perturbation, no saving)"
+            )
         keep = self.ascent.clean_params()
         skip = []
         if keep is not None:
             live = {id(p) for p in keep}
             skip = [p for p in self._all_params() if p.requires_grad and id(p) not in live]
-        if skip and self._sync.world > 1 and self.ddp is None and not self.average_grads:
-            raise RuntimeError(
-                f"{self.ascent!r} skips the clean gradient of {len(skip)} tensor(s), which a wrapper that averages "
-                "gradients (DDP) would wait for: pass ddp=<the DistributedDataParallel model> (samopt then runs the "
-                "clean pass under no_sync() and averages what it needs) or average_grads=True for a plain model on "
-                "each rank, or build the mask with skip_unperturbed=False"
-            )
-        self._unsynced = bool(skip) and self.ddp is not None and self.sync == "global"
+        # kept by a nested pass (which finds nothing left to switch off); cleared by first_step
+        self._unsynced = self._unsynced or (bool(skip) and self.ddp is not None and self.sync == "global")
         flags = [p.requires_grad for p in skip]
         with self._sync.clean_pass(unsynced=self._unsynced):
             try:

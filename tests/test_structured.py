@@ -110,17 +110,15 @@ def test_a_tensor_mask_keeping_every_tensor_is_sam_bit_for_bit(mask_kind):
 @pytest.mark.parametrize(
     "make",
     [
-        lambda m, skip: RandomMask(0.5, granularity="tensor", update_interval=3, seed=1, renormalize=True,
-            skip_unperturbed=skip),
+        lambda m, skip: RandomMask(0.5, granularity="tensor", update_interval=3, seed=1, skip_unperturbed=skip),
         lambda m, skip: DynamicSparseMask(
-            0.5, total_steps=8, update_interval=3, granularity="tensor", seed=1, renormalize=True,
-            skip_unperturbed=skip,
+            0.5, total_steps=8, update_interval=3, granularity="tensor", seed=1, skip_unperturbed=skip,
         ),
         lambda m, skip: FisherMask(
             m, [image_batch(seed=100 + i, n=3) for i in range(4)], F.cross_entropy, num_samples=5,
-            update_interval=3, granularity="tensor", renormalize=True, skip_unperturbed=skip,
+            update_interval=3, granularity="tensor", skip_unperturbed=skip,
         ),
-        lambda m, skip: sam_on(m, renormalize=True, skip_unperturbed=skip),
+        lambda m, skip: sam_on(m, skip_unperturbed=skip),
     ],
 )  # fmt: skip
 def test_skipping_changes_no_result_and_a_tensor_mask_normalises_over_its_live_tensors(make):
@@ -128,7 +126,7 @@ def test_skipping_changes_no_result_and_a_tensor_mask_normalises_over_its_live_t
     for skip in (True, False):
         model = conv_net()
         mask = make(model, skip)
-        assert mask.renormalize
+        assert mask.renormalize  # a tensor mask's default, skipping or not: the same perturbation
         opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=RHO, mask=mask, lr=LR, momentum=0.9)
         run(model, opt, 7)  # mask updates at steps 0, 3, 6
         live = [bool(m.all()) for m in mask.masks]
@@ -287,6 +285,16 @@ def test_bad_structured_masks_are_refused_naming_the_argument():
     with pytest.raises(ValueError, match=message + ": the tensor mask would perturb nothing; lower sparsity"):
         run(model, opt, 1, batch=vector_batch)
     assert_equal_tensors(weights(model), before)
+    frozen = deep_mlp()
+    frozen[-1].requires_grad_(False)
+    with pytest.raises(ValueError, match=r"every parameter the mask selected is frozen \(requires_grad=False\)"):
+        samopt.SAM(frozen.parameters(), torch.optim.SGD, mask=last_layer(frozen), lr=LR)
+    opt = samopt.SAM(model.parameters(), torch.optim.SGD, mask=last_layer(model), lr=LR)
+    run(model, opt, 1, batch=vector_batch)
+    state = opt.state_dict()
+    opt = samopt.SAM(model.parameters(), torch.optim.SGD, mask=SelectMask(model, lambda m, n: m is model[0]), lr=LR)
+    with pytest.raises(ValueError, match="the saved masks are not this SelectMask's selection"):
+        opt.load_state_dict(state)
     other = deep_mlp()
     with pytest.raises(ValueError, match="none of the parameters the mask selected is in the optimizer"):
         samopt.SAM(model.parameters(), torch.optim.SGD, mask=last_layer(other), lr=LR)
