@@ -44,6 +44,12 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "msam-3": ("msam", []),
     "msam-0.3": ("msam", ["--rho", "0.3"]),
     "msam-1": ("msam", ["--rho", "1"]),
+    # structured masks, whose clean pass skips the tensors they leave unperturbed (issue 18)
+    "ssam-f": ("ssam-f", []),
+    "ssam-f-tensor": ("ssam-f", ["--granularity", "tensor"]),
+    "ssam-d-tensor": ("ssam-d", ["--granularity", "tensor"]),
+    "sam-on": ("sam-on", []),
+    "sam-on-2": ("sam-on", ["--rho", "2"]),
 }
 
 
