@@ -11,10 +11,10 @@ with :class:`SSAMF` and :class:`SSAMD` as ready-made configurations. δ-SAM
 :mod:`samopt.schedules` decides which steps ascend (periodic, random, adaptive, late
 phase); :class:`LookSAM` reuses SAM's extra direction between them; :attr:`SAM.work`
 counts the passes the updates cost. :class:`MSAM` perturbs along the momentum at the cost of
-the base optimizer.
+the base optimizer. :mod:`samopt.diagnostics` measures the curvature a run reached.
 """
 
-from samopt import functional, looksam, masks, schedules, seams, sub_batch
+from samopt import diagnostics, functional, looksam, masks, schedules, seams, sub_batch
 from samopt.bn import BufferGuard
 from samopt.delta import DeltaSAM
 from samopt.looksam import LookSAM
@@ -37,6 +37,7 @@ __all__ = [
     "PerInstanceSAM",
     "Work",
     "__version__",
+    "diagnostics",
     "functional",
     "looksam",
     "masks",
