@@ -41,7 +41,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "sub-batch-4": ("sam", ["--ascent-sub-batches", "4"]),
     "sub-batch-8": ("sam", ["--ascent-sub-batches", "8"]),
     "sub-batch-4-rho-0.2": ("sam", ["--ascent-sub-batches", "4", "--rho", "0.2"]),
-    "msam-3": ("msam", []),
+    "msam-3": ("msam", ["--rho", "3"]),
     "msam-0.3": ("msam", ["--rho", "0.3"]),
     "msam-1": ("msam", ["--rho", "1"]),
     # structured masks, whose clean pass skips the tensors they leave unperturbed (issue 18)

@@ -53,7 +53,8 @@ def test_recipe_resolution_layers_defaults_recipe_and_flags():
     assert (sgd.weight_decay, sgd.rho) == (5e-4, None)
     assert resolve("cifar10-resnet18", {"optimizer": "sam", "rho": 0.3}).rho == 0.3
     assert resolve("cifar10-resnet18", {"optimizer": "asam"}).rho is None  # ASAM's own default (0.5)
-    assert resolve("fmnist-noisy", {"optimizer": "msam"}).rho is None  # MSAM's own default (3): not SAM's scale
+    assert resolve("fmnist-noisy", {"optimizer": "msam"}).rho == 1.0  # measured there; not SAM's scale
+    assert resolve("cifar10-resnet18", {"optimizer": "msam"}).rho is None  # MSAM's own default (3)
     assert resolve("cifar10-resnet18", {"optimizer": "msam"}).weight_decay == 1e-3
     wrn = resolve("cifar100-wrn28-10", {"optimizer": "sam"})
     assert (wrn.model, wrn.rho, wrn.weight_decay, wrn.dataset) == ("wrn28-10", 0.2, 1e-3, "cifar100")
