@@ -1,5 +1,7 @@
 """Small models and fixed synthetic batches for unit tests of shapes and math."""
 
+import io
+
 import torch
 from torch import nn
 
@@ -63,3 +65,15 @@ def assert_equal_tensors(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
         assert x.dtype == y.dtype and torch.equal(x, y), (x, y)
+
+
+def reloaded(model: nn.Module, opt: torch.optim.Optimizer, fresh) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """``model`` and ``opt`` saved to bytes and loaded into a new pair from ``fresh()``, as a resumed run does."""
+    blob = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, blob)
+    blob.seek(0)
+    saved = torch.load(blob)
+    model, opt = fresh()
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    return model, opt

@@ -1,13 +1,12 @@
 """Sparse SAM masks: selection, Fisher scores, dynamic drop/grow, the masked perturbation, state."""
 
 import copy
-import io
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_equal_tensors, conv_net, image_batch, mlp, vector_batch, weights
+from helpers import assert_equal_tensors, conv_net, image_batch, mlp, reloaded, vector_batch, weights
 from torch import nn
 
 import samopt
@@ -484,19 +483,9 @@ def test_resume_is_bit_exact_with_masks(kind):
     _train(model, opt, 8, 0)  # mask updates at steps 0, 3, 6
     straight = weights(model) + list(opt.mask.masks)
 
-    def reload(model, opt):
-        blob = io.BytesIO()
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, blob)
-        blob.seek(0)
-        saved = torch.load(blob)
-        model, opt = fresh()
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["opt"])
-        return model, opt
-
     model, opt = fresh()
     _train(model, opt, 4, 0)
-    model, opt = reload(*reload(model, opt))  # saving right after a load keeps the data position too
+    model, opt = reloaded(*reloaded(model, opt, fresh), fresh)  # saving right after a load keeps the data position too
     _train(model, opt, 4, 4)
     assert_equal_tensors(weights(model) + list(opt.mask.masks), straight)
 

@@ -1,12 +1,11 @@
 """Structured (tensor) masks: the clean pass computes no gradient for the tensors they leave unperturbed."""
 
-import io
 from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_equal_tensors, bn_net, conv_net, image_batch, vector_batch, weights
+from helpers import assert_equal_tensors, bn_net, conv_net, image_batch, reloaded, vector_batch, weights
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -225,13 +224,7 @@ def test_resume_is_bit_exact_with_a_tensor_mask():
     straight = weights(model) + list(opt.mask.masks)
     model, opt = fresh()
     run(model, opt, 4, 0)
-    blob = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, blob)
-    blob.seek(0)
-    saved = torch.load(blob)
-    model, opt = fresh()
-    model.load_state_dict(saved["model"])
-    opt.load_state_dict(saved["opt"])
+    model, opt = reloaded(model, opt, fresh)
     run(model, opt, 4, 4)
     assert_equal_tensors(weights(model) + list(opt.mask.masks), straight)
 
