@@ -20,6 +20,7 @@ import os
 import sys
 import typing
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, cast
 
 from samopt.sam import SYNC_MODES
@@ -31,6 +32,7 @@ from samopt.train.lock import DirectoryInUseError
 from samopt.train.loop import EXIT_INTERRUPTED, SCHEDULES, CheckpointError, run
 from samopt.train.models import MODELS
 from samopt.train.optimizers import AMP_MODES, ASCEND, ASCEND_POLICIES, NAMES, OPTIMIZERS
+from samopt.train.sharpness import MEASURES, Settings, interpolate_runs, measure, run_landscape
 
 __all__ = ["build_parser", "config_args", "main"]
 
@@ -165,6 +167,69 @@ def _optimizers() -> None:
         print(f"{name:<{width}}  {summary} ({citation}){'; ' + advice if advice else ''}")
 
 
+_SHARPNESS_HELP = {
+    "examples": "training examples measured (the first of the run's first epoch)",
+    "m": "batch size of every measure (the m of m-sharpness)",
+    "bn": "BatchNorm with batch statistics (train) or running ones (eval); default train, eval for GLUE runs",
+    "top_k": "eigenvalues",
+    "tol": "relative tolerance of the power iteration",
+    "max_iter": "most power iterations per eigenvalue",
+    "probes": "Hutchinson probes of the trace",
+    "rho": "radius of m-sharpness, relative to |w|",
+    "norm": "ball of m-sharpness",
+    "steps": "ascent steps of m-sharpness per batch",
+    "sigma": "noise scale of average sharpness, relative to |w|",
+    "samples": "noise draws per batch of average sharpness",
+    "seed": "seed of the random vectors and directions",
+    "device": "auto, cpu, cuda or cuda:N",
+}
+
+
+def sharpness_args(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """Flags for :class:`samopt.train.sharpness.Settings` (``prefix``: e.g. ``sharpness-`` beside run flags)."""
+    group = parser.add_argument_group("sharpness settings")
+    for f in dataclasses.fields(Settings):
+        if f.name in ("measures", "progress"):
+            continue
+        kind = str if f.name in ("bn", "norm", "device") else type(f.default)
+        choices = {"bn": ("train", "eval"), "norm": ("l2", "linf")}.get(f.name)
+        flag = "--" + prefix + f.name.replace("_", "-")
+        group.add_argument(
+            flag,
+            dest="sharpness_" + f.name,
+            type=kind,
+            choices=choices,
+            default=f.default,
+            help=f"{_SHARPNESS_HELP[f.name]} (default {f.default})",
+        )
+
+
+def _settings(args: argparse.Namespace, measures: str) -> Settings:
+    values = {k.removeprefix("sharpness_"): v for k, v in vars(args).items() if k.startswith("sharpness_")}
+    return Settings(measures=tuple(measures.split(",")), **values)
+
+
+def _sharpness(args: argparse.Namespace) -> None:
+    measures = "eigenvalue" if args.measures == "none" else args.measures  # the settings still need checking
+    settings = dataclasses.replace(_settings(args, measures), progress=not args.no_progress)
+    for run_dir in map(Path, args.run_dirs):
+        if args.landscape is not None:
+            dims = int(args.landscape[0])
+            path = run_landscape(run_dir, settings, dims, args.landscape_span, args.landscape_points)
+            print(f"{run_dir}: {args.landscape} landscape in {path} (and {path.with_suffix('.json')})")
+        if args.interpolate is not None:
+            path = interpolate_runs(run_dir, Path(args.interpolate), settings)
+            print(f"{run_dir}: the line to {args.interpolate} in {path} (and {path.with_suffix('.json')})")
+        if args.measures == "none":
+            continue
+        results = measure(run_dir, settings)
+        shown = []
+        for name, r in results.items():
+            spread = f" ± {r['stderr']:.3g}" if r.get("stderr") is not None else ""
+            shown.append(f"{name} {r['value']:.4g}{spread} ({r['seconds']:.0f} s)")
+        print(f"{run_dir}: {'; '.join(shown)}; written into {run_dir / 'summary.json'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="samopt", description="Sharpness-aware training from the command line.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -178,6 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--optimizers", default="sgd,sam,ssam-f,ssam-d,delta-sam", help="comma-separated names")
     compare.add_argument("--seeds", type=int, default=1, help="number of seeds: seed, seed+1, ...")
+    compare.add_argument(
+        "--sharpness",
+        default=None,
+        metavar="MEASURES",
+        help=f"also measure these ({', '.join(MEASURES)}): "
+        "columns in the table and landscape.png, the loss along a random direction through each solution",
+    )
+    sharpness_args(compare, "sharpness-")
     config_args(compare)
     glue = sub.add_parser(
         "glue",
@@ -193,7 +266,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     glue_compare.add_argument("--optimizers", default="adamw,sam,ssam-f,delta-sam", help="comma-separated names")
     glue_compare.add_argument("--seeds", type=int, default=1, help="number of seeds: seed, seed+1, ...")
+    glue_compare.add_argument("--sharpness", default=None, metavar="MEASURES", help="as in samopt compare")
+    sharpness_args(glue_compare, "sharpness-")
     config_args(glue_compare, GlueConfig)
+    sharp = sub.add_parser(
+        "sharpness",
+        help="measure the sharpness of finished runs",
+        description="Measure the Hessian's top eigenvalue and trace, worst-case adaptive m-sharpness or average "
+        "sharpness of each run's final weights on its training loss, and write them into its summary.json. "
+        "Measures: " + "; ".join(f"{k}: {v}" for k, v in MEASURES.items()) + ".",
+    )
+    sharp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="the --out folder of a finished run")
+    sharp.add_argument("--measures", default="eigenvalue,trace,m-sharpness", help="comma-separated names, or none")
+    sharp.add_argument(
+        "--landscape",
+        choices=("1d", "2d"),
+        default=None,
+        help="also the loss around the solution along one or two "
+        "random filter-normalised directions: landscape-1d/2d.png (a contour plot in 2d) and .json in RUN_DIR",
+    )
+    sharp.add_argument("--landscape-span", type=float, default=1.0, help="coordinates from -span to span")
+    sharp.add_argument("--landscape-points", type=int, default=21, help="grid points per direction")
+    sharp.add_argument(
+        "--interpolate",
+        default=None,
+        metavar="OTHER_RUN_DIR",
+        help="also the loss on the line from the run's "
+        "solution to OTHER_RUN_DIR's (same model): line-to-<name>.png and .json in RUN_DIR",
+    )
+    sharp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sharpness_args(sharp)
     sub.add_parser("recipes", help="list the presets of --recipe")
     sub.add_parser("optimizers", help="list the optimizers and --ascend policies, with their papers and settings")
     return parser
@@ -203,6 +305,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("recipes", "optimizers"):
         (_recipes if args.command == "recipes" else _optimizers)()
+        return 0
+    if args.command == "sharpness":
+        try:
+            _sharpness(args)
+        except (ValueError, ImportError, OSError, FloatingPointError, RuntimeError) as e:
+            print(f"samopt sharpness: error: {e}", file=sys.stderr)
+            return 2
         return 0
     kind = GlueConfig if args.command.startswith("glue") else TrainConfig
     recipe = getattr(args, "recipe", None)
@@ -222,7 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
         else:
             command = "glue" if kind is GlueConfig else "train"
-            compare(recipe, _explicit(args, kind), args.optimizers.split(","), args.seeds, command)
+            sharpness = None if args.sharpness is None else _settings(args, args.sharpness)
+            compare(recipe, _explicit(args, kind), args.optimizers.split(","), args.seeds, command, sharpness)
     except (ValueError, CheckpointError, DirectoryInUseError, ImportError, OSError, FloatingPointError) as e:
         print(f"samopt {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -15,7 +15,11 @@ metrics, time and memory relative to SGD), ``compare.csv`` (one row per run, for
 plotting elsewhere), ``compare.json`` (every run's summary), ``accuracy.png`` (per epoch,
 for every optimizer: the evaluation score and loss and, with label noise, how much of
 the noise the model has fitted; mean with a min-max band over seeds) and ``cost.png``
-(final score against time per epoch relative to SGD).
+(final score against time per epoch relative to SGD). With ``--sharpness``, each run's
+sharpness is measured after it (see :mod:`samopt.train.sharpness`; stored in its
+``summary.json``, and measured once), the table gains a column per measure, and
+``landscape.png`` draws the training loss along a random filter-normalised direction
+through each optimizer's solution (its first seed).
 
 Example::
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import ctypes
+import dataclasses
 import json
 import os
 import signal
@@ -41,8 +46,11 @@ from samopt.train.config import GlueConfig, TrainConfig, config_differences, res
 from samopt.train.lock import DirectoryLock
 from samopt.train.loop import EXIT_INTERRUPTED, validate
 from samopt.train.optimizers import NAMES
+from samopt.train.sharpness import LANDSCAPE_ALPHAS, Settings, landscape_curves, measure, plot_curves
 
 __all__ = ["compare", "plot", "rows", "table", "write_csv"]
+
+_SHARPNESS_COLUMNS = {"eigenvalue": "top eigenvalue", "trace": "Hessian trace", "m-sharpness": "m-sharpness"}
 
 
 def _mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
@@ -82,11 +90,24 @@ def _passes(runs: list[dict[str, Any]]) -> str:
     return text + (f" + {forwards:.1f} fwd" if forwards else "")
 
 
+def _measured(results: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The sharpness measures every run holds."""
+    runs = [r for group in results.values() for r in group]
+    names = list(runs[0].get("sharpness", {}))
+    return [n for n in names if all(n in r.get("sharpness", {}) for r in runs)]
+
+
+def _general(values: list[float]) -> str:
+    """``mean ± std`` to three significant digits (sharpness spans orders of magnitude)."""
+    m = statistics.mean(values)
+    return f"{m:.3g}" if len(values) == 1 else f"{m:.3g} ± {statistics.stdev(values):.2g}"
+
+
 def table(results: dict[str, list[dict[str, Any]]]) -> str:
     """The markdown table of per-run ``summary.json`` dicts grouped by optimizer (mean ± std over seeds).
 
     Time per epoch and peak memory are also given relative to SGD's when SGD is among the optimizers, else to
-    the first one's.
+    the first one's; the sharpness measures every run holds get a column each.
     """
     ref_name, ref = _reference(results)
     ref_memory = statistics.mean(r["peak_memory_mib"] for r in results[ref_name])
@@ -94,15 +115,18 @@ def table(results: dict[str, list[dict[str, Any]]]) -> str:
     kind, score = first["peak_memory_kind"], first["score"].replace("_", " ")
     others = _other_metrics(first)
     extra = "".join(f" final {m.replace('_', ' ')} % |" for m in others)
+    measured = _measured(results)
+    extra += "".join(f" {_SHARPNESS_COLUMNS.get(m, m.replace('-', ' '))} |" for m in measured)
     lines = [
         f"| optimizer | seeds | final {score} % | best {score} % | best epoch |{extra} wall time s | s/epoch | "
         f"x {ref_name} | passes/step | peak memory MiB ({kind}) | x {ref_name} |",
-        "|---" * (11 + len(others)) + "|",
+        "|---" * (11 + len(others) + len(measured)) + "|",
     ]
     for name, runs in results.items():
         spe = [r["seconds_per_epoch"] for r in runs]
         memory = statistics.mean(r["peak_memory_mib"] for r in runs)
         cells = "".join(f" {_mean_std([r['final'][m] for r in runs], 100)} |" for m in others)
+        cells += "".join(f" {_general([r['sharpness'][m]['value'] for r in runs])} |" for m in measured)
         lines.append(
             f"| {name} | {len(runs)} | {_mean_std([r['final_score'] for r in runs], 100)} | "
             f"{_mean_std([r['best_score'] for r in runs], 100)} | "
@@ -121,6 +145,7 @@ def rows(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
             row = {"optimizer": name, "seed": r["seed"], "epochs": r["epochs"], "score": r["score"]}
             row |= {"final_score": r["final_score"], "best_score": r["best_score"], "best_epoch": _best_epoch(r)}
             row |= {f"final_{m}": r["final"][m] for m in _other_metrics(r)}
+            row |= {f"sharpness_{m.replace('-', '_')}": r["sharpness"][m]["value"] for m in _measured(results)}
             keys = ("seconds_per_epoch", "seconds_per_step", "wall_seconds", "peak_memory_mib")
             work = ("passes_per_step", "ascent_fraction", "forwards_per_step")
             out.append(row | {k: r[k] for k in keys} | {k: r.get(k) for k in work})
@@ -220,10 +245,16 @@ def _run_child(cmd: list[str]) -> int:
 
 
 def compare(
-    recipe: str | None, explicit: dict[str, Any], optimizers: list[str], seeds: int, command: str = "train"
+    recipe: str | None,
+    explicit: dict[str, Any],
+    optimizers: list[str],
+    seeds: int,
+    command: str = "train",
+    sharpness: Settings | None = None,
 ) -> dict[str, Any]:
     """Run ``samopt <command>`` for every optimizer at ``seeds`` seeds in subprocesses, then write the table and
-    plots; returns the results (per optimizer, the runs' summaries)."""
+    plots (with ``sharpness``, measure each run once and draw ``landscape.png``); returns the results (per
+    optimizer, the runs' summaries)."""
     unknown = [o for o in optimizers if o not in NAMES]
     if unknown or not optimizers:
         raise ValueError(f"unknown optimizer(s) {unknown} in --optimizers; choose from: {', '.join(NAMES)}")
@@ -288,11 +319,23 @@ def compare(
                     if code != 0:
                         raise SystemExit(code)
                 results[name].append(json.loads(summary.read_text()))
+        curves = None
+        if sharpness is not None:
+            settings = dataclasses.replace(sharpness, progress=base.progress)
+            for name, runs in results.items():
+                for i, r in enumerate(runs):
+                    r["sharpness"] = r.get("sharpness", {}) | measure(
+                        out / f"{name}-s{base.seed + i}", settings, again=False
+                    )
+            first = {name: out / f"{name}-s{base.seed}" for name in optimizers}
+            curves = landscape_curves(first, LANDSCAPE_ALPHAS, settings)
         text = table(results)
         (out / "compare.md").write_text(text)
         write_csv(results, out / "compare.csv")
         (out / "compare.json").write_text(json.dumps(results, indent=1))
         paths = plot(results, out)
+        if curves is not None:
+            paths.append(plot_curves(curves, out / "landscape.png", "loss around each solution (first seed)"))
         print("\n" + text)
-        print(f"table: {out / 'compare.md'} (and compare.csv)\nplots: {paths[0]}, {paths[1]}")
+        print(f"table: {out / 'compare.md'} (and compare.csv)\nplots: {', '.join(map(str, paths))}")
         return results

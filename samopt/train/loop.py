@@ -65,7 +65,7 @@ from samopt.train.lock import DirectoryLock
 from samopt.train.optimizers import AMP_MODES, ASCEND, Amp, build_optimizer, spec, tensor_mask, train_step
 from samopt.train.task import Loader, Task
 
-__all__ = ["CheckpointError", "lr_factor", "run", "validate"]
+__all__ = ["CheckpointError", "device_named", "lr_factor", "progress_bar", "run", "validate"]
 
 CHECKPOINT_FORMAT = 1
 #: The entries of a checkpoint and their types (``rng_ranks`` is absent from those written before torchrun runs;
@@ -202,7 +202,7 @@ def lr_factor(cfg: RunConfig, steps_per_epoch: int) -> Callable[[int], float]:
     return factor
 
 
-def _device(name: str) -> torch.device:
+def device_named(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -496,7 +496,7 @@ class _Tally:
         }
 
 
-def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
+def progress_bar(total: int | None, initial: int, desc: str, enabled: bool) -> Any:
     if not enabled:
         return None
     try:
@@ -551,7 +551,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     together = False  # whether every rank leaves together (a normal end, or a stop all ranks agreed on)
     try:
         with _Interrupt(graceful=False):
-            summary = _run(cfg, ranks, _device(device_name))
+            summary = _run(cfg, ranks, device_named(device_name))
         together = True
         return summary
     except SystemExit:
@@ -671,7 +671,7 @@ def _train(cfg: RunConfig, ranks: Ranks, device: torch.device, out: Path) -> dic
             start = state["batch"] if resumed else 0
             # the saved part of an interrupted epoch is already summed over the ranks: rank 0 carries it
             tally = _Tally(state["partial"] if resumed and ranks.main else None, device)
-            bar = _progress(
+            bar = progress_bar(
                 steps_per_epoch, start, f"epoch {epoch + 1}/{cfg.epochs} {label}", cfg.progress and ranks.main
             )
             model.train()
