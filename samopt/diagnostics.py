@@ -210,36 +210,53 @@ def hvp(
     gradient); ``"forward"``: forward-mode differentiation of the reverse-mode gradient
     (``torch.func.jvp`` of ``torch.func.grad``; BatchNorm's running statistics are not
     updated meanwhile). Both give the same product to rounding;
-    ``benchmarks/sharpness_cost.py`` times them.
+    ``benchmarks/sharpness_cost.py`` times them. ``scaled_dot_product_attention`` runs on
+    its math backend meanwhile: its fused kernels have no second derivative.
     """
     validation.choice("hvp_method", method, HVP_METHODS)
     out = [torch.zeros_like(p) for p in params]
     for batch in batches:
-        if method == "forward":
-            try:
-                hv: Sequence[Tensor | None] = _hvp_forward(model, loss_fn, batch, params, v)
-            except RuntimeError as e:
-                raise RuntimeError(f"the loss is not twice differentiable in the parameters: {e}") from e
-        else:
-            with torch.enable_grad():
-                loss = loss_fn(model, batch)
-                grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-                pairs = [(g, u) for g, u in zip(grads, v, strict=True) if g is not None and g.requires_grad]
-                if not pairs:
-                    raise RuntimeError(
-                        "the loss is not twice differentiable in the parameters: its gradient does not depend on "
-                        "them (a detached or non-differentiable operation in the model or loss_fn)"
-                    )
-                try:
-                    hv = torch.autograd.grad(
-                        [g for g, _ in pairs], params, grad_outputs=[u for _, u in pairs], allow_unused=True
-                    )
-                except RuntimeError as e:
-                    raise RuntimeError(f"the loss is not twice differentiable in the parameters: {e}") from e
+        hv: Sequence[Tensor | None]
+        with _twice_differentiable_attention():
+            hv = _hvp_one(model, loss_fn, batch, params, v, method)
         for o, h in zip(out, hv, strict=True):
             if h is not None:
                 o.add_(h.detach(), alpha=1 / len(batches))
     return out
+
+
+def _twice_differentiable_attention() -> contextlib.AbstractContextManager[None]:
+    """``scaled_dot_product_attention`` on its math backend: the fused kernels (flash, memory-efficient) have
+    no second derivative, so a transformer's Hessian-vector product needs the composite form."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def _hvp_one(
+    model: nn.Module, loss_fn: LossFn, batch: Any, params: list[Tensor], v: list[Tensor], method: str
+) -> Sequence[Tensor | None]:
+    """One batch's ``H v`` (see :func:`hvp`)."""
+    if method == "forward":
+        try:
+            return _hvp_forward(model, loss_fn, batch, params, v)
+        except RuntimeError as e:
+            raise RuntimeError(f"the loss is not twice differentiable in the parameters: {e}") from e
+    with torch.enable_grad():
+        loss = loss_fn(model, batch)
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        pairs = [(g, u) for g, u in zip(grads, v, strict=True) if g is not None and g.requires_grad]
+        if not pairs:
+            raise RuntimeError(
+                "the loss is not twice differentiable in the parameters: its gradient does not depend on "
+                "them (a detached or non-differentiable operation in the model or loss_fn)"
+            )
+        try:
+            return torch.autograd.grad(
+                [g for g, _ in pairs], params, grad_outputs=[u for _, u in pairs], allow_unused=True
+            )
+        except RuntimeError as e:
+            raise RuntimeError(f"the loss is not twice differentiable in the parameters: {e}") from e
 
 
 def _tick(progress: Progress | None) -> None:

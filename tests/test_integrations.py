@@ -364,6 +364,33 @@ def test_trainer_checkpoint_resume_keeps_the_sparse_mask_and_optimizer_state(tmp
     assert t.optimizer.optimizer.mask.state_dict()["steps"] == 4
 
 
+def test_sharpness_of_a_hugging_face_classifier_with_named_inputs():
+    """Dict batches through ``model(**batch).loss``; SDPA attention runs on its twice-differentiable math backend."""
+    from samopt import diagnostics
+
+    model = minilm().train()
+    data = Pairs(8, 32)
+    batch = {k: torch.stack([data[i][k] for i in range(8)]) for k in data[0]}
+
+    def loss_fn(m, b):
+        return m(**b).loss
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with diagnostics.preserved(model, "eval") as params:
+        gen = torch.Generator().manual_seed(0)
+        v = [torch.randn(p.shape, generator=gen) for p in params]
+        reverse = diagnostics.hvp(model, loss_fn, [batch], params, v)
+        forward = diagnostics.hvp(model, loss_fn, [batch], params, v, method="forward")
+    scale = max(float(r.abs().max()) for r in reverse)
+    assert scale > 0 and all(
+        torch.allclose(f, r, rtol=1e-3, atol=1e-5 * scale) for f, r in zip(forward, reverse, strict=True)
+    )
+    top = diagnostics.top_eigenvalues(model, loss_fn, [batch], max_iter=3, bn="eval")
+    sharp = diagnostics.m_sharpness(model, loss_fn, [batch], rho=0.01, steps=1, bn="eval")
+    assert top.hvps == 3 and top.values[0] != 0 and sharp.value >= 0 and sharp.passes == 3
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
 # ------------------------------------------------------------------ Lightning
 
 import lightning  # noqa: E402

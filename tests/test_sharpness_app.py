@@ -139,3 +139,23 @@ def test_sharpness_draws_landscapes_and_the_line_to_another_run(tmp_path):
     r = samopt_cli(*args, "--landscape", "1d", "--landscape-points", "1")
     assert r.returncode == 2 and "--landscape-points must be an integer >= 2, got 1" in r.stderr
     assert "sharpness" not in json.loads((a / "summary.json").read_text())  # --measures none: nothing measured
+
+
+def test_sharpness_of_a_glue_run_pads_its_batches_and_measures_in_eval_mode(tmp_path):
+    from tests.test_glue import glue_cfg
+
+    run(glue_cfg(tmp_path, epochs=1, max_length=128))
+    run_dir = tmp_path / "run"
+    _, task, _ = load_run(run_dir, torch.device("cpu"))
+    batches = training_batches(task, 16, 16)  # two batches of 8 pairs, each padded to its own longest
+    parts = [x for x, _ in [next(task.train.epoch(0)), list(task.train.epoch(0))[1]]]
+    assert parts[0].shape[-1] != parts[1].shape[-1] and batches[0][0].shape[-1] == max(p.shape[-1] for p in parts)
+    task.model.eval()
+    with torch.no_grad():  # padding with the pad id and attention mask 0 changes no logit
+        padded = task.model(batches[0][0][8:])
+        assert torch.allclose(padded, task.model(parts[1]), atol=1e-5)
+    args = ["sharpness", str(run_dir), "--measures", "eigenvalue,m-sharpness", "--examples", "16", "--m", "8"]
+    assert cli.main([*args, "--max-iter", "2", "--steps", "1", "--no-progress"]) == 0
+    sharp = json.loads((run_dir / "summary.json").read_text())["sharpness"]
+    assert sharp["eigenvalue"]["settings"]["bn"] == "eval" and sharp["eigenvalue"]["hvps"] == 2
+    assert sharp["m-sharpness"]["value"] >= 0 and sharp["m-sharpness"]["passes"] == 2 * 3
