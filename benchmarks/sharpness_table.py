@@ -89,18 +89,19 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    colour = {v: f"C{i}" for i, v in enumerate(variants)}  # a variant has one colour in both panels
     for v, curve in curves.items():
-        axes[0].plot(curve.alphas, curve.loss, marker="o", markersize=3, label=v)
+        axes[0].plot(curve.alphas, curve.loss, marker="o", markersize=3, label=v, color=colour[v])
     axes[0].set(xlabel="step along a random filter-normalised direction", ylabel="training loss (noisy labels)")
     axes[0].set_title("around each solution (seed 0)")
     for v, line in lines_between.items():
-        axes[1].plot(line.alphas, line.loss, marker="o", markersize=3, label=f"{reference} to {v}")
+        axes[1].plot(line.alphas, line.loss, marker="o", markersize=3, label=f"{reference} to {v}", color=colour[v])
     axes[1].set(xlabel=f"alpha: (1 - alpha) * {reference} + alpha * other", ylabel="training loss (noisy labels)")
     axes[1].set_title("on the line between two solutions (seed 0)")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(args.out / "landscape.png", dpi=120)
     data = {"around": {v: c.loss for v, c in curves.items()}, "between": {v: c.loss for v, c in lines_between.items()}}
