@@ -101,8 +101,12 @@ class Estimate:
 
 
 @contextlib.contextmanager
-def preserved(model: nn.Module, bn: str = "train") -> Iterator[list[Tensor]]:
+def preserved(model: nn.Module, bn: str = "train", autocast: torch.dtype | None = None) -> Iterator[list[Tensor]]:
     """Run a measurement on ``model`` in BatchNorm mode ``bn`` with dropout off; everything is put back on leaving.
+
+    ``autocast=torch.bfloat16`` (or ``torch.float16``) runs it under ``torch.autocast``
+    on the parameters' device: the forward passes in that precision where autocast
+    casts, the parameters and the vectors in theirs.
 
     Yields the parameters that require a gradient (the ones the Hessian is over). On
     leaving (also after an exception) the weights, buffers (BatchNorm's running
@@ -110,6 +114,8 @@ def preserved(model: nn.Module, bn: str = "train") -> Iterator[list[Tensor]]:
     CUDA RNG states are as they were.
     """
     validation.choice("bn", bn, BN_MODES)
+    if autocast not in (None, torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
     params = list(model.parameters())
     weights = [p.detach().clone() for p in params]
     grads = [None if p.grad is None else p.grad.clone() for p in params]
@@ -123,7 +129,9 @@ def preserved(model: nn.Module, bn: str = "train") -> Iterator[list[Tensor]]:
         for m in model.modules():
             if isinstance(m, _DROPOUT):
                 m.eval()
-        yield [p for p in params if p.requires_grad]
+        device = params[0].device.type if params else "cpu"
+        with torch.autocast(device, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            yield [p for p in params if p.requires_grad]
     finally:
         with torch.no_grad():
             for p, w, g, f in zip(params, weights, grads, flags, strict=True):
@@ -292,6 +300,7 @@ def top_eigenvalues(
     tol: float = 1e-3,
     max_iter: int = 100,
     bn: str = "train",
+    autocast: torch.dtype | None = None,
     seed: int | None = 0,
     hvp_method: str = "reverse",
     progress: Progress | None = None,
@@ -311,6 +320,8 @@ def top_eigenvalues(
         tol: relative tolerance (> 0).
         max_iter: the most power iterations per eigenvalue (>= 1).
         bn: ``"train"`` (batch statistics) or ``"eval"`` (running statistics).
+        autocast: ``None``, ``torch.bfloat16`` or ``torch.float16``: the forward passes under
+            ``torch.autocast`` in that precision (see :func:`preserved`).
         seed: seed of the start vectors (``None``: ``torch.initial_seed()``).
         hvp_method: ``"reverse"`` (double backward) or ``"forward"`` (forward over reverse); see :func:`hvp`.
         progress: called with 1 after each Hessian-vector product (for a progress bar).
@@ -332,7 +343,7 @@ def top_eigenvalues(
     converged: list[bool] = []
     vectors: list[list[Tensor]] = []
     hvps = 0
-    with preserved(model, bn) as params:
+    with preserved(model, bn, autocast) as params:
         if k > sum(p.numel() for p in params):
             raise ValueError(f"k must be at most the number of parameters ({sum(p.numel() for p in params)}), got {k}")
         for _ in range(k):
@@ -371,6 +382,7 @@ def hessian_trace(
     *,
     probes: int = 100,
     bn: str = "train",
+    autocast: torch.dtype | None = None,
     seed: int | None = 0,
     hvp_method: str = "reverse",
     progress: Progress | None = None,
@@ -381,7 +393,7 @@ def hessian_trace(
     standard error is the sample standard deviation over ``sqrt(probes)``.
 
     Args:
-        model, loss_fn, batches, bn, seed, hvp_method, progress: as :func:`top_eigenvalues`.
+        model, loss_fn, batches, bn, autocast, seed, hvp_method, progress: as :func:`top_eigenvalues`.
         probes: the number of probe vectors (>= 2, for a standard error).
 
     Example::
@@ -396,7 +408,7 @@ def hessian_trace(
     validation.choice("hvp_method", hvp_method, HVP_METHODS)
     gen = _generator(seed)
     samples = []
-    with preserved(model, bn) as params:
+    with preserved(model, bn, autocast) as params:
         for _ in range(probes):
             z = [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p.device, p.dtype) for p in params]
             samples.append(_dot(z, hvp(model, loss_fn, batches, params, z, method=hvp_method)))
@@ -469,6 +481,7 @@ def m_sharpness(
     steps: int = 20,
     random_start: bool = True,
     bn: str = "train",
+    autocast: torch.dtype | None = None,
     seed: int | None = 0,
     progress: Progress | None = None,
 ) -> Sharpness:
@@ -492,7 +505,7 @@ def m_sharpness(
     ``stderr`` is the standard error over the batches (None for one batch).
 
     Args:
-        model, loss_fn, batches, bn, seed: as :func:`top_eigenvalues` (``seed``: the random start).
+        model, loss_fn, batches, bn, autocast, seed: as :func:`top_eigenvalues` (``seed``: the random start).
         rho: the radius (> 0); relative to ``|w|`` if ``adaptive``.
         norm: ``"l2"`` or ``"linf"``.
         adaptive: scale the ball by ``|w|`` element-wise.
@@ -513,7 +526,7 @@ def m_sharpness(
     random_start = validation.boolean("random_start", random_start)
     gen = _generator(seed)
     per_batch, base_losses, passes = [], [], 0
-    with preserved(model, bn) as params:
+    with preserved(model, bn, autocast) as params:
         origin = [p.detach().clone() for p in params]
         scale = [w.abs() for w in origin] if adaptive else None
 
@@ -581,6 +594,7 @@ def average_sharpness(
     adaptive: bool = True,
     samples: int = 10,
     bn: str = "train",
+    autocast: torch.dtype | None = None,
     seed: int | None = 0,
     progress: Progress | None = None,
 ) -> Sharpness:
@@ -592,7 +606,7 @@ def average_sharpness(
     ``value`` over the draws (the batches are fixed).
 
     Args:
-        model, loss_fn, batches, bn, seed: as :func:`top_eigenvalues` (``seed``: the noise).
+        model, loss_fn, batches, bn, autocast, seed: as :func:`top_eigenvalues` (``seed``: the noise).
         sigma: the noise scale (> 0); relative to ``|w|`` if ``adaptive``.
         adaptive: scale the noise by ``|w|`` element-wise.
         samples: noise draws per batch (>= 2, for a standard error).
@@ -610,7 +624,7 @@ def average_sharpness(
         raise ValueError(f"samples must be at least 2 (the standard error needs two draws), got {samples}")
     gen = _generator(seed)
     per_batch, base_losses, variances = [], [], []
-    with preserved(model, bn) as params:
+    with preserved(model, bn, autocast) as params:
         origin = [p.detach().clone() for p in params]
         scale = [w.abs() for w in origin] if adaptive else None
         for batch in batches:
@@ -687,12 +701,13 @@ def landscape(
     betas: Sequence[float] | None = None,
     *,
     bn: str = "train",
+    autocast: torch.dtype | None = None,
     progress: Progress | None = None,
 ) -> Landscape:
     """The mean batch loss at ``w + alpha * d1`` (1-D) or ``w + alpha * d1 + beta * d2`` (2-D) on a grid.
 
     Args:
-        model, loss_fn, batches, bn: as :func:`top_eigenvalues`.
+        model, loss_fn, batches, bn, autocast: as :func:`top_eigenvalues`.
         directions: one or two directions, each a tensor per parameter that requires a
             gradient (for example from :func:`filter_normalized_direction`).
         alphas: coordinates along the first direction.
@@ -712,7 +727,7 @@ def landscape(
     if len(directions) == 1 and betas is not None:
         raise ValueError("betas is for a 2-D landscape: pass two directions, or no betas")
     b = None if len(directions) == 1 else _coords("betas", a if betas is None else betas)
-    with preserved(model, bn) as params:
+    with preserved(model, bn, autocast) as params:
         for k, d in enumerate(directions):
             shapes = [tuple(t.shape) for t in d]
             if shapes != [tuple(p.shape) for p in params]:
@@ -743,6 +758,7 @@ def interpolation(
     alphas: Sequence[float],
     *,
     bn: str = "train",
+    autocast: torch.dtype | None = None,
     progress: Progress | None = None,
 ) -> Landscape:
     """The mean batch loss along the line ``(1 - alpha) * start + alpha * end`` between two state dicts.
@@ -766,7 +782,7 @@ def interpolation(
                 f"{name} must be a state dict of the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
     values = []
-    with preserved(model, bn):
+    with preserved(model, bn, autocast):
         for x in a:
             mixed = {
                 k: torch.lerp(start[k], end[k].to(start[k].dtype), x) if start[k].is_floating_point() else start[k]

@@ -438,3 +438,15 @@ def test_the_two_hessian_vector_products_agree_and_leave_batchnorm_as_it_was():
             reverse = hvp(model, loss_fn, batches, params, v, method="reverse")
         for f, r in zip(forward, reverse, strict=True):
             assert torch.allclose(f, r, rtol=1e-10, atol=1e-13)
+
+
+def test_autocast_runs_the_forward_passes_in_bfloat16_and_is_put_back():
+    model = bn_cnn().float()
+    batches = [(x.float(), y) for x, y in batches_of("cnn")]
+    full = top_eigenvalues(model, loss_fn, batches, tol=1e-6, max_iter=500)
+    half = top_eigenvalues(model, loss_fn, batches, tol=1e-6, max_iter=500, autocast=torch.bfloat16)
+    assert half.values[0] != full.values[0] and half.values[0] == pytest.approx(full.values[0], rel=0.05)
+    s = m_sharpness(model, loss_fn, batches, rho=0.05, steps=3, autocast=torch.bfloat16)
+    assert s.value >= 0 and not torch.is_autocast_enabled("cpu")
+    with pytest.raises(ValueError, match=r"autocast must be None, torch.bfloat16 or torch.float16, got torch.int8"):
+        hessian_trace(model, loss_fn, batches, autocast=torch.int8)

@@ -48,6 +48,7 @@ def test_sharpness_measures_a_finished_run_into_its_summary(tmp_path, capsys):
         "m": 64,
         "bn": "train",
         "seed": 0,
+        "autocast": "none",
         "rho": 0.05,
         "norm": "l2",
         "adaptive": True,
@@ -107,6 +108,8 @@ def test_the_sharpness_settings_refuse_bad_values_by_flag_name():
         Settings(sigma=float("nan"))
     with pytest.raises(ValueError, match="--norm must be one of l2, linf"):
         Settings(norm="l1")
+    with pytest.raises(ValueError, match="--autocast must be one of none, bf16, got 'fp8'"):
+        Settings(autocast="fp8")
     with pytest.raises(ValueError, match=r"unknown measure\(s\) \[\] in --measures"):
         Settings(measures=())
 
@@ -128,7 +131,7 @@ def test_sharpness_draws_landscapes_and_the_line_to_another_run(tmp_path):
             losses.append(float(task.loss_fn(model(batch[0]), batch[1])))
     plane = json.loads((a / "landscape-2d.json").read_text())
     assert plane["alphas"] == plane["betas"] == [-1.0, 0.0, 1.0] and plane["loss"][1][1] == pytest.approx(losses[0])
-    assert plane["settings"] == {"examples": 64, "m": 64, "bn": "train", "seed": 0}
+    assert plane["settings"] == {"examples": 64, "m": 64, "bn": "train", "seed": 0, "autocast": "none"}
     curve = json.loads((a / "landscape-1d.json").read_text())
     assert curve["alphas"] == [-0.5, -0.25, 0.0, 0.25, 0.5] and curve["loss"][2] == pytest.approx(losses[0])
     line = json.loads((a / "line-to-run.json").read_text())

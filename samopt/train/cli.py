@@ -182,6 +182,7 @@ _SHARPNESS_HELP = {
     "samples": "noise draws per batch of average sharpness",
     "seed": "seed of the random vectors and directions",
     "device": "auto, cpu, cuda or cuda:N",
+    "autocast": "forward passes under torch.autocast in bf16, or none",
 }
 
 
@@ -191,8 +192,8 @@ def sharpness_args(parser: argparse.ArgumentParser, prefix: str = "") -> None:
     for f in dataclasses.fields(Settings):
         if f.name in ("measures", "progress"):
             continue
-        kind = str if f.name in ("bn", "norm", "device") else type(f.default)
-        choices = {"bn": ("train", "eval"), "norm": ("l2", "linf")}.get(f.name)
+        kind = str if f.name in ("bn", "norm", "device", "autocast") else type(f.default)
+        choices = {"bn": ("train", "eval"), "norm": ("l2", "linf"), "autocast": ("none", "bf16")}.get(f.name)
         flag = "--" + prefix + f.name.replace("_", "-")
         group.add_argument(
             flag,

@@ -48,6 +48,8 @@ __all__ = [
     "training_batches",
 ]
 
+#: ``--autocast``: the precision of the measures' forward passes.
+AUTOCAST = {"none": None, "bf16": torch.bfloat16}
 #: Coordinates along a filter-normalised direction (1: a step as large as the weights, filter by filter).
 LANDSCAPE_ALPHAS = [i / 10 for i in range(-10, 11)]
 #: Coordinates along the line between two solutions (0: the first, 1: the second).
@@ -81,6 +83,7 @@ class Settings:
     samples: int = 10
     seed: int = 0
     device: str = "auto"
+    autocast: str = "none"  # or "bf16": the forward passes under torch.autocast in bfloat16
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -99,6 +102,8 @@ class Settings:
             raise ValueError(f"--m ({self.m}) must be at most --examples ({self.examples}): m is the batch size")
         if self.bn not in (None, *diagnostics.BN_MODES):
             raise ValueError(f"--bn must be one of {', '.join(diagnostics.BN_MODES)}, got {self.bn!r}")
+        if self.autocast not in AUTOCAST:
+            raise ValueError(f"--autocast must be one of {', '.join(AUTOCAST)}, got {self.autocast!r}")
         if self.norm not in diagnostics.NORMS:
             raise ValueError(f"--norm must be one of {', '.join(diagnostics.NORMS)}, got {self.norm!r}")
 
@@ -168,7 +173,7 @@ def _loss_fn(task: Task) -> Callable[[nn.Module, Any], Tensor]:
 
 def _common(s: Settings, bn: str) -> dict[str, Any]:
     """The settings every measure depends on: the examples (whole batches of m), BatchNorm mode and seed."""
-    return {"examples": s.examples // s.m * s.m, "m": s.m, "bn": bn, "seed": s.seed}
+    return {"examples": s.examples // s.m * s.m, "m": s.m, "bn": bn, "seed": s.seed, "autocast": s.autocast}
 
 
 def _recorded(name: str, s: Settings, bn: str) -> dict[str, Any]:
@@ -187,25 +192,22 @@ def _one(name: str, task: Task, batches: list[Any], bn: str, s: Settings, label:
     model, loss_fn = task.model, _loss_fn(task)
     bar = progress_bar(None, 0, f"{label} {name}", s.progress)
     tick = None if bar is None else bar.update
+    common: dict[str, Any] = {"bn": bn, "autocast": AUTOCAST[s.autocast], "seed": s.seed, "progress": tick}
     t0 = time.perf_counter()
     try:
         if name == "eigenvalue":
             eig = diagnostics.top_eigenvalues(
-                model, loss_fn, batches, k=s.top_k, tol=s.tol, max_iter=s.max_iter, bn=bn, seed=s.seed, progress=tick
+                model, loss_fn, batches, k=s.top_k, tol=s.tol, max_iter=s.max_iter, **common
             )
             result: dict[str, Any] = {"value": eig.values[0], **dataclasses.asdict(eig)}
         elif name == "trace":
-            est = diagnostics.hessian_trace(model, loss_fn, batches, probes=s.probes, bn=bn, seed=s.seed, progress=tick)
+            est = diagnostics.hessian_trace(model, loss_fn, batches, probes=s.probes, **common)
             result = dataclasses.asdict(est)
         elif name == "m-sharpness":
-            sharp = diagnostics.m_sharpness(
-                model, loss_fn, batches, rho=s.rho, norm=s.norm, steps=s.steps, bn=bn, seed=s.seed, progress=tick
-            )
+            sharp = diagnostics.m_sharpness(model, loss_fn, batches, rho=s.rho, norm=s.norm, steps=s.steps, **common)
             result = dataclasses.asdict(sharp)
         else:
-            avg = diagnostics.average_sharpness(
-                model, loss_fn, batches, sigma=s.sigma, samples=s.samples, bn=bn, seed=s.seed, progress=tick
-            )
+            avg = diagnostics.average_sharpness(model, loss_fn, batches, sigma=s.sigma, samples=s.samples, **common)
             result = dataclasses.asdict(avg)
     finally:
         if bar is not None:
@@ -250,6 +252,7 @@ def landscape_curves(run_dirs: dict[str, Path], alphas: list[float], s: Settings
             [direction],
             alphas,
             bn=bn,
+            autocast=AUTOCAST[s.autocast],
             progress=None if bar is None else bar.update,
         )
         if bar is not None:
@@ -320,7 +323,14 @@ def run_landscape(run_dir: Path, s: Settings, dims: int, span: float = 1.0, poin
     bar = progress_bar(points**dims, 0, f"{cfg.optimizer} s{cfg.seed} landscape", s.progress)
     try:
         result = diagnostics.landscape(
-            task.model, _loss_fn(task), batches, directions, alphas, bn=bn, progress=None if bar is None else bar.update
+            task.model,
+            _loss_fn(task),
+            batches,
+            directions,
+            alphas,
+            bn=bn,
+            autocast=AUTOCAST[s.autocast],
+            progress=None if bar is None else bar.update,
         )
     finally:
         if bar is not None:
@@ -344,7 +354,14 @@ def interpolate_runs(run_dir: Path, other: Path, s: Settings) -> Path:
     start = {k: v.clone() for k, v in task.model.state_dict().items()}
     try:
         line = diagnostics.interpolation(
-            task.model, _loss_fn(task), batches, start, other_task.model.state_dict(), LINE_ALPHAS, bn=bn
+            task.model,
+            _loss_fn(task),
+            batches,
+            start,
+            other_task.model.state_dict(),
+            LINE_ALPHAS,
+            bn=bn,
+            autocast=AUTOCAST[s.autocast],
         )
     except ValueError as e:
         raise ValueError(f"--interpolate: {other} holds another model than {run_dir} ({e})") from None
