@@ -195,12 +195,14 @@ def sharpness_args(parser: argparse.ArgumentParser, prefix: str = "") -> None:
         kind = str if f.name in ("bn", "norm", "device", "autocast") else type(f.default)
         choices = {"bn": ("train", "eval"), "norm": ("l2", "linf"), "autocast": ("none", "bf16")}.get(f.name)
         flag = "--" + prefix + f.name.replace("_", "-")
+        metavar = None if choices else f.name.upper()
         group.add_argument(
             flag,
             dest="sharpness_" + f.name,
             type=kind,
             choices=choices,
             default=f.default,
+            metavar=metavar,
             help=f"{_SHARPNESS_HELP[f.name]} (default {f.default})",
         )
 
