@@ -28,6 +28,15 @@ Usage::
     python benchmarks/step_cost.py --workload mlp --steps 5 --rounds 3   # quick look
     python benchmarks/step_cost.py --workload resnet18 --methods sgd,samopt-closure,sam-on,ssam-f-tensor,ssam-d-tensor
 
+With ``--count``, no timing: for each method, after three warm-up steps, one step is
+run under a ``TorchDispatchMode`` that counts the operators it dispatches and the host
+synchronisations among them (``aten._local_scalar_dense``, behind ``.item()``,
+``float()`` and ``bool()`` of a tensor, and ``aten.nonzero``); on CUDA the profiler
+also counts the kernels launched. This is the overhead above two forward/backward
+passes made visible on a CPU (issue 20)::
+
+    python benchmarks/step_cost.py --count --workload cnn --methods sgd,samopt-closure,samopt-two-phase,sam-on
+
 Needs ``pip install pytorch-optimizer==4.1.0`` (the ``bench`` extra) for the peer column.
 """
 
@@ -46,6 +55,7 @@ from multiprocessing.connection import Connection
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import samopt
 from samopt.masks import DynamicSparseMask, FisherMask
@@ -316,6 +326,43 @@ def measure_memory(methods: list[str], workload: str, device: str) -> dict[str, 
     return _finish(_spawn(methods, workload, device, {"MALLOC_MMAP_THRESHOLD_": "65536"}))
 
 
+#: The operators that make the host wait for the device: a tensor read back as a Python number, and nonzero
+#: (whose output size depends on the data).
+SYNCS = ("aten::_local_scalar_dense", "aten::nonzero")
+
+
+class _Counting(TorchDispatchMode):
+    """Counts every operator dispatched to a kernel, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        self.ops[name] = self.ops.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_step(method: str, workload: str, device: torch.device) -> dict[str, object]:
+    """Operators, host synchronisations (by operator) and, on CUDA, kernel launches of one warmed-up step."""
+    step = make_stepper(method, workload, device)
+    for _ in range(3):  # masks computed, optimizer state allocated
+        step()
+    with _Counting() as counting:
+        step()
+    syncs = {name: counting.ops[name] for name in SYNCS if name in counting.ops}
+    result: dict[str, object] = {"ops": sum(counting.ops.values()), "syncs": sum(syncs.values()), "by_op": syncs}
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize(device)
+        result["kernels"] = sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", choices=(*WORKLOADS, "all"), default="all", help="all: cnn and mlp")
@@ -327,6 +374,7 @@ def main() -> None:
         "--allocator", choices=sorted(ALLOCATORS), default="caching", help="malloc settings of the timing workers"
     )
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--count", action="store_true", help="count operators and host syncs per step; no timing")
     args = parser.parse_args()
     methods = args.methods.split(",")
     unknown = sorted(set(methods) - set(METHODS))
@@ -338,7 +386,21 @@ def main() -> None:
         f"torch {torch.__version__}, device {args.device}, threads {threads}, samopt {samopt.__version__}, "
         f"allocator {args.allocator}"
     )
-    results = {}
+    results: dict[str, object] = {}
+    if args.count:
+        for wl in workloads:
+            print(f"\n### {wl}: one step after three warm-up steps\n")
+            print("| method | operators | host syncs | of which | CUDA kernels |")
+            print("|---|---|---|---|---|")
+            counts = {m: count_step(m, wl, torch.device(args.device)) for m in methods}
+            for m, c in counts.items():
+                by = ", ".join(f"{k.removeprefix('aten::')} {v}" for k, v in c["by_op"].items()) or "-"
+                print(f"| {m} | {c['ops']} | {c['syncs']} | {by} | {c.get('kernels', 'n/a')} |")
+            results[wl] = counts
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+        return
     for wl in workloads:
         n_params = sum(p.numel() for p in make_model(wl).parameters())
         times = measure_time(methods, wl, args.device, args.steps, args.rounds, args.allocator)
