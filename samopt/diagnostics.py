@@ -56,6 +56,7 @@ __all__ = [
     "BN_MODES",
     "HVP_METHODS",
     "NORMS",
+    "TRACE_ESTIMATORS",
     "Eigenvalues",
     "Estimate",
     "Landscape",
@@ -375,46 +376,89 @@ def top_eigenvalues(
     return Eigenvalues(values, iterations, converged, hvps)
 
 
+#: Allowed values of ``estimator`` in :func:`hessian_trace`.
+TRACE_ESTIMATORS = ("hutchinson", "hutch++")
+
+
 def hessian_trace(
     model: nn.Module,
     loss_fn: LossFn,
     batches: Sequence[Any],
     *,
     probes: int = 100,
+    estimator: str = "hutchinson",
     bn: str = "train",
     autocast: torch.dtype | None = None,
     seed: int | None = 0,
     hvp_method: str = "reverse",
     progress: Progress | None = None,
 ) -> Estimate:
-    """Hutchinson's estimate of the trace of the Hessian of the training loss, with its standard error.
+    """An estimate of the trace of the Hessian of the training loss from ``probes`` HVPs, with its standard error.
 
-    ``tr H = E[z^T H z]`` over Rademacher vectors ``z`` (entries +-1, seeded); the
-    standard error is the sample standard deviation over ``sqrt(probes)``.
+    ``estimator="hutchinson"``: ``tr H = E[z^T H z]`` over Rademacher vectors ``z``
+    (entries +-1, seeded); the standard error is the sample standard deviation over
+    ``sqrt(probes)``. ``"hutch++"`` (Meyer, Musco, Musco and Woodruff, SOSA 2021,
+    arXiv:2010.09649): a third of the HVPs find an orthonormal basis ``Q`` of ``H S``
+    (``S`` Rademacher), a third give ``tr(Q^T H Q)`` exactly, and a third run Hutchinson
+    on the rest, ``(I - QQ^T) H (I - QQ^T)``; it pays where a few large eigenvalues carry
+    the trace's variance, and holds ``probes / 3`` parameter-sized vectors. Its standard
+    error is that of the Hutchinson third, given the basis (the basis's own randomness
+    is not in it).
 
     Args:
         model, loss_fn, batches, bn, autocast, seed, hvp_method, progress: as :func:`top_eigenvalues`.
-        probes: the number of probe vectors (>= 2, for a standard error).
+        probes: HVPs in all (>= 2; for ``"hutch++"`` a multiple of 3, >= 6).
+        estimator: ``"hutchinson"`` or ``"hutch++"``.
 
     Example::
 
-        est = hessian_trace(model, loss_fn, batches, probes=50)
+        est = hessian_trace(model, loss_fn, batches, probes=60, estimator="hutch++")
         est.value, est.stderr
     """
     batches = _checked(batches, model)
     probes = validation.positive_int("probes", probes)
+    estimator = validation.choice("estimator", estimator, TRACE_ESTIMATORS)
     if probes < 2:
         raise ValueError(f"probes must be at least 2 (the standard error needs two samples), got {probes}")
+    if estimator == "hutch++" and (probes % 3 or probes < 6):
+        raise ValueError(f"probes must be a multiple of 3 and at least 6 for estimator='hutch++', got {probes}")
     validation.choice("hvp_method", hvp_method, HVP_METHODS)
     gen = _generator(seed)
-    samples = []
     with preserved(model, bn, autocast) as params:
-        for _ in range(probes):
-            z = [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p.device, p.dtype) for p in params]
-            samples.append(_dot(z, hvp(model, loss_fn, batches, params, z, method=hvp_method)))
+
+        def rademacher() -> list[Tensor]:
+            return [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p.device, p.dtype) for p in params]
+
+        def h(v: list[Tensor]) -> list[Tensor]:
+            out = hvp(model, loss_fn, batches, params, v, method=hvp_method)
             _tick(progress)
+            return out
+
+        if estimator == "hutchinson":
+            samples = [_dot(z, h(z)) for z in (rademacher() for _ in range(probes))]
+            exact = 0.0
+        else:
+            k = probes // 3
+            flat = torch.stack([torch.cat([t.reshape(-1) for t in h(rademacher())]) for _ in range(k)], dim=1)
+            q = torch.linalg.qr(flat.double()).Q.to(flat.dtype)  # an orthonormal basis of H S
+            columns = [_unflatten(q[:, i], params) for i in range(k)]
+            exact = sum(_dot(c, h(c)) for c in columns)
+
+            def deflate(v: list[Tensor]) -> list[Tensor]:  # (I - QQ^T) v
+                flat_v = torch.cat([t.reshape(-1) for t in v])
+                return _unflatten(flat_v - q @ (q.T @ flat_v), params)
+
+            samples = []
+            for _ in range(k):
+                g = deflate(rademacher())
+                samples.append(_dot(g, deflate(h(g))))
     values = torch.tensor(samples, dtype=torch.float64)
-    return Estimate(float(values.mean()), float(values.std() / math.sqrt(probes)), probes, probes)
+    return Estimate(exact + float(values.mean()), float(values.std() / math.sqrt(len(samples))), probes, probes)
+
+
+def _unflatten(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
+    """``flat`` cut into tensors shaped as ``like``."""
+    return [t.view_as(p) for t, p in zip(flat.split([p.numel() for p in like]), like, strict=True)]
 
 
 #: Allowed values of ``norm`` in :func:`m_sharpness`: the ball the perturbation stays in.

@@ -79,6 +79,8 @@ def test_top_eigenvalues_and_trace_equal_those_of_the_exact_hessian(kind, bn, me
     tr = hessian_trace(model, loss_fn, batches, probes=100, bn=bn, seed=1, hvp_method=method)
     assert abs(tr.value - float(eig.sum())) < 3 * tr.stderr
     assert tr.stderr < 0.5 * abs(float(eig.sum())) and tr.samples == tr.hvps == 100
+    pp = hessian_trace(model, loss_fn, batches, probes=30, estimator="hutch++", bn=bn, seed=1, hvp_method=method)
+    assert abs(pp.value - float(eig.sum())) < 3 * pp.stderr and pp.hvps == 30
 
 
 def test_the_two_batchnorm_modes_measure_different_functions():
@@ -165,6 +167,16 @@ def test_the_hessian_is_over_the_parameters_that_require_a_gradient():
         (lambda m, b: top_eigenvalues(m, loss_fn, b, bn="running"), ValueError, "bn must be one of 'train', 'eval'"),
         (lambda m, b: top_eigenvalues(m, loss_fn, []), ValueError, "batches must hold at least one batch"),
         (lambda m, b: hessian_trace(m, loss_fn, b, probes=1), ValueError, "probes must be at least 2"),
+        (
+            lambda m, b: hessian_trace(m, loss_fn, b, probes=7, estimator="hutch++"),
+            ValueError,
+            "probes must be a multiple of 3 and at least 6 for estimator='hutch\\+\\+', got 7",
+        ),
+        (
+            lambda m, b: hessian_trace(m, loss_fn, b, estimator="hutch"),
+            ValueError,
+            "estimator must be one of 'hutchinson', 'hutch\\+\\+'",
+        ),
         (
             lambda m, b: hessian_trace(m, loss_fn, b, hvp_method="fd"),
             ValueError,
@@ -450,3 +462,15 @@ def test_autocast_runs_the_forward_passes_in_bfloat16_and_is_put_back():
     assert s.value >= 0 and not torch.is_autocast_enabled("cpu")
     with pytest.raises(ValueError, match=r"autocast must be None, torch.bfloat16 or torch.float16, got torch.int8"):
         hessian_trace(model, loss_fn, batches, autocast=torch.int8)
+
+
+def test_hutch_plus_plus_is_exact_on_a_hessian_of_low_rank_where_hutchinson_is_not():
+    gen = torch.Generator().manual_seed(4)
+    u = torch.randn(8, 2, generator=gen, dtype=torch.float64)
+    a = u @ u.T  # rank 2: two thirds of 6 probes span its range
+    model = ShiftedQuadratic(a, torch.zeros(8, dtype=torch.float64), torch.zeros(8, dtype=torch.float64))
+    exact = float(torch.trace(a))
+    pp = hessian_trace(model, quad_loss, [None], probes=6, estimator="hutch++")
+    assert pp.value == pytest.approx(exact, rel=1e-10) and pp.stderr < 1e-10 * exact
+    plain = hessian_trace(model, quad_loss, [None], probes=6)
+    assert plain.stderr > 0.01 * exact and plain.value != pytest.approx(exact, rel=1e-6)

@@ -42,6 +42,7 @@ def test_sharpness_measures_a_finished_run_into_its_summary(tmp_path, capsys):
     avg = diagnostics.average_sharpness(task.model, loss_fn, batches, sigma=0.01, samples=2)
     assert sharp["eigenvalue"]["values"] == eig.values and sharp["eigenvalue"]["value"] == eig.values[0]
     assert (sharp["trace"]["value"], sharp["trace"]["stderr"]) == (trace.value, trace.stderr)
+    assert sharp["trace"]["settings"]["estimator"] == "hutchinson" and sharp["trace"]["settings"]["probes"] == 3
     assert sharp["m-sharpness"]["per_batch"] == m.per_batch and sharp["average-sharpness"]["value"] == avg.value
     assert sharp["m-sharpness"]["settings"] == {
         "examples": 128,
@@ -67,6 +68,10 @@ def test_bad_sharpness_requests_are_refused_naming_the_argument(tmp_path):
         ([run_dir, "--examples", "4096"], "--examples (4096) must be at most the run's training examples (256)"),
         ([run_dir, "--rho", "0"], "--rho must be a finite number > 0, got 0.0"),
         ([run_dir, "--steps", "0"], "--steps must be an integer >= 1, got 0"),
+        (
+            [run_dir, "--measures", "trace", "--trace-estimator", "hutch++", "--probes", "4"],
+            "--probes must be a multiple of 3 and at least 6 with --trace-estimator hutch++, got 4",
+        ),
     ]
     for args, message in cases:
         r = samopt_cli("sharpness", *args, "--no-progress")

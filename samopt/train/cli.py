@@ -174,7 +174,8 @@ _SHARPNESS_HELP = {
     "top_k": "eigenvalues",
     "tol": "relative tolerance of the power iteration",
     "max_iter": "most power iterations per eigenvalue",
-    "probes": "Hutchinson probes of the trace",
+    "probes": "HVPs of the trace estimate",
+    "trace_estimator": "hutchinson, or hutch++ (probes a multiple of 3)",
     "rho": "radius of m-sharpness, relative to |w|",
     "norm": "ball of m-sharpness",
     "steps": "ascent steps of m-sharpness per batch",
@@ -192,8 +193,13 @@ def sharpness_args(parser: argparse.ArgumentParser, prefix: str = "") -> None:
     for f in dataclasses.fields(Settings):
         if f.name in ("measures", "progress"):
             continue
-        kind = str if f.name in ("bn", "norm", "device", "autocast") else type(f.default)
-        choices = {"bn": ("train", "eval"), "norm": ("l2", "linf"), "autocast": ("none", "bf16")}.get(f.name)
+        kind = str if f.name in ("bn", "norm", "device", "autocast", "trace_estimator") else type(f.default)
+        choices = {
+            "bn": ("train", "eval"),
+            "norm": ("l2", "linf"),
+            "autocast": ("none", "bf16"),
+            "trace_estimator": ("hutchinson", "hutch++"),
+        }.get(f.name)
         flag = "--" + prefix + f.name.replace("_", "-")
         metavar = None if choices else f.name.upper()
         group.add_argument(

@@ -76,6 +76,7 @@ class Settings:
     tol: float = 1e-3
     max_iter: int = 100
     probes: int = 30
+    trace_estimator: str = "hutchinson"
     rho: float = 0.05
     norm: str = "l2"
     steps: int = 20
@@ -104,6 +105,15 @@ class Settings:
             raise ValueError(f"--bn must be one of {', '.join(diagnostics.BN_MODES)}, got {self.bn!r}")
         if self.autocast not in AUTOCAST:
             raise ValueError(f"--autocast must be one of {', '.join(AUTOCAST)}, got {self.autocast!r}")
+        if self.trace_estimator not in diagnostics.TRACE_ESTIMATORS:
+            raise ValueError(
+                f"--trace-estimator must be one of {', '.join(diagnostics.TRACE_ESTIMATORS)}, "
+                f"got {self.trace_estimator!r}"
+            )
+        if self.trace_estimator == "hutch++" and (self.probes % 3 or self.probes < 6):
+            raise ValueError(
+                f"--probes must be a multiple of 3 and at least 6 with --trace-estimator hutch++, got {self.probes}"
+            )
         if self.norm not in diagnostics.NORMS:
             raise ValueError(f"--norm must be one of {', '.join(diagnostics.NORMS)}, got {self.norm!r}")
 
@@ -180,7 +190,7 @@ def _recorded(name: str, s: Settings, bn: str) -> dict[str, Any]:
     """The settings a measure's value depends on, as stored beside it."""
     own: dict[str, dict[str, Any]] = {
         "eigenvalue": {"top_k": s.top_k, "tol": s.tol, "max_iter": s.max_iter},
-        "trace": {"probes": s.probes},
+        "trace": {"probes": s.probes, "estimator": s.trace_estimator},
         "m-sharpness": {"rho": s.rho, "norm": s.norm, "adaptive": True, "steps": s.steps},
         "average-sharpness": {"sigma": s.sigma, "samples": s.samples, "adaptive": True},
     }
@@ -201,7 +211,9 @@ def _one(name: str, task: Task, batches: list[Any], bn: str, s: Settings, label:
             )
             result: dict[str, Any] = {"value": eig.values[0], **dataclasses.asdict(eig)}
         elif name == "trace":
-            est = diagnostics.hessian_trace(model, loss_fn, batches, probes=s.probes, **common)
+            est = diagnostics.hessian_trace(
+                model, loss_fn, batches, probes=s.probes, estimator=s.trace_estimator, **common
+            )
             result = dataclasses.asdict(est)
         elif name == "m-sharpness":
             sharp = diagnostics.m_sharpness(model, loss_fn, batches, rho=s.rho, norm=s.norm, steps=s.steps, **common)
