@@ -167,3 +167,20 @@ def test_sharpness_of_a_glue_run_pads_its_batches_and_measures_in_eval_mode(tmp_
     sharp = json.loads((run_dir / "summary.json").read_text())["sharpness"]
     assert sharp["eigenvalue"]["settings"]["bn"] == "eval" and sharp["eigenvalue"]["hvps"] == 2
     assert sharp["m-sharpness"]["value"] >= 0 and sharp["m-sharpness"]["passes"] == 2 * 3
+
+
+def test_glue_compare_gains_the_sharpness_columns_measured_in_eval_mode(tmp_path):
+    from tests.test_glue import TINY as GLUE_TINY
+    from tests.test_glue import as_training_set
+
+    out = tmp_path / "cmp"
+    data = str(as_training_set(tmp_path, "MRPC"))
+    flags = config.to_flags({**GLUE_TINY, "epochs": 1, "data_dir": data, "out": str(out)})
+    sharp = ["--sharpness", "m-sharpness", "--sharpness-examples", "16", "--sharpness-m", "8", "--sharpness-steps", "1"]
+    r = samopt_cli("glue-compare", "--optimizers", "adamw,sam", *flags, *sharp)
+    assert r.returncode == 0, r.stderr
+    table = (out / "compare.md").read_text().splitlines()
+    assert "| m-sharpness |" in table[0] and (out / "landscape.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("adamw", "sam"):
+        stored = json.loads((out / f"{name}-s0" / "summary.json").read_text())["sharpness"]["m-sharpness"]
+        assert stored["settings"]["bn"] == "eval" and stored["passes"] == 2 * 3 and stored["value"] >= 0
