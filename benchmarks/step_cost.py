@@ -29,7 +29,7 @@ Usage::
     python benchmarks/step_cost.py --workload resnet18 --methods sgd,samopt-closure,sam-on,ssam-f-tensor,ssam-d-tensor
 
 With ``--count``, no timing: for each method, after three warm-up steps, one step is
-run under a ``TorchDispatchMode`` that counts the operators it dispatches and the host
+counted by :func:`samopt.profiling.count_ops`: the operators it dispatches and the host
 synchronisations among them (``aten._local_scalar_dense``, behind ``.item()``,
 ``float()`` and ``bool()`` of a tensor, and ``aten.nonzero``); on CUDA the profiler
 also counts the kernels launched. This is the overhead above two forward/backward
@@ -55,10 +55,10 @@ from multiprocessing.connection import Connection
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import samopt
 from samopt.masks import DynamicSparseMask, FisherMask
+from samopt.profiling import count_ops
 from samopt.seams import Pass
 from samopt.sub_batch import SubBatchAscent
 from samopt.train import models
@@ -326,33 +326,13 @@ def measure_memory(methods: list[str], workload: str, device: str) -> dict[str, 
     return _finish(_spawn(methods, workload, device, {"MALLOC_MMAP_THRESHOLD_": "65536"}))
 
 
-#: The operators that make the host wait for the device: a tensor read back as a Python number, and nonzero
-#: (whose output size depends on the data).
-SYNCS = ("aten::_local_scalar_dense", "aten::nonzero")
-
-
-class _Counting(TorchDispatchMode):
-    """Counts every operator dispatched to a kernel, by name."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: dict[str, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name
-        self.ops[name] = self.ops.get(name, 0) + 1
-        return func(*args, **(kwargs or {}))
-
-
 def count_step(method: str, workload: str, device: torch.device) -> dict[str, object]:
     """Operators, host synchronisations (by operator) and, on CUDA, kernel launches of one warmed-up step."""
     step = make_stepper(method, workload, device)
     for _ in range(3):  # masks computed, optimizer state allocated
         step()
-    with _Counting() as counting:
-        step()
-    syncs = {name: counting.ops[name] for name in SYNCS if name in counting.ops}
-    result: dict[str, object] = {"ops": sum(counting.ops.values()), "syncs": sum(syncs.values()), "by_op": syncs}
+    counted = count_ops(step)
+    result: dict[str, object] = {"ops": counted.ops, "syncs": counted.syncs, "by_op": counted.by_op}
     if device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
