@@ -14,7 +14,7 @@ counts the passes the updates cost. :class:`MSAM` perturbs along the momentum at
 the base optimizer. :mod:`samopt.diagnostics` measures the curvature a run reached.
 """
 
-from samopt import diagnostics, functional, looksam, masks, schedules, seams, sub_batch
+from samopt import diagnostics, functional, looksam, masks, profiling, schedules, seams, sub_batch
 from samopt.bn import BufferGuard
 from samopt.delta import DeltaSAM
 from samopt.looksam import LookSAM
@@ -41,6 +41,7 @@ __all__ = [
     "functional",
     "looksam",
     "masks",
+    "profiling",
     "schedules",
     "seams",
     "sub_batch",
