@@ -168,8 +168,11 @@ class _Bound(nn.Module):
 def _frozen_running_stats(model: nn.Module) -> Iterator[None]:
     """BatchNorm in training mode without updating its running statistics (an in-place update of a tensor
     captured by a ``torch.func`` transform is an error); the batch statistics are used as before."""
-    tracking = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.training]
-    tracking = [m for m in tracking if m.track_running_stats]
+    tracking = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
+    ]
     try:
         for m in tracking:
             m.track_running_stats = False
@@ -277,6 +280,16 @@ def _dot(a: list[Tensor], b: list[Tensor]) -> float:
     return float(sum((x.double() * y.double()).sum() for x, y in zip(a, b, strict=True)))
 
 
+def _gaussian(params: list[Tensor], gen: torch.Generator) -> list[Tensor]:
+    """A standard normal tensor shaped as each of ``params`` (drawn on the CPU from ``gen``, so that a seed gives
+    the same vectors on every device)."""
+    return [torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) for p in params]
+
+
+def _flatten(tensors: list[Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
 def _generator(seed: int | None) -> torch.Generator:
     """The CPU generator of the probe or start vectors (``seed=None``: ``torch.initial_seed()``)."""
     validation.seed_or_none("seed", seed)
@@ -333,9 +346,7 @@ def top_eigenvalues(
     """
     batches = _checked(batches, model)
     k = validation.positive_int("k", k)
-    tol = validation.finite("tol", tol, "a finite real number > 0")
-    if tol <= 0:
-        raise ValueError(f"tol must be a finite real number > 0, got {tol!r}")
+    tol = _positive("tol", tol)
     max_iter = validation.positive_int("max_iter", max_iter)
     validation.choice("hvp_method", hvp_method, HVP_METHODS)
     gen = _generator(seed)
@@ -348,7 +359,7 @@ def top_eigenvalues(
         if k > sum(p.numel() for p in params):
             raise ValueError(f"k must be at most the number of parameters ({sum(p.numel() for p in params)}), got {k}")
         for _ in range(k):
-            v = [torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) for p in params]
+            v = _gaussian(params, gen)
             value, done, it = math.nan, False, 0
             for it in range(1, max_iter + 1):  # noqa: B007 (the count is reported)
                 for u in vectors:  # deflation: stay orthogonal to the eigenvectors found
@@ -439,13 +450,13 @@ def hessian_trace(
             exact = 0.0
         else:
             k = probes // 3
-            flat = torch.stack([torch.cat([t.reshape(-1) for t in h(rademacher())]) for _ in range(k)], dim=1)
+            flat = torch.stack([_flatten(h(rademacher())) for _ in range(k)], dim=1)
             q = torch.linalg.qr(flat.double()).Q.to(flat.dtype)  # an orthonormal basis of H S
             columns = [_unflatten(q[:, i], params) for i in range(k)]
             exact = sum(_dot(c, h(c)) for c in columns)
 
             def deflate(v: list[Tensor]) -> list[Tensor]:  # (I - QQ^T) v
-                flat_v = torch.cat([t.reshape(-1) for t in v])
+                flat_v = _flatten(v)
                 return _unflatten(flat_v - q @ (q.T @ flat_v), params)
 
             samples = []
@@ -496,11 +507,11 @@ def _finite(value: float) -> float:
     return value
 
 
-def _radius(name: str, value: object) -> float:
-    radius = validation.finite(name, value, "a finite real number > 0")
-    if radius <= 0:
+def _positive(name: str, value: object) -> float:
+    number = validation.finite(name, value, "a finite real number > 0")
+    if number <= 0:
         raise ValueError(f"{name} must be a finite real number > 0, got {value!r}")
-    return radius
+    return number
 
 
 def _move(params: list[Tensor], origin: list[Tensor], scale: list[Tensor] | None, u: list[Tensor]) -> None:
@@ -563,7 +574,7 @@ def m_sharpness(
         s.value, s.stderr
     """
     batches = _checked(batches, model)
-    rho = _radius("rho", rho)
+    rho = _positive("rho", rho)
     norm = validation.choice("norm", norm, NORMS)
     adaptive = validation.boolean("adaptive", adaptive)
     steps = validation.positive_int("steps", steps)
@@ -596,7 +607,7 @@ def m_sharpness(
             best, passes = base, passes + 1
             if random_start:
                 if norm == "l2":
-                    z = [torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) for p in params]
+                    z = _gaussian(params, gen)
                     length = math.sqrt(_dot(z, z))
                     u = [x * (rho / 2 / length) for x in z]
                 else:
@@ -661,7 +672,7 @@ def average_sharpness(
         average_sharpness(model, loss_fn, batches, sigma=0.01, samples=20).value
     """
     batches = _checked(batches, model)
-    sigma = _radius("sigma", sigma)
+    sigma = _positive("sigma", sigma)
     adaptive = validation.boolean("adaptive", adaptive)
     samples = validation.positive_int("samples", samples)
     if samples < 2:
@@ -675,7 +686,7 @@ def average_sharpness(
             base = _loss(model, loss_fn, batch)
             rises = []
             for _ in range(samples):
-                z = [torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) * sigma for p in params]
+                z = [x * sigma for x in _gaussian(params, gen)]
                 _move(params, origin, scale, z)
                 rises.append(_loss(model, loss_fn, batch) - base)
                 _tick(progress)
@@ -714,7 +725,7 @@ def filter_normalized_direction(model: nn.Module, *, seed: int | None = 0, inclu
         if not p.requires_grad:
             continue
         w = p.detach()
-        d = torch.randn(w.shape, generator=gen, dtype=w.dtype).to(w.device)
+        (d,) = _gaussian([w], gen)
         if w.dim() <= 1:
             d = d * (w.norm() / d.norm()) if include_1d and d.norm() > 0 else torch.zeros_like(w)
         else:
