@@ -1,12 +1,11 @@
 """δ-SAM (per-example reweighting of the ascent) and the per-instance / m-sharpness SAM reference."""
 
-import io
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_equal_tensors, bn_net, image_batch, mlp, vector_batch, weights
+from helpers import assert_equal_tensors, bn_net, image_batch, mlp, reloaded, vector_batch, weights
 from torch import nn
 
 import samopt
@@ -252,13 +251,7 @@ def test_resume_is_bit_exact_with_probes():
     straight = weights(model)
     model, opt = fresh()
     train(model, opt, 0)
-    blob = io.BytesIO()
-    torch.save({"m": model.state_dict(), "o": opt.state_dict()}, blob)
-    blob.seek(0)
-    saved = torch.load(blob)
-    model, opt = fresh()
-    model.load_state_dict(saved["m"])
-    opt.load_state_dict(saved["o"])
+    model, opt = reloaded(model, opt, fresh)
     train(model, opt, 3)
     assert_equal_tensors(weights(model), straight)
 
