@@ -30,16 +30,10 @@ from pathlib import Path
 import torch
 
 from samopt import diagnostics
+from samopt.train.cli import settings_from, sharpness_args
 from samopt.train.config import GlueConfig
 from samopt.train.loop import device_named
-from samopt.train.sharpness import MEASURES, Settings, load_run, measure, training_batches
-
-
-def _loss_fn(task):
-    def loss_fn(model, batch):
-        return task.loss_fn(model(task.prepare(batch[0])), batch[1])
-
-    return loss_fn
+from samopt.train.sharpness import MEASURES, bn_mode, load_run, loss_of, measure, training_batches
 
 
 def hvp_methods(task, batches, bn: str, rounds: int) -> tuple[dict[str, float], float]:
@@ -55,7 +49,7 @@ def hvp_methods(task, batches, bn: str, rounds: int) -> tuple[dict[str, float], 
                 if params[0].is_cuda:
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                products[method] = diagnostics.hvp(task.model, _loss_fn(task), batches, params, v, method=method)
+                products[method] = diagnostics.hvp(task.model, loss_of(task), batches, params, v, method=method)
                 if params[0].is_cuda:
                     torch.cuda.synchronize()
                 times[method].append(time.perf_counter() - t0)
@@ -68,7 +62,7 @@ def pyhessian_check(task, batch, tol: float, max_iter: int) -> tuple[float, floa
     from pyhessian import hessian  # not a dependency: the check is optional
 
     model = task.model
-    mine = diagnostics.top_eigenvalues(model, _loss_fn(task), [batch], tol=tol, max_iter=max_iter, bn="eval")
+    mine = diagnostics.top_eigenvalues(model, loss_of(task), [batch], tol=tol, max_iter=max_iter, bn="eval")
     was = model.training
     x, y = task.prepare(batch[0]), batch[1]
     theirs = hessian(model, lambda out, target: task.loss_fn(out, target), data=(x, y), cuda=x.is_cuda)
@@ -83,25 +77,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--measures", default=",".join(MEASURES))
-    parser.add_argument("--examples", type=int, default=Settings.examples)
-    parser.add_argument("--m", type=int, default=Settings.m)
-    parser.add_argument("--probes", type=int, default=Settings.probes)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved HVP timings per method")
-    parser.add_argument("--device", default="auto")
     parser.add_argument("--pyhessian", action="store_true", help="check the top eigenvalue against PyHessian")
+    sharpness_args(parser)  # --examples, --m, --probes, --device, ... as samopt sharpness has them
     args = parser.parse_args()
+    settings = dataclasses.replace(settings_from(args, args.measures), progress=False)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for run_dir in args.runs:
-        settings = Settings(
-            measures=tuple(args.measures.split(",")),
-            examples=args.examples,
-            m=args.m,
-            probes=args.probes,
-            device=args.device,
-        )
-        settings = dataclasses.replace(settings, progress=False)
-        cfg, task, _ = load_run(run_dir, device_named(args.device))
-        bn = "eval" if isinstance(cfg, GlueConfig) else "train"
+        cfg, task, _ = load_run(run_dir, device_named(settings.device))
+        bn = bn_mode(settings, cfg)
         batches = training_batches(task, settings.examples, settings.m)
         n = sum(p.numel() for p in task.model.parameters() if p.requires_grad)
         shape = f"{settings.examples} examples in batches of m={settings.m}, bn={bn}"

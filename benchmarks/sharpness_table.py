@@ -20,20 +20,16 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 from pathlib import Path
 
 import torch
 
-from samopt import diagnostics
-from samopt.train.loop import device_named
-from samopt.train.sharpness import LANDSCAPE_ALPHAS, Settings, landscape_curves, load_run, measure, training_batches
-
-
-def _mean_std(values: list[float], scale: float = 1.0) -> str:
-    m = statistics.mean(values) * scale
-    return f"{m:.3g}" if len(values) < 2 else f"{m:.3g} ± {statistics.stdev(values) * scale:.2g}"
+from samopt.train.cli import settings_from, sharpness_args
+from samopt.train.compare import mean_std
+from samopt.train.sharpness import LANDSCAPE_ALPHAS, landscape_curves, line_between, measure
 
 
 def main() -> None:
@@ -41,19 +37,11 @@ def main() -> None:
     parser.add_argument("root", type=Path, help="the folder of the variants' compare folders")
     parser.add_argument("--variants", required=True, help="comma-separated folder names, the reference first")
     parser.add_argument("--measures", default="eigenvalue,trace,m-sharpness")
-    parser.add_argument("--examples", type=int, default=Settings.examples)
-    parser.add_argument("--m", type=int, default=Settings.m)
-    parser.add_argument("--probes", type=int, default=Settings.probes)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--progress", action="store_true")
+    sharpness_args(parser)  # --examples, --m, --probes, ... as samopt sharpness has them
     args = parser.parse_args()
-    settings = Settings(
-        measures=tuple(args.measures.split(",")),
-        examples=args.examples,
-        m=args.m,
-        probes=args.probes,
-        progress=args.progress,
-    )
+    settings = dataclasses.replace(settings_from(args, args.measures), progress=args.progress)
     args.out.mkdir(parents=True, exist_ok=True)
     variants = args.variants.split(",")
     runs: dict[str, list[Path]] = {
@@ -66,24 +54,18 @@ def main() -> None:
             raise SystemExit(f"no finished run in {args.root / v}")
         results = [measure(d, settings, again=False) for d in dirs]
         accs = [json.loads((d / "summary.json").read_text())["final_score"] for d in dirs]
-        cells = [_mean_std([r[name]["value"] for r in results]) for name in settings.measures]
+        cells = [mean_std([r[name]["value"] for r in results], spec=".3g", spread=".2g") for name in settings.measures]
         seconds = statistics.mean(sum(r[n]["seconds"] for n in settings.measures) for r in results)
-        lines.append(f"| {v} | {len(dirs)} | {_mean_std(accs, 100)} | " + " | ".join(cells) + f" | {seconds:.0f} |")
+        lines.append(
+            f"| {v} | {len(dirs)} | {mean_std(accs, 100, '.3g', '.2g')} | " + " | ".join(cells) + f" | {seconds:.0f} |"
+        )
         print(lines[-1], flush=True)
     (args.out / "sharpness.md").write_text("\n".join(lines) + "\n")
     curves = landscape_curves({v: dirs[0] for v, dirs in runs.items()}, LANDSCAPE_ALPHAS, settings)
-    device = device_named(settings.device)
     reference = variants[0]
-    _, ref_task, _ = load_run(runs[reference][0], device)
-    start = {k: t.clone() for k, t in ref_task.model.state_dict().items()}
-    batches = training_batches(ref_task, settings.examples, settings.m)
-    loss_fn = lambda model, batch: ref_task.loss_fn(model(ref_task.prepare(batch[0])), batch[1])  # noqa: E731
-    lines_between = {}
-    for v in variants[1:]:
-        _, task, _ = load_run(runs[v][0], device)
-        lines_between[v] = diagnostics.interpolation(
-            ref_task.model, loss_fn, batches, start, task.model.state_dict(), LANDSCAPE_ALPHAS[10:]
-        )
+    lines_between = {
+        v: line_between(runs[reference][0], runs[v][0], settings, LANDSCAPE_ALPHAS[10:]) for v in variants[1:]
+    }
     import matplotlib
 
     matplotlib.use("Agg")

@@ -34,7 +34,7 @@ from samopt.train.models import MODELS
 from samopt.train.optimizers import AMP_MODES, ASCEND, ASCEND_POLICIES, NAMES, OPTIMIZERS
 from samopt.train.sharpness import MEASURES, Settings, interpolate_runs, measure, run_landscape
 
-__all__ = ["build_parser", "config_args", "main"]
+__all__ = ["build_parser", "config_args", "main", "settings_from", "sharpness_args"]
 
 _CHOICES = {
     "optimizer": NAMES,
@@ -213,14 +213,15 @@ def sharpness_args(parser: argparse.ArgumentParser, prefix: str = "") -> None:
         )
 
 
-def _settings(args: argparse.Namespace, measures: str) -> Settings:
+def settings_from(args: argparse.Namespace, measures: str) -> Settings:
+    """The :class:`Settings` of the flags :func:`sharpness_args` added, measuring ``measures`` (comma-separated)."""
     values = {k.removeprefix("sharpness_"): v for k, v in vars(args).items() if k.startswith("sharpness_")}
     return Settings(measures=tuple(measures.split(",")), **values)
 
 
 def _sharpness(args: argparse.Namespace) -> None:
     measures = "eigenvalue" if args.measures == "none" else args.measures  # the settings still need checking
-    settings = dataclasses.replace(_settings(args, measures), progress=not args.no_progress)
+    settings = dataclasses.replace(settings_from(args, measures), progress=not args.no_progress)
     for run_dir in map(Path, args.run_dirs):
         if args.landscape is not None:
             dims = int(args.landscape[0])
@@ -340,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
         else:
             command = "glue" if kind is GlueConfig else "train"
-            sharpness = None if args.sharpness is None else _settings(args, args.sharpness)
+            sharpness = None if args.sharpness is None else settings_from(args, args.sharpness)
             compare(recipe, _explicit(args, kind), args.optimizers.split(","), args.seeds, command, sharpness)
     except (ValueError, CheckpointError, DirectoryInUseError, ImportError, OSError, FloatingPointError) as e:
         print(f"samopt {args.command}: error: {e}", file=sys.stderr)

@@ -48,17 +48,18 @@ from samopt.train.loop import EXIT_INTERRUPTED, validate
 from samopt.train.optimizers import NAMES
 from samopt.train.sharpness import LANDSCAPE_ALPHAS, Settings, landscape_curves, measure, plot_curves
 
-__all__ = ["compare", "plot", "rows", "table", "write_csv"]
+__all__ = ["compare", "mean_std", "plot", "rows", "table", "write_csv"]
 
 _SHARPNESS_COLUMNS = {"eigenvalue": "top eigenvalue", "trace": "Hessian trace", "m-sharpness": "m-sharpness"}
 
 
-def _mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
-    """``mean ± std``; just the value for one seed, which has no spread to show."""
+def mean_std(values: list[float], scale: float = 1.0, spec: str = ".2f", spread: str | None = None) -> str:
+    """``mean ± std`` of ``values`` times ``scale``, the mean formatted with ``spec`` and the spread with ``spread``
+    (default: ``spec``); just the value for one seed, which has no spread to show."""
     m = statistics.mean(values) * scale
     if len(values) == 1:
-        return f"{m:.{digits}f}"
-    return f"{m:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
+        return f"{m:{spec}}"
+    return f"{m:{spec}} ± {statistics.stdev(values) * scale:{spread or spec}}"
 
 
 def _best_epoch(summary: dict[str, Any]) -> int:
@@ -97,12 +98,6 @@ def _measured(results: dict[str, list[dict[str, Any]]]) -> list[str]:
     return [n for n in names if all(n in r.get("sharpness", {}) for r in runs)]
 
 
-def _general(values: list[float]) -> str:
-    """``mean ± std`` to three significant digits (sharpness spans orders of magnitude)."""
-    m = statistics.mean(values)
-    return f"{m:.3g}" if len(values) == 1 else f"{m:.3g} ± {statistics.stdev(values):.2g}"
-
-
 def table(results: dict[str, list[dict[str, Any]]]) -> str:
     """The markdown table of per-run ``summary.json`` dicts grouped by optimizer (mean ± std over seeds).
 
@@ -125,12 +120,14 @@ def table(results: dict[str, list[dict[str, Any]]]) -> str:
     for name, runs in results.items():
         spe = [r["seconds_per_epoch"] for r in runs]
         memory = statistics.mean(r["peak_memory_mib"] for r in runs)
-        cells = "".join(f" {_mean_std([r['final'][m] for r in runs], 100)} |" for m in others)
-        cells += "".join(f" {_general([r['sharpness'][m]['value'] for r in runs])} |" for m in measured)
+        cells = "".join(f" {mean_std([r['final'][m] for r in runs], 100)} |" for m in others)
+        cells += "".join(
+            f" {mean_std([r['sharpness'][m]['value'] for r in runs], spec='.3g', spread='.2g')} |" for m in measured
+        )
         lines.append(
-            f"| {name} | {len(runs)} | {_mean_std([r['final_score'] for r in runs], 100)} | "
-            f"{_mean_std([r['best_score'] for r in runs], 100)} | "
-            f"{_mean_std([_best_epoch(r) for r in runs], digits=0)} of {runs[0]['epochs']} |{cells} "
+            f"| {name} | {len(runs)} | {mean_std([r['final_score'] for r in runs], 100)} | "
+            f"{mean_std([r['best_score'] for r in runs], 100)} | "
+            f"{mean_std([_best_epoch(r) for r in runs], spec='.0f')} of {runs[0]['epochs']} |{cells} "
             f"{statistics.mean(r['wall_seconds'] for r in runs):.0f} | {statistics.mean(spe):.1f} | "
             f"{statistics.mean(spe) / ref:.2f} | {_passes(runs)} | {memory:.0f} | {memory / ref_memory:.2f} |"
         )

@@ -15,11 +15,12 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,9 +39,12 @@ __all__ = [
     "LANDSCAPE_ALPHAS",
     "MEASURES",
     "Settings",
+    "bn_mode",
     "interpolate_runs",
     "landscape_curves",
+    "line_between",
     "load_run",
+    "loss_of",
     "measure",
     "plot_curves",
     "plot_plane",
@@ -174,11 +178,29 @@ def training_batches(task: Task, examples: int, m: int) -> list[tuple[Tensor, Te
     return [(x[i : i + m], y[i : i + m]) for i in range(0, examples - m + 1, m)]
 
 
-def _loss_fn(task: Task) -> Callable[[nn.Module, Any], Tensor]:
+def loss_of(task: Task) -> Callable[[nn.Module, Any], Tensor]:
+    """The task's training loss as :mod:`samopt.diagnostics` takes it: ``loss_fn(model, (inputs, targets))``."""
+
     def loss_fn(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
         return task.loss_fn(model(task.prepare(batch[0])), batch[1])
 
     return loss_fn
+
+
+def bn_mode(s: Settings, cfg: RunConfig) -> str:
+    """``--bn``, or by default ``eval`` for GLUE runs (their attention dropout follows the mode) and ``train``."""
+    return s.bn or ("eval" if isinstance(cfg, GlueConfig) else "train")
+
+
+@contextlib.contextmanager
+def _ticks(total: int | None, desc: str, enabled: bool) -> Iterator[Callable[[int], Any] | None]:
+    """A progress bar's ``update`` for the measures' ``progress=`` (None when off), closed on leaving."""
+    bar = progress_bar(total, 0, desc, enabled)
+    try:
+        yield None if bar is None else bar.update
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _common(s: Settings, bn: str) -> dict[str, Any]:
@@ -199,12 +221,10 @@ def _recorded(name: str, s: Settings, bn: str) -> dict[str, Any]:
 
 def _one(name: str, task: Task, batches: list[Any], bn: str, s: Settings, label: str) -> dict[str, Any]:
     """One measure on the task's model, timed, with the settings it depends on."""
-    model, loss_fn = task.model, _loss_fn(task)
-    bar = progress_bar(None, 0, f"{label} {name}", s.progress)
-    tick = None if bar is None else bar.update
-    common: dict[str, Any] = {"bn": bn, "autocast": AUTOCAST[s.autocast], "seed": s.seed, "progress": tick}
+    model, loss_fn = task.model, loss_of(task)
     t0 = time.perf_counter()
-    try:
+    with _ticks(None, f"{label} {name}", s.progress) as tick:
+        common: dict[str, Any] = {"bn": bn, "autocast": AUTOCAST[s.autocast], "seed": s.seed, "progress": tick}
         if name == "eigenvalue":
             eig = diagnostics.top_eigenvalues(
                 model, loss_fn, batches, k=s.top_k, tol=s.tol, max_iter=s.max_iter, **common
@@ -221,9 +241,6 @@ def _one(name: str, task: Task, batches: list[Any], bn: str, s: Settings, label:
         else:
             avg = diagnostics.average_sharpness(model, loss_fn, batches, sigma=s.sigma, samples=s.samples, **common)
             result = dataclasses.asdict(avg)
-    finally:
-        if bar is not None:
-            bar.close()
     return result | {"seconds": time.perf_counter() - t0, "settings": _recorded(name, s, bn)}
 
 
@@ -234,7 +251,7 @@ def measure(run_dir: Path, s: Settings, *, again: bool = True) -> dict[str, Any]
     """
     device = device_named(s.device)
     cfg, task, summary = load_run(run_dir, device)
-    bn = s.bn or ("eval" if isinstance(cfg, GlueConfig) else "train")
+    bn = bn_mode(s, cfg)
     stored = summary.get("sharpness", {})
     todo = [n for n in s.measures if again or stored.get(n, {}).get("settings") != _recorded(n, s, bn)]
     if todo:
@@ -246,6 +263,24 @@ def measure(run_dir: Path, s: Settings, *, again: bool = True) -> dict[str, Any]
     return {name: stored[name] for name in s.measures}
 
 
+def _around(cfg: RunConfig, task: Task, s: Settings, dims: int, alphas: list[float]) -> diagnostics.Landscape:
+    """The training loss on the 1-D or 2-D grid ``alphas`` around the task's weights, along random
+    filter-normalised directions (seeds ``s.seed``, ``s.seed + 1``)."""
+    batches = training_batches(task, s.examples, s.m)
+    directions = [diagnostics.filter_normalized_direction(task.model, seed=s.seed + k) for k in range(dims)]
+    with _ticks(len(alphas) ** dims, f"{cfg.optimizer} s{cfg.seed} landscape", s.progress) as tick:
+        return diagnostics.landscape(
+            task.model,
+            loss_of(task),
+            batches,
+            directions,
+            alphas,
+            bn=bn_mode(s, cfg),
+            autocast=AUTOCAST[s.autocast],
+            progress=tick,
+        )
+
+
 def landscape_curves(run_dirs: dict[str, Path], alphas: list[float], s: Settings) -> dict[str, diagnostics.Landscape]:
     """Per labelled run, the training loss along a random filter-normalised direction through its weights (Li et
     al., NeurIPS 2018), each run with the same seed of direction."""
@@ -253,22 +288,7 @@ def landscape_curves(run_dirs: dict[str, Path], alphas: list[float], s: Settings
     curves = {}
     for label, run_dir in run_dirs.items():
         cfg, task, _ = load_run(run_dir, device)
-        bn = s.bn or ("eval" if isinstance(cfg, GlueConfig) else "train")
-        batches = training_batches(task, s.examples, s.m)
-        direction = diagnostics.filter_normalized_direction(task.model, seed=s.seed)
-        bar = progress_bar(len(alphas), 0, f"{label} landscape", s.progress)
-        curves[label] = diagnostics.landscape(
-            task.model,
-            _loss_fn(task),
-            batches,
-            [direction],
-            alphas,
-            bn=bn,
-            autocast=AUTOCAST[s.autocast],
-            progress=None if bar is None else bar.update,
-        )
-        if bar is not None:
-            bar.close()
+        curves[label] = _around(cfg, task, s, 1, alphas)
     return curves
 
 
@@ -328,55 +348,43 @@ def run_landscape(run_dir: Path, s: Settings, dims: int, span: float = 1.0, poin
     if points < 2:
         raise ValueError(f"--landscape-points must be an integer >= 2, got {points}")
     cfg, task, _ = load_run(run_dir, device_named(s.device))
-    bn = s.bn or ("eval" if isinstance(cfg, GlueConfig) else "train")
-    batches = training_batches(task, s.examples, s.m)
     alphas = [span * (2 * i / (points - 1) - 1) for i in range(points)]
-    directions = [diagnostics.filter_normalized_direction(task.model, seed=s.seed + k) for k in range(dims)]
-    bar = progress_bar(points**dims, 0, f"{cfg.optimizer} s{cfg.seed} landscape", s.progress)
-    try:
-        result = diagnostics.landscape(
-            task.model,
-            _loss_fn(task),
-            batches,
-            directions,
-            alphas,
-            bn=bn,
-            autocast=AUTOCAST[s.autocast],
-            progress=None if bar is None else bar.update,
-        )
-    finally:
-        if bar is not None:
-            bar.close()
+    result = _around(cfg, task, s, dims, alphas)
     name = f"landscape-{dims}d"
-    _write_json(run_dir / f"{name}.json", dataclasses.asdict(result) | {"settings": _common(s, bn)})
+    _write_json(run_dir / f"{name}.json", dataclasses.asdict(result) | {"settings": _common(s, bn_mode(s, cfg))})
     title = f"{cfg.optimizer} seed {cfg.seed}: training loss around the solution"
     if dims == 1:
         return plot_curves({f"{cfg.optimizer} s{cfg.seed}": result}, run_dir / f"{name}.png", title)
     return plot_plane(result, run_dir / f"{name}.png", title)
 
 
-def interpolate_runs(run_dir: Path, other: Path, s: Settings) -> Path:
-    """The training loss (``run_dir``'s data) on the line from ``run_dir``'s final weights (0) to ``other``'s (1),
-    written into ``run_dir`` as ``line-to-<other>.json`` and ``.png``; returns the PNG's path."""
+def line_between(run_dir: Path, other: Path, s: Settings, alphas: list[float]) -> diagnostics.Landscape:
+    """The training loss (``run_dir``'s data) at ``alphas`` on the line from ``run_dir``'s final weights (0) to
+    ``other``'s (1)."""
     device = device_named(s.device)
     cfg, task, _ = load_run(run_dir, device)
     _, other_task, _ = load_run(other, device)
-    bn = s.bn or ("eval" if isinstance(cfg, GlueConfig) else "train")
     batches = training_batches(task, s.examples, s.m)
     start = {k: v.clone() for k, v in task.model.state_dict().items()}
     try:
-        line = diagnostics.interpolation(
+        return diagnostics.interpolation(
             task.model,
-            _loss_fn(task),
+            loss_of(task),
             batches,
             start,
             other_task.model.state_dict(),
-            LINE_ALPHAS,
-            bn=bn,
+            alphas,
+            bn=bn_mode(s, cfg),
             autocast=AUTOCAST[s.autocast],
         )
     except ValueError as e:
         raise ValueError(f"--interpolate: {other} holds another model than {run_dir} ({e})") from None
+
+
+def interpolate_runs(run_dir: Path, other: Path, s: Settings) -> Path:
+    """:func:`line_between` the two runs, written into ``run_dir`` as ``line-to-<other>.json`` and ``.png``;
+    returns the PNG's path."""
+    line = line_between(run_dir, other, s, LINE_ALPHAS)
     name = f"line-to-{other.resolve().name}"
     _write_json(run_dir / f"{name}.json", dataclasses.asdict(line) | {"from": str(run_dir), "to": str(other)})
     xlabel = f"alpha: (1 - alpha) * {run_dir.name} + alpha * {other.resolve().name}"
