@@ -203,6 +203,7 @@ def lr_factor(cfg: RunConfig, steps_per_epoch: int) -> Callable[[int], float]:
 
 
 def device_named(name: str) -> torch.device:
+    """The device of ``--device``: ``auto`` (CUDA if available, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -497,6 +498,7 @@ class _Tally:
 
 
 def progress_bar(total: int | None, initial: int, desc: str, enabled: bool) -> Any:
+    """A tqdm bar (``total=None``: a counter), or None when ``enabled`` is false or tqdm is not installed."""
     if not enabled:
         return None
     try:
