@@ -1,5 +1,7 @@
 """samopt under torch.distributed: 2 CPU ranks with gloo, spawned by each test, against one-process references."""
 
+import faulthandler
+import gc
 import math
 import os
 import socket
@@ -83,6 +85,7 @@ def full_batches(steps: range = range(STEPS)):
 
 
 def _worker(rank: int, case: str, out: str) -> None:
+    faulthandler.enable()  # a crash of a rank prints its Python stack into the test's output
     dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=WORLD)
     try:
         torch.manual_seed(100 + rank)  # ranks seeded apart, as training scripts do (seed + rank)
@@ -90,6 +93,9 @@ def _worker(rank: int, case: str, out: str) -> None:
         torch.save(result, f"{out}/rank{rank}.pt")
         dist.barrier()  # no rank tears the group down while another still talks to it
     finally:
+        # the DDP wrappers are reference cycles holding the group: free them now, so that the group is torn down
+        # here and not at interpreter exit (where gloo aborted a rank now and then after a clean run)
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -507,6 +513,7 @@ APP = {"optimizer": "ssam-f", "label_noise": 0.25}
 
 def _app_worker(rank: int, out: str, port: int, stop: int, resume: bool = False) -> None:
     """What ``torchrun --nproc_per_node 2 samopt train ...`` runs on rank ``rank``; rank 1 gets a Ctrl-C at ``stop``."""
+    faulthandler.enable()
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from tests.test_app import _interrupt_at, tiny

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -45,6 +46,7 @@ import resource
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -537,6 +539,16 @@ def _from_main(obj: Any, ranks: Ranks) -> Any:
     return box[0]
 
 
+def _release_frames() -> None:
+    """Free what the finished training held (the DDP wrapper and its reference to the process group), also when an
+    exception's traceback still holds the frames, so that the group is torn down by ``destroy_process_group`` and not
+    at interpreter exit, where gloo can abort the process after a clean run."""
+    exc = sys.exc_info()[1]
+    if exc is not None:
+        traceback.clear_frames(exc.__traceback__)  # the finished frames below this one; lines stay printable
+    gc.collect()  # modules with hooks are reference cycles
+
+
 def run(cfg: RunConfig) -> dict[str, Any]:
     """Train as ``cfg`` says (see the module docstring); returns the summary also written to ``summary.json``.
 
@@ -563,6 +575,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         if joined:
             if together:
                 ranks.barrier()  # no rank tears the group down while another still talks to it
+            _release_frames()
             dist.destroy_process_group()
 
 
