@@ -70,14 +70,21 @@ class BufferGuard:
                 )
 
     @torch.no_grad()
-    def restore(self) -> None:
-        """Stop recording and copy every snapshot back into its original tensor (a no-op if inactive)."""
+    def restore(self, only: torch.Tensor | bool | None = None) -> None:
+        """Stop recording and copy every snapshot back into its original tensor (a no-op if inactive).
+
+        ``only``: restore only if this flag (a bool tensor, read on its device) is set, and
+        keep the new values otherwise; ``None``: always.
+        """
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
         for module, saved in self._saved.items():
             for name, buf, copy in saved:
-                buf.copy_(copy)
+                if only is None:
+                    buf.copy_(copy)
+                elif only is not False:
+                    buf.copy_(torch.where(torch.as_tensor(only, device=buf.device), copy, buf))
                 module._buffers[name] = buf
         self._saved = {}
 

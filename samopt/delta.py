@@ -78,19 +78,24 @@ def delta_weights(scores: Tensor, alpha: float, *, clip: float | None = 5.0, kap
     """
     s = scores.detach().double()
     n = s.numel()
-    kappa = kappa_rel * float(s.median()) if n else 0.0
-    base = (s + kappa).clamp_min(torch.finfo(torch.float64).tiny)
+    if n == 0:
+        return s.float()
+    base = (s + kappa_rel * s.median()).clamp_min(torch.finfo(torch.float64).tiny)
     lam = torch.softmax(-alpha * base.log(), 0)  # ∝ base^-alpha, computed without overflow
     if clip is not None:
+        # Capping the largest weights one at a time and sharing the excess in proportion keeps the order, so the
+        # result caps the k largest and scales the rest by f_k = (1 - k cap) / (their sum), for the first k at
+        # which the largest of the rest fits under the cap; found on the device, without a loop.
         cap = clip / n
-        for _ in range(n):
-            over = lam > cap
-            if not bool(over.any()):
-                break
-            free = ~over & (lam < cap)
-            excess = float((lam[over] - cap).sum())
-            lam = torch.where(over, torch.full_like(lam, cap), lam)
-            lam[free] += excess * lam[free] / lam[free].sum()
+        ordered, order = lam.sort(descending=True, stable=True)
+        rest = ordered.flip(0).cumsum(0).flip(0)
+        k = torch.arange(n, dtype=lam.dtype, device=lam.device)
+        factor = (1 - k * cap) / rest
+        fits = ordered * factor <= cap
+        fits[-1] = True  # the last always fits (n cap = clip >= 1), whatever the rounding
+        first = fits.int().argmax()
+        shared = torch.where(k < first, cap, ordered * factor.gather(0, first.reshape(1)))
+        lam = torch.empty_like(lam).scatter_(0, order, shared)
     return lam.to(torch.float32)
 
 
@@ -239,9 +244,11 @@ class DeltaSAM(SAM):
             its state is in :meth:`state_dict`.
 
     After a step, ``opt.last_scores`` and ``opt.last_weights`` hold ``s`` and ``lambda``.
-    A non-finite estimate raises ``RuntimeError``; with an enabled ``scaler`` (an fp16
-    overflow) that step uses the plain mean loss instead (``last_weights`` is ``None``)
-    and the scaler skips the update if the gradients overflow as well.
+    A non-finite estimate without a scaler is a non-finite step: its update is skipped and
+    :class:`~samopt.NonFiniteGradientError` reports it (at a later step, or in the step with
+    ``check="eager"``, as for a non-finite gradient); with an enabled ``scaler`` (an fp16
+    overflow) that step uses uniform weights instead (the plain mean loss; ``last_weights``
+    is ``1 / n``) and the scaler skips the update if the gradients overflow as well.
 
     Example::
 
@@ -441,17 +448,20 @@ class DeltaSAM(SAM):
             else:
                 with torch.enable_grad():
                     scores = self._estimate(losses, logits, probes)
-                if bool(torch.isfinite(scores).all()):
-                    lam = self.weights.weights(scores).to(losses.device)
-                elif scaler is None or not scaler.is_enabled():
+                finite = torch.isfinite(scores).all()
+                unscaled = scaler is None or not scaler.is_enabled()
+                if unscaled and self.check == "eager" and not bool(finite):
                     raise NonFiniteGradientError(
                         f"non-finite per-example norm estimate from estimator={self.estimator!r}; "
                         "the weights are unchanged"
                     )
-                # else: an fp16 overflow; the plain mean loss goes on, and the scaler skips the update if it
-                # overflows too
+                if unscaled:
+                    self._flagged = ~finite  # the update is skipped on the device, and reported later
+                # a non-finite estimate (an fp16 overflow with a scaler) falls back to the plain mean loss
+                safe = torch.where(torch.isfinite(scores), scores, 1.0)
+                lam = torch.where(finite, self.weights.weights(safe).to(losses.device), 1 / len(losses))
                 self.last_scores, self.last_weights = scores, lam
-                objective = losses.mean() if lam is None else (lam.to(losses.dtype) * losses).sum()
+                objective = (lam.to(losses.dtype) * losses).sum()
             self._backward(objective, scaler)
         with self.perturbed(scaler=scaler) as ascending:
             if ascending:

@@ -25,7 +25,7 @@ Example::
     params = [torch.randn(3, 2), torch.randn(2)]
     grads = [torch.randn(3, 2), torch.randn(2)]
     norm = functional.perturbation_norm(params, grads)                 # ||g||
-    functional.perturb_(params, grads, scale=0.05 / norm.item())       # w <- w + rho g / ||g||
+    functional.perturb_(params, grads, scale=0.05 / norm)              # w <- w + rho g / ||g||, on the device
 """
 
 from __future__ import annotations
@@ -100,14 +100,15 @@ def _squared_norms(tensors: Sequence[Tensor]) -> Tensor:
     if small:
         acc = torch.promote_types(t0.dtype, torch.float32)
         out.append(torch.stack(torch._foreach_norm(small, 2, dtype=acc)).square())
-    return torch.cat(out)
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def _sqrt_of_sum(parts: list[Tensor], device: torch.device) -> Tensor:
     if not parts:
         return torch.zeros((), dtype=torch.float32, device=device)
     dtype = torch.float64 if any(p.dtype == torch.float64 for p in parts) else torch.float32
-    return torch.cat([p.to(device=device, dtype=dtype) for p in parts]).sum().sqrt()
+    squares = [p.to(device=device, dtype=dtype) for p in parts]
+    return (squares[0] if len(squares) == 1 else torch.cat(squares)).sum().sqrt()
 
 
 def global_norm(tensors: Sequence[Tensor]) -> Tensor:
@@ -182,7 +183,7 @@ def perturb_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     *,
-    scale: float,
+    scale: float | Tensor,
     adaptive: bool = False,
     eta: float = 0.01,
     masks: Sequence[Tensor] | None = None,
@@ -193,48 +194,38 @@ def perturb_(
     With ``scale = rho / perturbation_norm(...)`` this is the ascent step of SAM
     (``T = 1``) or element-wise ASAM (``T = |w| + eta``, taken at ``w``); boolean
     ``masks`` (one per tensor) restrict it to the chosen entries, as in Sparse SAM
-    (Mi et al., NeurIPS 2022, arXiv:2210.05177). In place, unmasked SAM needs no
-    temporary and runs as one multi-tensor op per device and dtype; ASAM needs one
-    chunk-sized temporary. With ``out`` the weights are only read and each result is
-    written straight into its ``out`` tensor (same shapes, devices and dtypes).
+    (Mi et al., NeurIPS 2022, arXiv:2210.05177). ``scale`` may be a scalar tensor on
+    the parameters' device, so that the step never reads it back to the host. The
+    direction ``scale * m * T^2 g`` is formed in temporaries of at most
+    :data:`CHUNK_NUMEL` elements and added with grouped ``torch._foreach_*`` calls, per
+    device and dtype; with ``out`` the weights are only read.
 
     Example::
 
-        n = perturbation_norm(params, grads).item()
-        if n > 0:
-            perturb_(params, grads, scale=rho / n)                  # w <- w + e
-            perturb_(params, grads, scale=rho / n, out=buffers)     # buffers <- w + e, w untouched
-            perturb_(params, grads, scale=rho / n, masks=masks)     # w <- w + m * e
+        n = perturbation_norm(params, grads)
+        scale = torch.where(n > 0, rho / n, 0.0)                    # no perturbation for a zero gradient
+        perturb_(params, grads, scale=scale)                        # w <- w + e
+        perturb_(params, grads, scale=scale, out=buffers)           # buffers <- w + e, w untouched
+        perturb_(params, grads, scale=scale, masks=masks)           # w <- w + m * e
     """
     dests = params if out is None else out
     ms = masks if masks is not None else [None] * len(params)
     for ps, gs, bm, ds in _buckets_with_masks(params, grads, ms, dests):
-        masked = bm[0] is not None
-        if not adaptive and not masked:
-            if out is None:
-                torch._foreach_add_(ps, gs, alpha=scale)
-            else:
-                for p, g, d in zip(ps, gs, ds, strict=True):
-                    torch.add(p, g, alpha=scale, out=d)
-            continue
-        if not adaptive:
-            if out is None:
-                torch._foreach_addcmul_(ps, gs, bm, value=scale)
-            else:
-                for p, g, m, d in zip(ps, gs, bm, ds, strict=True):
-                    torch.addcmul(p, g, m, value=scale, out=d)
-            continue
+        s = scale.to(gs[0].device) if isinstance(scale, Tensor) else scale
         for cp, cg, cm, cd in _chunks(ps, gs, bm, ds):
-            t = torch._foreach_abs(cp)
-            torch._foreach_add_(t, eta)
-            torch._foreach_mul_(t, t)
-            if masked:
-                torch._foreach_mul_(t, cm)
+            e = torch._foreach_mul(cg, s)
+            if adaptive:
+                t = torch._foreach_abs(cp)
+                torch._foreach_add_(t, eta)
+                torch._foreach_mul_(e, t)
+                torch._foreach_mul_(e, t)
+            if cm[0] is not None:
+                torch._foreach_mul_(e, cm)
             if out is None:
-                torch._foreach_addcmul_(cp, t, cg, value=scale)
+                torch._foreach_add_(cp, e)
             else:
-                for p, ti, g, d in zip(cp, t, cg, cd, strict=True):
-                    torch.addcmul(p, ti, g, value=scale, out=d)
+                torch._foreach_add_(e, cp)
+                torch._foreach_copy_(cd, e)
 
 
 @torch.no_grad()
@@ -255,13 +246,14 @@ def clip_grads_(grads: Sequence[Tensor], total_norm: Tensor, max_norm: float) ->
 
 
 @torch.no_grad()
-def unscale_grads_(grads: Sequence[Tensor], inv_scale: float) -> Tensor:
+def unscale_grads_(grads: Sequence[Tensor], inv_scale: float | Tensor) -> Tensor:
     """Multiply loss-scaled ``grads`` by ``inv_scale`` in place; return 1.0 if any was inf/NaN.
 
     The same fused kernel (``torch._amp_foreach_non_finite_check_and_unscale_``) that
     :class:`torch.amp.GradScaler` uses, without touching a scaler's per-optimizer
     state, so SAM can unscale its first-pass gradients and still let the scaler
-    unscale the second pass. Returns a float32 scalar tensor (0.0 or 1.0).
+    unscale the second pass. ``inv_scale`` may be a tensor on the device (no read-back).
+    Returns a float32 scalar tensor (0.0 or 1.0).
 
     Example::
 
@@ -272,7 +264,7 @@ def unscale_grads_(grads: Sequence[Tensor], inv_scale: float) -> Tensor:
     for (gs,) in buckets(grads):
         d = gs[0].device
         found_d = torch.zeros((), dtype=torch.float32, device=d)
-        inv = torch.full((), inv_scale, dtype=torch.float32, device=d)
+        inv = torch.as_tensor(inv_scale, dtype=torch.float32, device=d)
         torch._amp_foreach_non_finite_check_and_unscale_(gs, found_d, inv)
         found = torch.maximum(found, found_d.to(device))
     return found

@@ -154,7 +154,8 @@ class Mask(Ascent):
     Subclasses implement :meth:`compute` (new masks from the current weights and
     gradients). The engine calls :meth:`bind` once with every parameter of the
     optimizer; :meth:`perturb` recomputes the mask when it is due (:meth:`maybe_update`)
-    and moves the live entries; :meth:`advance` counts each applied update.
+    and moves the live entries; :meth:`advance` counts each step (see :meth:`SAM.second_step
+    <samopt.SAM.second_step>` for those skipped for an overflow).
 
     Args:
         sparsity: fraction of entries NOT perturbed, in [0, 1). 0 perturbs every
@@ -170,7 +171,7 @@ class Mask(Ascent):
             step must then ascend (no schedule) and on several ranks the optimizer needs
             ``ddp=`` or ``average_grads=True``. ``False`` computes them: the same
             perturbation, without the saving (and ``renormalize=False`` becomes possible).
-        update_interval: recompute the mask every this many applied updates (the
+        update_interval: recompute the mask every this many steps (the
             first mask is computed at the first step); ``None``: never recompute.
         seed: seed of the mask's own random generator (random masks, sampled
             labels); ``None`` takes ``torch.initial_seed()``. Its state is in
@@ -201,7 +202,7 @@ class Mask(Ascent):
         self.update_interval = validation.positive_int("update_interval", update_interval, allow_none=True)
         validation.seed_or_none("seed", seed)
         self.seed = torch.initial_seed() if seed is None else seed
-        self.steps = 0  # applied updates so far
+        self.steps = 0  # steps so far
         self.last_update: int | None = None  # value of ``steps`` at the last mask computation
         self.masks: list[Tensor] | None = None
         self.live: list[int] = []  # live entries of each mask
@@ -241,7 +242,7 @@ class Mask(Ascent):
         self._index = {p: i for i, p in enumerate(params)}
         self._set(None)
 
-    def perturb(self, groups: Sequence[GroupGrads], norm: float, move: Move) -> None:
+    def perturb(self, groups: Sequence[GroupGrads], norm: Tensor, move: Move) -> None:
         """Update the mask if due, then move the live entries to ``w + m rho T^2 g / norm`` (``norm``: the full
         gradient's ``||T g||``, or the masked one with ``renormalize=True``); all-off tensors are not touched."""
         self.maybe_update([p.grad for p in self._bound()])
@@ -259,15 +260,14 @@ class Mask(Ascent):
                     some[1].append(g)
                     some[2].append(self.mask_of(i))
             parts += [(group, *full, None), (group, *some)]
-        if self.renormalize and norm > 0:
+        if self.renormalize:
             norms = [
                 kernels.perturbation_norm(ps, gs, adaptive=g["adaptive"], eta=g["eta"], masks=ms)
                 for g, ps, gs, ms in parts
                 if ps
             ]
-            norm = kernels.global_norm(norms).item()
-        if norm > 0:
-            perturb_parts(parts, norm, move)
+            norm = torch.where(norm > 0, kernels.global_norm(norms).to(norm.device), 0.0)
+        perturb_parts(parts, norm, move)
 
     @property
     def skips_clean_grads(self) -> bool:
@@ -282,9 +282,13 @@ class Mask(Ascent):
             return None
         return [p for p, n in zip(self._bound(), self.live, strict=True) if n]
 
+    def reads_gradient(self) -> bool:
+        """Whether a new mask is computed from this step's gradient (:meth:`due`)."""
+        return self.due()
+
     def due(self) -> bool:
         """Whether :meth:`maybe_update` will compute a new mask now: there is none yet, or
-        ``update_interval`` applied updates have passed since the last one."""
+        ``update_interval`` steps have passed since the last one."""
         if self.masks is None or self.last_update is None:
             return True
         return self.update_interval is not None and self.steps - self.last_update >= self.update_interval
@@ -314,7 +318,7 @@ class Mask(Ascent):
         self.live = [] if masks is None else [int(m.sum()) for m in masks]
 
     def advance(self) -> None:
-        """Count one applied update."""
+        """Count one step (one whose update was skipped on the device too, with ``check="deferred"``)."""
         self.steps += 1
 
     def compute(self, params: list[Tensor], grads: Sequence[Tensor | None]) -> list[Tensor]:

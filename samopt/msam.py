@@ -36,6 +36,7 @@ from torch.optim.optimizer import ParamsT
 from samopt import functional as kernels
 from samopt import validation
 from samopt.sam import step_within_hooks
+from samopt.seams import scale_of
 from samopt.swap import WeightSwap
 
 __all__ = ["MSAM", "momentum_direction_reference"]
@@ -104,13 +105,11 @@ class MSAM(torch.optim.Optimizer):
         if not pairs or self.rho == 0:
             return
         params, moments = [p for p, _ in pairs], [v for _, v in pairs]
-        norm = kernels.global_norm(moments).item()
-        if norm == 0:
-            return
+        scale = -scale_of(self.rho, kernels.global_norm(moments))  # 0 for a zero momentum, on the device
 
         def fill(idx: list[int], out: list[Tensor] | None) -> None:
             chosen = [params[i] for i in idx], [moments[i] for i in idx]
-            kernels.perturb_(*chosen, scale=-self.rho / norm, out=out)
+            kernels.perturb_(*chosen, scale=scale, out=out)
 
         self._swap.move(params, fill)
 

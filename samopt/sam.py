@@ -24,7 +24,7 @@ import contextlib
 import dataclasses
 import inspect
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.optimizer import ParamsT
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from samopt import functional as kernels
 from samopt import validation
@@ -42,12 +43,24 @@ from samopt.seams import Ascent, Descent, GroupGrads, Pass, Policy, Schedule
 from samopt.swap import WeightSwap
 from samopt.sync import SYNC_MODES, GradientSync
 
-__all__ = ["BN_MODES", "GROUP_KEYS", "SAM", "SYNC_MODES", "NonFiniteGradientError", "Work", "step_within_hooks"]
+__all__ = [
+    "BN_MODES",
+    "CHECK_MODES",
+    "FUSABLE",
+    "GROUP_KEYS",
+    "SAM",
+    "SYNC_MODES",
+    "NonFiniteGradientError",
+    "Work",
+    "step_within_hooks",
+]
 
 #: Hyperparameters SAM keeps in every parameter group, beside the base optimizer's.
 GROUP_KEYS = ("rho", "adaptive", "eta")
 #: Allowed values of ``bn``.
 BN_MODES = ("first", "both")
+#: Allowed values of ``check``: when a non-finite gradient without a GradScaler is read on the host.
+CHECK_MODES = ("deferred", "eager")
 #: Version of the ``"samopt"`` entry of :meth:`SAM.state_dict` (1: before the seams; still read).
 STATE_FORMAT = 2
 #: The seams, in the order of the ``"samopt"`` entry.
@@ -61,8 +74,13 @@ class NonFiniteGradientError(RuntimeError, FloatingPointError):
     """A non-finite gradient (or δ-SAM norm estimate) without a GradScaler to skip the step; the weights are at ``w``.
 
     A ``RuntimeError`` (as before it had a name) and a ``FloatingPointError`` (so
-    ``samopt train`` reports it as a diverged run, not a crash).
+    ``samopt train`` reports it as a diverged run, not a crash). :attr:`step` is the
+    step it happened in (``opt.work.steps`` then), or ``None`` when it is the current one.
     """
+
+    def __init__(self, message: str, step: int | None = None) -> None:
+        super().__init__(message)
+        self.step = step
 
 
 def _check_group(index: int, group: dict[str, Any], params: list[Tensor]) -> None:
@@ -145,6 +163,98 @@ def _takes_an_argument(closure: Callable[..., Any]) -> bool:
         return False
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     return any(p.kind in positional and p.default is inspect.Parameter.empty for p in params)
+
+
+def _inverse_scale(scaler: torch.amp.GradScaler) -> Tensor:
+    """``1 / scale`` of ``scaler`` on its device, as ``GradScaler.unscale_`` computes it (no read-back)."""
+    scale = scaler._get_scale_async()
+    if scale is None:
+        raise RuntimeError("the GradScaler has not scaled a loss yet: backward scaler.scale(loss) first")
+    return scale.double().reciprocal().float()
+
+
+def _non_finite(norm: Tensor) -> Tensor:
+    """Whether ``norm`` (a norm: >= 0, inf or NaN) is inf or NaN, on its device, in two small kernels."""
+    return ~(norm < math.inf)
+
+
+def _poison(grads: list[Tensor], bad: Tensor) -> None:
+    """Make one gradient entry NaN if ``bad`` is set (times 1 otherwise: bit for bit), so that a GradScaler that
+    unscales ``grads`` finds an overflow of an earlier pass; one small kernel, no read-back."""
+    g = next(g for g in grads if g.numel())
+    g[(0,) * g.dim()].mul_(torch.where(bad.to(g.device), math.nan, 1.0).to(g.dtype))
+
+
+def _skips_on_device(base: torch.optim.Optimizer) -> bool:
+    """Whether ``base`` skips its step on the device when given ``found_inf`` (torch's fused optimizers, in every
+    group: a group loaded from a state dict saved without ``fused`` is not)."""
+    return getattr(base, "_step_supports_amp_scaling", False) and all(g.get("fused") for g in base.param_groups)
+
+
+#: Base optimizers samopt builds fused (``fused=True``) unless told otherwise: they can skip on the device.
+FUSABLE = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+
+
+def fuse_kwargs(base: type[torch.optim.Optimizer], params: Sequence[Tensor], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with ``fused=True`` for a :data:`FUSABLE` optimizer over plain floating-point tensors on a device
+    with fused kernels, unless ``fused``, ``foreach`` or ``differentiable`` was given: how :class:`SAM` builds its
+    base optimizer (so that a step can skip on the device), and how to build a plain one to compare with it.
+
+    Example::
+
+        sgd = torch.optim.SGD(params, **fuse_kwargs(torch.optim.SGD, params, {"lr": 0.1}))
+    """
+    if base not in FUSABLE or any(k in kwargs for k in ("fused", "foreach", "differentiable")):
+        return kwargs
+    devices = _get_fused_kernels_supported_devices()
+    plain = all(
+        type(p) in (torch.nn.Parameter, Tensor) and p.is_floating_point() and p.device.type in devices for p in params
+    )
+    return {**kwargs, "fused": True} if plain and params else kwargs
+
+
+class _NonFinite:
+    """The steps whose non-finite gradient (without a GradScaler) was skipped on the device, and their report.
+
+    The device keeps the number of the first such step not yet reported; after each step
+    it is copied to the host without waiting (pinned memory and an event on a GPU), and
+    :meth:`raise_if_arrived` raises once the copy has arrived.
+    """
+
+    def __init__(self) -> None:
+        self.first: Tensor | None = None  # on the device: the first unreported step number, 0 for none
+        self.host: Tensor | None = None
+        self.event: torch.cuda.Event | None = None
+
+    def record(self, bad: Tensor, step: int) -> None:
+        if self.first is None or self.first.device != bad.device:
+            cuda = bad.device.type == "cuda"
+            self.first = torch.zeros((), dtype=torch.int64, device=bad.device)
+            self.host = torch.zeros((), dtype=torch.int64, pin_memory=cuda)
+            self.event = torch.cuda.Event() if cuda else None
+        self.first = torch.where(bad & (self.first == 0), step, self.first)
+        assert self.host is not None
+        self.host.copy_(self.first, non_blocking=True)
+        if self.event is not None:
+            self.event.record()
+
+    def raise_if_arrived(self, wait: bool = False) -> None:
+        if self.host is None or self.first is None:
+            return
+        if self.event is not None and not self.event.query():
+            if not wait:
+                return
+            self.event.synchronize()
+        step = int(self.host.numpy())  # host memory that the copy has reached: no read-back
+        if step:
+            self.first.zero_()
+            self.host.zero_()
+            raise NonFiniteGradientError(
+                f"non-finite gradient in step {step} (without a GradScaler); its update was skipped on the device "
+                "and the weights are those before it. For fp16 pass a GradScaler (opt.step(closure, scaler=scaler)); "
+                "SAM(..., check='eager') raises in the step itself",
+                step,
+            )
 
 
 def _policy(name: str, value: Any, kind: type[Policy]) -> Any:
@@ -230,7 +340,8 @@ class _Step:
     """What :meth:`SAM.first_step` decided, for :meth:`SAM.second_step`."""
 
     scaler: torch.amp.GradScaler | None
-    skip: bool = False  # an overflow: no update at all
+    skip: bool = False  # an overflow seen on the host (check="eager"): no update at all
+    bad: Tensor | None = None  # the same on the device (check="deferred"): a non-finite clean gradient
     ascended: bool = False  # the weights are at w + e
     clean: list[Tensor] | None = None  # a copy of g, for a Descent that needs it
 
@@ -258,8 +369,15 @@ class SAM(torch.optim.Optimizer):
         ascent, descent, schedule: :mod:`samopt.seams` policies (``None``: SAM's).
         perturb_in_place: perturb the parameters' own storage (for CUDA graphs) instead
             of swapping it (:mod:`samopt.swap`).
+        check: ``"deferred"`` (no read-back from the device in a step: a non-finite
+            gradient without a GradScaler skips the update on the device and is raised
+            by a later step or :meth:`check_finite`) or ``"eager"`` (read in the step,
+            raised at once, and an overflow skips the perturbed pass); see the README.
         sync, ddp, average_grads, process_group: several ranks (:mod:`samopt.sync`).
-        **base_kwargs: the base optimizer's arguments (``lr``, ``momentum``, ...).
+        **base_kwargs: the base optimizer's arguments (``lr``, ``momentum``, ...). torch's
+            SGD, Adam and AdamW (:data:`FUSABLE`) are built with ``fused=True`` over plain
+            floating-point parameters unless ``fused``, ``foreach`` or ``differentiable`` is
+            given, so that a step can skip its update on the device.
 
     Example::
 
@@ -299,6 +417,7 @@ class SAM(torch.optim.Optimizer):
         descent: Descent | None = None,
         schedule: Schedule | None = None,
         perturb_in_place: bool = False,
+        check: str = "deferred",
         sync: str = "global",
         ddp: DistributedDataParallel | None = None,
         average_grads: bool = False,
@@ -328,6 +447,7 @@ class SAM(torch.optim.Optimizer):
         self.bn = validation.choice("bn", bn, BN_MODES)
         self.max_grad_norm = validation.positive_or_none("max_grad_norm", max_grad_norm)
         self.perturb_in_place = validation.boolean("perturb_in_place", perturb_in_place)
+        self.check = validation.choice("check", check, CHECK_MODES)
         validation.choice("sync", sync, SYNC_MODES)
         if mask is not None and not isinstance(mask, Ascent):
             raise TypeError(f"mask must be a samopt.masks.Mask (e.g. RandomMask(sparsity=0.5)) or None, got {mask!r}")
@@ -351,6 +471,7 @@ class SAM(torch.optim.Optimizer):
                 f"descent reads it): drop {seam}= or build the mask with skip_unperturbed=False"
             )
         super().__init__(params, defaults)
+        base_kwargs = fuse_kwargs(base_optimizer, self._all_params(), base_kwargs)
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
@@ -361,10 +482,14 @@ class SAM(torch.optim.Optimizer):
             self._all_params(), sync=sync, ddp=ddp, average_grads=average_grads, process_group=process_group
         )
         self._swap = WeightSwap(in_place=self.perturb_in_place or self._sync.sharded)  # FSDP gathers from its buffer
-        self._guard = BufferGuard() if self.bn == "first" else None
+        # bn="both" keeps the perturbed pass's statistics, but not those of a step skipped on the device
+        self._guard = BufferGuard() if self.bn == "first" or self.check == "deferred" else None
         self._step: _Step | None = None
+        self._nonfinite = _NonFinite()
+        self._flagged: Tensor | None = None  # set by a driver (δ-SAM) before first_step(): this step is non-finite
+        self._base_ready = False  # the base optimizer has stepped once: fused SGD may skip its first step wrongly
         self._unsynced = False  # the last clean pass ran under DDP's no_sync() to skip tensors: samopt averages
-        self._updates = 0  # the updates applied so far: the step index the schedule sees
+        self._updates = 0  # the steps taken so far (eager: the updates applied): the index the schedule sees
         #: The passes the updates have cost so far (:class:`Work`); carried by :meth:`state_dict`.
         self.work = Work()
         self._bind()
@@ -419,6 +544,7 @@ class SAM(torch.optim.Optimizer):
         index = len(self.param_groups)
         _check_group(index, {**self.base_optimizer.defaults, **param_group}, param_group["params"])
         self.base_optimizer.add_param_group(param_group)
+        self._base_ready = False
         self._bind()
 
     def _all_params(self) -> list[Tensor]:
@@ -514,6 +640,8 @@ class SAM(torch.optim.Optimizer):
                 "first_step() called twice without second_step(): the weights are already at w + e; "
                 "call second_step() to finish the update or restore() to undo it"
             )
+        self._nonfinite.raise_if_arrived()
+        flagged, self._flagged = self._flagged, None
         scaler = _enabled(scaler)
         collected = self._collect()
         for i, (group, _, _) in enumerate(collected):
@@ -528,30 +656,36 @@ class SAM(torch.optim.Optimizer):
             )
         if scaler is not None and any(g.dtype == torch.float16 for g in grads):
             raise ValueError("Attempting to unscale FP16 gradients: keep fp32 parameters under fp16 autocast")
-        inv_scale = 1.0 if scaler is None else 1.0 / scaler.get_scale()
-        ascends = self._ascends(grads, inv_scale)
-        step = self._step = _Step(scaler=scaler)  # registered before anything moves: restore() undoes a failure
+        ascends = self._ascends(grads, scaler)
+        step = self._step = _Step(scaler=scaler, bad=flagged)  # registered before anything moves: restore() undoes
         self.work.steps += 1
         self.work.clean_passes += 1 / self.ascent.sub_batches
         if not ascends:
             return False  # second_step() steps with these gradients, unscaled there as for any optimizer
-        found_inf = scaler is not None and bool(kernels.unscale_grads_(grads, inv_scale).item())
-        total = self._sync.over_shards(self.ascent.norm(collected)).item()
-        if self._sync.any_rank(found_inf or not math.isfinite(total), grads[0].device) and math.isfinite(total):
-            found_inf, total = True, math.inf  # another rank's own gradient overflowed (sync="local")
-        if found_inf or not math.isfinite(total):
-            if scaler is None:
-                self._step = None
-                raise NonFiniteGradientError(
-                    f"non-finite gradient in the clean pass (at w): gradient norm {total}; the weights are "
-                    "unchanged. For fp16 pass a GradScaler (opt.step(closure, scaler=scaler))"
-                )
-            step.skip = True
-            return False
+        found_inf = None if scaler is None else kernels.unscale_grads_(grads, _inverse_scale(scaler))
+        norm = self._sync.over_shards(self.ascent.norm(collected))
+        bad = _non_finite(norm)
+        if found_inf is not None:
+            bad = bad | (found_inf.to(bad.device) > 0)
+        if flagged is not None:  # a driver's own check of this step (δ-SAM's norm estimate)
+            bad = bad | flagged.to(bad.device)
+        bad = self._sync.any_rank(bad)  # another rank's own gradient overflowed (sync="local")
+        if self.check == "eager" or self.ascent.reads_gradient():
+            if bool(bad):
+                if scaler is None:
+                    self._step = None
+                    raise NonFiniteGradientError(
+                        f"non-finite gradient in the clean pass (at w): gradient norm {norm.item()}; the weights "
+                        "are unchanged. For fp16 pass a GradScaler (opt.step(closure, scaler=scaler))"
+                    )
+                step.skip = True
+                return False
+        else:
+            step.bad = bad
         if self.descent.needs_clean:
             step.clean = [g.detach().clone() for g in grads]
         try:
-            self.ascent.perturb(collected, total, self._swap.move)
+            self.ascent.perturb(collected, norm, self._swap.move)
         except BaseException:
             self.restore()
             raise
@@ -564,15 +698,16 @@ class SAM(torch.optim.Optimizer):
             self.zero_grad(set_to_none=True)
         return True
 
-    def _ascends(self, grads: list[Tensor], inv_scale: float) -> bool:
+    def _ascends(self, grads: list[Tensor], scaler: torch.amp.GradScaler | None) -> bool:
         """The schedule's decision for this step, the same on every rank."""
         if type(self.schedule) is Schedule:
             return True  # SAM's: always, without a word between the ranks
 
         def grad_norm() -> float:  # of the unscaled gradient; inf or NaN on an fp16 overflow
+            inv_scale = 1.0 if scaler is None else 1.0 / scaler.get_scale()
             return inv_scale * self._sync.over_shards(kernels.global_norm(grads)).item()
 
-        return self._sync.any_rank(self.schedule.ascend(self._updates, grad_norm), grads[0].device)
+        return self._sync.any_rank(self.schedule.ascend(self._updates, grad_norm))
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -582,10 +717,12 @@ class SAM(torch.optim.Optimizer):
         :meth:`second_step` follows; :meth:`step` and :meth:`perturbed` do it themselves.
         A no-op when the weights are not perturbed.
         """
-        self._step = None
+        step, self._step = self._step, None
         self._swap.restore()
-        if self._guard is not None:
+        if self._guard is not None and self.bn == "first":
             self._guard.restore()
+        elif self._guard is not None:  # bn="both": keep the perturbed pass's statistics, unless skipped on the device
+            self._guard.restore(only=False if step is None or step.bad is None else step.bad)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = True, scaler: torch.amp.GradScaler | None = None) -> None:
@@ -595,6 +732,13 @@ class SAM(torch.optim.Optimizer):
         that did not ascend) as the descent policy forms it; clipped to ``max_grad_norm``.
         The step hooks of this optimizer (and the global ones, through the base optimizer's
         step) run once, around the base optimizer's step.
+
+        A non-finite gradient in either pass skips the update. With ``check="deferred"``
+        the decision stays on the device when the base optimizer can skip there (torch's
+        fused SGD, Adam and AdamW, which samopt builds by default; after its first step),
+        and is read back once otherwise; the policies' step counters then count skipped
+        steps too, as an LR scheduler does. With ``check="eager"`` they count applied
+        updates.
 
         Args:
             zero_grad: set the gradients to ``None`` after the update.
@@ -635,29 +779,76 @@ class SAM(torch.optim.Optimizer):
                 f"no parameter has a gradient in {where}: call loss.backward() between first_step() and second_step()"
             )
         if scaler is not None:
+            if step.bad is not None:  # a clean-pass overflow must reach the scaler, which then lowers its scale
+                _poison(grads, step.bad)
             scaler.unscale_(self)
         if step.ascended:
             self.descent.combine(params, step.clean, grads)
         elif not step.skip:
             self.descent.without_ascent(params, grads)
         total = self._sync.over_shards(kernels.global_norm(grads))
-        total_f = total.item()
-        if step.skip or not math.isfinite(total_f):
-            if scaler is None:
-                raise NonFiniteGradientError(
-                    f"non-finite gradient in {where}: gradient norm {total_f}; the weights are at w and not "
-                    "updated. For fp16 pass a GradScaler (opt.step(closure, scaler=scaler))"
-                )
+        if self.check == "eager" or step.skip:
+            total_f = total.item()
+            if step.skip or not math.isfinite(total_f):
+                if scaler is None:
+                    raise NonFiniteGradientError(
+                        f"non-finite gradient in {where}: gradient norm {total_f}; the weights are at w and not "
+                        "updated. For fp16 pass a GradScaler (opt.step(closure, scaler=scaler))"
+                    )
+            else:
+                if self.max_grad_norm is not None:
+                    kernels.clip_grads_(grads, total, self.max_grad_norm)
+                self._base_step()
+                self.ascent.advance()
+                self._updates += 1
         else:
+            bad = _non_finite(total)
+            if step.bad is not None:
+                bad = bad | step.bad.to(bad.device)
             if self.max_grad_norm is not None:
                 kernels.clip_grads_(grads, total, self.max_grad_norm)
-            self._base_step()
-            self.ascent.advance()
-            self._updates += 1
+            self._update_unless(bad, scaler is None, where)
         # An LR scheduler attached to this object watches step(); the two-phase API never calls it.
         self._opt_called = True
         if zero_grad:
             self.zero_grad(set_to_none=True)
+
+    def _update_unless(self, bad: Tensor, report: bool, where: str) -> None:
+        """Step the base optimizer unless ``bad`` (a bool on the device) is set, without reading it back where the
+        base optimizer can skip on the device (``found_inf``, as :class:`~torch.amp.GradScaler` gives torch's fused
+        optimizers); otherwise read it, once. A skipped step is reported (``report``: no scaler) by
+        :class:`NonFiniteGradientError`: at once after a read, else at a later step (:meth:`check_finite`)."""
+        if self._base_ready and _skips_on_device(self.base_optimizer):
+            self.base_optimizer.found_inf = bad.float()  # type: ignore[attr-defined]
+            try:
+                self._base_step()
+            finally:
+                del self.base_optimizer.found_inf  # type: ignore[attr-defined]
+            if report:
+                self._nonfinite.record(bad, self.work.steps)
+        elif bool(bad):
+            if report:
+                raise NonFiniteGradientError(
+                    f"non-finite gradient in {where} or before it; the weights are at w and not updated. For "
+                    "fp16 pass a GradScaler (opt.step(closure, scaler=scaler))"
+                )
+            return
+        else:
+            self._base_step()
+            self._base_ready = True
+        self.ascent.advance()
+        self._updates += 1
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteGradientError` if a step since the last report had a non-finite gradient
+        without a GradScaler (its update was skipped on the device); reads one flag back from the device.
+
+        With ``check="deferred"`` (the default) a step never waits for the device: the error
+        is raised by the first ``first_step()`` (or ``step()``) after the flag has reached the
+        host, on a CPU the next one; call this where the answer must be known at once
+        (before saving a checkpoint, at the end of an epoch).
+        """
+        self._nonfinite.raise_if_arrived(wait=True)
 
     def _base_step(self) -> None:
         step_within_hooks(self, self.base_optimizer)
@@ -782,6 +973,7 @@ class SAM(torch.optim.Optimizer):
         for seam in SEAMS:
             getattr(self, seam).load_state_dict(policies[seam])
         self._updates, self.work = updates, work
+        self._base_ready = False
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         for post in self._optimizer_load_state_dict_post_hooks.values():

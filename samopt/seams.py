@@ -40,6 +40,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from samopt import functional as kernels
@@ -56,6 +57,7 @@ __all__ = [
     "Policy",
     "Schedule",
     "perturb_parts",
+    "scale_of",
     "take_keywords",
 ]
 
@@ -140,18 +142,28 @@ def take_keywords(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: kwargs.pop(k) for k in list(kwargs) if k in names}
 
 
-def perturb_parts(parts: Sequence[Part], norm: float, move: Move) -> None:
-    """Move each part to ``w + rho m T^2 g / norm`` (its group's ``rho``, ``adaptive``, ``eta``; mask ``m``)."""
+def perturb_parts(parts: Sequence[Part], norm: Tensor, move: Move) -> None:
+    """Move each part to ``w + rho m T^2 g / norm`` (its group's ``rho``, ``adaptive``, ``eta``; mask ``m``).
+
+    ``norm`` stays on the device: a zero norm (a zero gradient) gives no perturbation, and
+    a non-finite one a non-finite ``w + e``, which the engine never keeps (it returns to
+    ``w`` by copy or swap, and skips the update on the device).
+    """
     for group, params, grads, masks in parts:
         if not params or group["rho"] == 0:
             continue
-        kw = {"scale": group["rho"] / norm, "adaptive": group["adaptive"], "eta": group["eta"]}
+        kw = {"scale": scale_of(group["rho"], norm), "adaptive": group["adaptive"], "eta": group["eta"]}
 
         def fill(idx: list[int], out: list[Tensor] | None, params=params, grads=grads, masks=masks, kw=kw) -> None:
             chosen = None if masks is None else [masks[i] for i in idx]
             kernels.perturb_([params[i] for i in idx], [grads[i] for i in idx], masks=chosen, out=out, **kw)
 
         move(params, fill)
+
+
+def scale_of(rho: float, norm: Tensor) -> Tensor:
+    """``rho / norm``, or 0 for a zero ``norm``, computed on ``norm``'s device (no read-back)."""
+    return torch.where(norm > 0, rho / norm, 0.0)
 
 
 class Ascent(Policy):
@@ -163,8 +175,8 @@ class Ascent(Policy):
     ``eta``; the norm is global over every group.
 
     The engine calls, in each ``first_step``: :meth:`norm` (whose finiteness decides
-    an overflow skip), then, if the step ascends, :meth:`perturb`; after every applied
-    update :meth:`advance`. :meth:`bind` is called once with every parameter.
+    an overflow skip, on the device), then, if the step ascends, :meth:`perturb`; after
+    every update :meth:`advance`. :meth:`bind` is called once with every parameter.
     """
 
     #: The clean pass's share of the batch is ``1 / sub_batches`` (:class:`Pass`); 1: the whole batch.
@@ -179,14 +191,19 @@ class Ascent(Policy):
         norms = [kernels.perturbation_norm(ps, gs, adaptive=g["adaptive"], eta=g["eta"]) for g, ps, gs in groups if ps]
         return kernels.global_norm(norms)
 
-    def perturb(self, groups: Sequence[GroupGrads], norm: float, move: Move) -> None:
-        """Move the parameters to ``w + e`` through ``move``, given ``norm = ||T g||`` (finite; a zero gradient
-        gives no perturbation)."""
-        if norm > 0:
-            perturb_parts([(g, ps, gs, None) for g, ps, gs in groups], norm, move)
+    def perturb(self, groups: Sequence[GroupGrads], norm: Tensor, move: Move) -> None:
+        """Move the parameters to ``w + e`` through ``move``, given ``norm = ||T g||``, a scalar tensor on the
+        device (a zero gradient gives no perturbation; the engine never reads ``norm`` back to the host, and a
+        policy should not either)."""
+        perturb_parts([(g, ps, gs, None) for g, ps, gs in groups], norm, move)
 
     def advance(self) -> None:
-        """One update was applied."""
+        """One step was taken (with ``check="deferred"``, also one whose update was skipped on the device)."""
+
+    def reads_gradient(self) -> bool:
+        """Whether this step's :meth:`perturb` reads the clean gradient for more than ``e`` (a mask update): the
+        engine then checks it on the host first, so that a non-finite one skips the step before it is read."""
+        return False
 
     @property
     def skips_clean_grads(self) -> bool:
@@ -234,11 +251,14 @@ class AroundAscent(Ascent):
     def norm(self, groups: Sequence[GroupGrads]) -> Tensor:
         return self.inner.norm(groups)
 
-    def perturb(self, groups: Sequence[GroupGrads], norm: float, move: Move) -> None:
+    def perturb(self, groups: Sequence[GroupGrads], norm: Tensor, move: Move) -> None:
         self.inner.perturb(groups, norm, move)
 
     def advance(self) -> None:
         self.inner.advance()
+
+    def reads_gradient(self) -> bool:
+        return self.inner.reads_gradient()
 
     @property
     def skips_clean_grads(self) -> bool:
@@ -290,7 +310,8 @@ class Schedule(Policy):
     """Whether a step ascends: always (SAM)."""
 
     def ascend(self, step: int, grad_norm: Callable[[], float]) -> bool:
-        """Whether update number ``step`` (0-based, counting applied updates) runs the perturbed pass.
+        """Whether step number ``step`` (0-based; see :meth:`samopt.SAM.second_step` on skipped ones) runs the
+        perturbed pass.
 
         ``grad_norm()`` gives ``||g||`` of the clean gradient (computed on demand).
         """

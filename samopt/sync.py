@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -33,6 +34,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from samopt import distributed as D
 from samopt import validation
+
+#: A flag on the host or on the device.
+F = TypeVar("F", bool, Tensor)
 
 __all__ = ["SYNC_MODES", "GradientSync"]
 
@@ -157,11 +161,12 @@ class GradientSync:
         D.all_reduce_([sq], "sum", self.shard_group)
         return sq.sqrt().reshape(()).to(norm.dtype)
 
-    def any_rank(self, flag: bool, device: torch.device) -> bool:
-        """Whether ``flag`` is set on any rank, in ``"local"`` mode on several ranks (where each rank's clean
-        gradient is its own, so an overflow on one must skip the step on all); ``flag`` itself otherwise."""
+    def any_rank(self, flag: F) -> F:
+        """Whether ``flag`` (a bool, or a bool tensor kept on its device) is set on any rank, in ``"local"`` mode on
+        several ranks (where each rank's clean gradient is its own, so an overflow on one must skip the step on
+        all); ``flag`` itself otherwise."""
         if self.mode != "local" or self.world == 1:
             return flag
-        bad = torch.tensor(float(flag), device=device)
+        bad = torch.as_tensor(flag, dtype=torch.float32, device=self._device).clone()
         D.all_reduce_([bad], "max", self.process_group)
-        return bool(bad.item())
+        return bool(bad.item()) if isinstance(flag, bool) else bad.to(flag.device) > 0

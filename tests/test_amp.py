@@ -5,16 +5,18 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_equal_tensors, mlp, vector_batch, weights
+from helpers import assert_equal_tensors, bn_net, buffers, image_batch, mlp, vector_batch, weights
 
 import samopt
 
 OVERFLOW = 1e30  # times the scale, more than fp16 can hold in the backward
 
 
-def make(scale=2.0**16, growth_interval=2000, in_place=False):
+def make(scale=2.0**16, growth_interval=2000, in_place=False, check="deferred"):
     model = mlp()
-    opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.05, perturb_in_place=in_place, lr=0.1, momentum=0.9)
+    opt = samopt.SAM(
+        model.parameters(), torch.optim.SGD, rho=0.05, perturb_in_place=in_place, check=check, lr=0.1, momentum=0.9
+    )
     scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=growth_interval)
     return model, opt, scaler
 
@@ -33,18 +35,20 @@ def fp16_closure(model, scaler, x, y, overflow_on_call=None, calls=None):
     return closure
 
 
+@pytest.mark.parametrize("check", ["deferred", "eager"])
 @pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("overflow_pass", [1, 2])
-def test_fp16_overflow_in_either_pass_skips_the_update_and_lowers_the_scale(overflow_pass, in_place):
+def test_fp16_overflow_in_either_pass_skips_the_update_and_lowers_the_scale(overflow_pass, in_place, check):
     x, y = vector_batch()
-    model, opt, scaler = make(in_place=in_place)
+    model, opt, scaler = make(in_place=in_place, check=check)
     w0 = weights(model)
     calls = []
     opt.step(fp16_closure(model, scaler, x, y, overflow_on_call=overflow_pass, calls=calls), scaler=scaler)
     scaler.update()
     assert_equal_tensors(weights(model), w0)
     assert scaler.get_scale() == 2.0**15
-    assert len(calls) == overflow_pass  # an overflow at w skips the pass at w + e as well
+    # eager: an overflow at w skips the pass at w + e as well; deferred: the host does not know, the pass runs
+    assert len(calls) == (overflow_pass if check == "eager" else 2)
     assert opt.state == {} or all("momentum_buffer" not in s for s in opt.state.values())
     # the next, clean iteration updates normally with the lowered scale
     opt.step(fp16_closure(model, scaler, x, y), scaler=scaler)
@@ -187,7 +191,7 @@ def test_a_step_inside_one_autocast_region_computes_at_w_plus_e(optimizer):
 def test_non_finite_gradient_without_scaler_raises_naming_the_pass(bad_pass, name, value):
     x, y = vector_batch()
     model = mlp()
-    opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.05, check="eager", lr=0.1)
     w0 = weights(model)
     calls = []
 
@@ -232,3 +236,110 @@ def test_scaler_must_be_a_gradscaler():
     F.cross_entropy(model(x), y).backward()
     with pytest.raises(TypeError, match=r"scaler must be a torch.amp.GradScaler or None, got int"):
         opt.first_step(scaler=3)
+
+
+@pytest.mark.parametrize("optimizer", ["sam", "delta"])
+def test_deferred_check_skips_on_the_device_and_raises_at_the_next_step_naming_the_bad_one(optimizer):
+    """A non-finite gradient without a scaler, after the base optimizer's first step: the step returns, its update
+    is skipped on the device (weights and momentum as before it), and the next step raises, naming it."""
+    x, y = vector_batch()
+    model, ref = mlp(), mlp()
+    kw = {"rho": 0.05, "lr": 0.1, "momentum": 0.9}
+    make = (
+        (lambda ps: samopt.SAM(ps, torch.optim.SGD, **kw))
+        if optimizer == "sam"
+        else (lambda ps: samopt.DeltaSAM(ps, torch.optim.SGD, estimator="logit", **kw))
+    )
+    opt, ref_opt = make(model.parameters()), make(ref.parameters())
+    assert opt.check == "deferred" and opt.base_optimizer.defaults["fused"] is True
+
+    def closure(m, bad=False):
+        def run():
+            logits = m(x)
+            losses = F.cross_entropy(logits, y, reduction="none") * (float("nan") if bad else 1.0)
+            if optimizer == "delta":
+                return losses, logits
+            loss = losses.mean()
+            loss.backward()
+            return loss
+
+        return run
+
+    opt.step(closure(model))
+    ref_opt.step(closure(ref))
+    momentum = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    opt.step(closure(model, bad=True))  # step 2: no error yet, and no update
+    assert_equal_tensors(weights(model), weights(ref))
+    assert_equal_tensors([opt.state[p]["momentum_buffer"] for p in model.parameters()], momentum)
+    with pytest.raises(
+        samopt.NonFiniteGradientError, match=r"non-finite gradient in step 2 \(without a GradScaler\)"
+    ) as e:
+        opt.step(closure(model))
+    assert e.value.step == 2 and isinstance(e.value, FloatingPointError)
+    assert_equal_tensors(weights(model), weights(ref))  # raised before the step ran
+    opt.step(closure(model))  # reported once: training may go on
+    ref_opt.step(closure(ref))
+    assert_equal_tensors(weights(model), weights(ref))
+
+
+def test_check_finite_raises_at_once_and_the_first_step_is_checked_on_the_host():
+    x, y = vector_batch()
+    model = mlp()
+    opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    w0 = weights(model)
+
+    def closure(bad):
+        def run():
+            loss = F.cross_entropy(model(x), y) * (float("nan") if bad else 1.0)
+            loss.backward()
+            return loss
+
+        return run
+
+    # before the base optimizer has stepped once (fused SGD would skip its first step into garbage momentum)
+    with pytest.raises(samopt.NonFiniteGradientError, match=r"non-finite gradient in the perturbed pass"):
+        opt.step(closure(True))
+    assert_equal_tensors(weights(model), w0)
+    assert not opt.state
+    opt.check_finite()  # nothing pending
+    opt.step(closure(False))
+    w1 = weights(model)
+    opt.step(closure(True))
+    with pytest.raises(samopt.NonFiniteGradientError, match="in step 3"):
+        opt.check_finite()
+    opt.check_finite()
+    assert_equal_tensors(weights(model), w1)
+
+
+def test_check_mode_is_validated():
+    with pytest.raises(ValueError, match="check must be one of 'deferred', 'eager'; got 'lazy'"):
+        samopt.SAM(mlp().parameters(), torch.optim.SGD, check="lazy", lr=0.1)
+
+
+@pytest.mark.parametrize("bn", ["first", "both"])
+def test_a_step_skipped_on_the_device_keeps_the_batchnorm_statistics(bn):
+    """bn="both" keeps the perturbed pass's running statistics, but not those of a step whose update is skipped
+    on the device (its perturbed pass ran at a non-finite w + e)."""
+    model, ref = bn_net(), bn_net()
+    x, y = image_batch()
+    opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.05, bn=bn, lr=0.1, momentum=0.9)
+    ref_opt = samopt.SAM(ref.parameters(), torch.optim.SGD, rho=0.05, bn=bn, lr=0.1, momentum=0.9)
+
+    def closure(m, factor=1.0):
+        def run():
+            loss = F.cross_entropy(m(x), y) * factor
+            loss.backward()
+            return loss
+
+        return run
+
+    for factor in (1.0, 1.0, float("nan")):  # the first step is checked on the host; the third skips on the device
+        opt.step(closure(model, factor))
+    for _ in range(2):
+        ref_opt.step(closure(ref))
+    with torch.no_grad():
+        ref(x)  # the skipped step's clean pass, whose statistics stay, as in any training step
+    assert_equal_tensors(weights(model), weights(ref))
+    assert_equal_tensors(buffers(model), buffers(ref))
+    with pytest.raises(samopt.NonFiniteGradientError, match="in step 3"):
+        opt.check_finite()

@@ -62,6 +62,19 @@ def test_delta_weights_by_hand():
     torch.testing.assert_close(delta_weights(s, 1.0, clip=None), (expected / expected.sum()).float())
 
 
+@pytest.mark.parametrize("clip", [1.0, 1.5, 2.0, 5.0])
+def test_the_closed_form_cap_equals_capping_one_round_at_a_time(clip):
+    """delta_weights caps without a loop (no read-back); the iterative rule (hand_weights) is its definition."""
+    g = torch.Generator().manual_seed(3)
+    for n in (1, 2, 7, 32, 128):
+        for alpha in (-1.0, 1.0, 3.0):
+            s = torch.rand(n, generator=g, dtype=torch.float64) ** 4 * 10
+            s[: n // 4] = s[0]  # ties
+            expected = hand_weights(s, alpha, clip).float()
+            torch.testing.assert_close(delta_weights(s, alpha, clip=clip), expected, rtol=1e-5, atol=1e-7)
+            assert float(delta_weights(s, alpha, clip=clip).max()) <= clip / n * (1 + 1e-6)
+
+
 def test_delta_weights_stay_finite_for_zero_scores():
     zeros = torch.zeros(4)
     for alpha in (2.0, 1.0, -1.0):
@@ -387,13 +400,13 @@ def test_fp16_overflow_in_either_pass_skips_the_update_like_sam(overflow_pass):
     assert scaler.get_scale() == 2.0**15
     assert_equal_tensors(weights(model), w)
     if overflow_pass == 1:  # the overflowing estimate fell back to the plain mean loss for that step
-        assert opt.last_weights is None
+        torch.testing.assert_close(opt.last_weights, torch.full((len(y),), 1 / len(y)))
 
 
 def test_a_non_finite_estimate_without_a_scaler_raises_and_leaves_the_weights():
     x, y = vector_batch()
     model = mlp()
-    opt = samopt.DeltaSAM(model.parameters(), torch.optim.SGD, rho=0.05, estimator="logit", lr=0.1)
+    opt = samopt.DeltaSAM(model.parameters(), torch.optim.SGD, rho=0.05, estimator="logit", check="eager", lr=0.1)
     w = weights(model)
 
     def closure():

@@ -156,13 +156,15 @@ def test_first_step_moves_to_w_plus_e_and_second_step_returns_exactly(in_place):
     assert model.weight.data_ptr() == storage
 
 
+@pytest.mark.parametrize("fused", [None, False, True], ids=["default-fused", "unfused", "fused"])
 @pytest.mark.parametrize("base", [torch.optim.SGD, torch.optim.AdamW])
-def test_rho_zero_is_the_base_optimizer_bit_for_bit(base):
+def test_rho_zero_is_the_base_optimizer_bit_for_bit(base, fused):
     kw = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4} if base is torch.optim.SGD else {"lr": 0.01}
     x, y = vector_batch()
     ref_model, sam_model = mlp(), mlp()
-    ref = base(ref_model.parameters(), **kw)
-    sam = samopt.SAM(sam_model.parameters(), base, rho=0.0, **kw)
+    ref = base(ref_model.parameters(), **kw, fused=fused is not False)  # samopt's default: fused
+    sam = samopt.SAM(sam_model.parameters(), base, rho=0.0, **kw, **({} if fused is None else {"fused": fused}))
+    assert sam.base_optimizer.defaults["fused"] is (fused is not False)
     for _ in range(5):
         ref.zero_grad()
         F.cross_entropy(ref_model(x), y).backward()

@@ -161,7 +161,8 @@ def test_a_schedule_needs_no_change_to_the_engine_and_skips_the_second_pass(api)
             torch.testing.assert_close(after.detach(), wi - LR * gi, rtol=1e-6, atol=1e-7)
 
 
-def test_a_step_that_does_not_ascend_is_the_base_optimizer_bit_for_bit():
+@pytest.mark.parametrize("fused", [{}, {"fused": False}], ids=["default-fused", "unfused"])
+def test_a_step_that_does_not_ascend_is_the_base_optimizer_bit_for_bit(fused):
     x, y = vector_batch()
     model, reference = mlp(), mlp()
 
@@ -169,8 +170,8 @@ def test_a_step_that_does_not_ascend_is_the_base_optimizer_bit_for_bit():
         def ascend(self, step, grad_norm):
             return False
 
-    opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=RHO, schedule=Never(), lr=LR, momentum=0.9)
-    sgd = torch.optim.SGD(reference.parameters(), lr=LR, momentum=0.9)
+    opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=RHO, schedule=Never(), lr=LR, momentum=0.9, **fused)
+    sgd = torch.optim.SGD(reference.parameters(), lr=LR, momentum=0.9, fused=fused.get("fused", True))
     for _ in range(3):
         opt.step(counting_closure(model, x, y, []))
         sgd.zero_grad()

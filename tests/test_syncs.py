@@ -1,7 +1,9 @@
-"""Host synchronisations per training step, counted with samopt.profiling: the baseline issue 20 lowers.
+"""Host synchronisations per training step, counted with samopt.profiling.
 
-These pin today's counts exactly, so that a new ``.item()`` on the hot path fails here;
-the sync-free step of issue 20 will take them to 0 and change these numbers with it.
+A default step (``check="deferred"``, samopt's fused base optimizer) reads nothing back
+from the device; the counts are pinned exactly, so that a new ``.item()`` on the hot
+path fails here. The documented exceptions are pinned too: ``check="eager"`` reads the
+norm in each pass, and a base optimizer that cannot skip on the device is read once.
 """
 
 import pytest
@@ -52,6 +54,21 @@ def _step(kind: str):
             return F.cross_entropy(logits, y, reduction="none"), logits
 
         return lambda: delta.step(per_example)
+    if kind == "fp16":
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+        fp16 = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.05, **kw)
+
+        def scaled():
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = F.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
+            return loss
+
+        def with_scaler():
+            fp16.step(scaled, scaler=scaler)
+            scaler.update()
+
+        return with_scaler
     if kind == "two-phase":
         sam = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.05, **kw)
 
@@ -66,7 +83,13 @@ def _step(kind: str):
         "ssam-f": lambda: FisherMask(model, [(x, y)], F.cross_entropy, 0.5, num_samples=8, update_interval=None),
         "ssam-d-tensor": lambda: DynamicSparseMask(0.5, total_steps=100, update_interval=None, granularity="tensor"),
     }
-    extra = {"mask": masks[kind]()} if kind in masks else {"adaptive": True, "rho": 0.5} if kind == "asam" else {}
+    extra = {
+        "asam": {"adaptive": True, "rho": 0.5},
+        "eager": {"check": "eager"},
+        "unfused": {"foreach": True},
+        "clipped": {"max_grad_norm": 1.0},
+        "bn-both": {"bn": "both"},
+    }.get(kind, {"mask": masks[kind]()} if kind in masks else {})
     opt = samopt.SAM(model.parameters(), torch.optim.SGD, **{"rho": 0.05, **extra, **kw})
     if kind == "msam":
         opt = samopt.MSAM(model.parameters(), torch.optim.SGD, rho=1.0, **kw)
@@ -84,13 +107,18 @@ def _step(kind: str):
     "kind, syncs",
     [
         ("sgd", 0),
-        ("sam", 2),  # the gradient norm read back in first_step (scale, finiteness) and in second_step
-        ("two-phase", 2),
-        ("asam", 2),
-        ("ssam-f", 2),  # an element mask between updates
-        ("ssam-d-tensor", 3),  # a skipping tensor mask: one more
-        ("delta-sam", 5),  # and delta_weights: the median of the scores, the finiteness of the scores, the clip loop
-        ("msam", 1),
+        ("sam", 0),
+        ("two-phase", 0),
+        ("asam", 0),
+        ("fp16", 0),  # with a GradScaler, its update() included
+        ("clipped", 0),
+        ("bn-both", 0),
+        ("ssam-f", 0),  # an element mask between updates
+        ("ssam-d-tensor", 0),  # a tensor mask that skips the clean gradients of the others
+        ("delta-sam", 0),  # the logit estimator and δ-SAM's weights
+        ("msam", 0),
+        ("eager", 2),  # check="eager": the norm read in each pass
+        ("unfused", 1),  # a base optimizer that cannot skip on the device: read once, before its step
     ],
 )
 def test_host_synchronisations_per_step_are_the_documented_ones(kind, syncs):
@@ -99,3 +127,28 @@ def test_host_synchronisations_per_step_are_the_documented_ones(kind, syncs):
         step()
     counted = count_ops(step)
     assert counted.syncs == syncs, counted.by_op
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager-model", "compiled-model"])
+def test_an_in_place_step_keeps_the_parameters_where_a_cuda_graph_captured_them_and_never_syncs(compiled):
+    """What CUDA graphs (model.compile(mode="reduce-overhead")) need of the optimizer, checked on the CPU: with
+    perturb_in_place=True both passes run on the parameters' own storage, and the step reads nothing back."""
+    torch.manual_seed(0)
+    model = conv_net()
+    if compiled:
+        model.compile(backend="aot_eager")
+    x, y = image_batch(n=16)
+    opt = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.05, perturb_in_place=True, lr=0.1, momentum=0.9)
+    storage = [p.data_ptr() for p in model.parameters()]
+    seen = []
+
+    def closure():
+        seen.append([p.data_ptr() for p in model.parameters()])
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        opt.step(closure)
+    assert count_ops(lambda: opt.step(closure)).syncs == 0
+    assert len(seen) == 6 and all(s == storage for s in seen)

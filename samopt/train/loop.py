@@ -49,7 +49,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -539,6 +539,15 @@ def _from_main(obj: Any, ranks: Ranks) -> Any:
     return box[0]
 
 
+def _diverged(e: samopt.NonFiniteGradientError, epoch: int, batch: int, step: int) -> FloatingPointError:
+    """The run's error for ``e``, raised at ``batch`` (1-based, in ``epoch``, 0-based) and optimizer step ``step``:
+    it names the step that was non-finite, which a deferred check reports later."""
+    where = batch if e.step is None else batch - (step - e.step)
+    return FloatingPointError(
+        f"the training diverged in epoch {epoch + 1}, step {where} ({str(e).split(';')[0]}); lower --lr, --rho"
+    )
+
+
 def _release_frames() -> None:
     """Free what the finished training held (the DDP wrapper and its reference to the process group), also when an
     exception's traceback still holds the frames, so that the group is torn down by ``destroy_process_group`` and not
@@ -695,10 +704,7 @@ def _train(cfg: RunConfig, ranks: Ranks, device: torch.device, out: Path) -> dic
                 try:
                     loss, logits = train_step(opt, net, task.prepare(x), y, task.loss_fn, amp, cfg.max_grad_norm)
                 except samopt.NonFiniteGradientError as e:
-                    raise FloatingPointError(
-                        f"the training diverged in epoch {epoch + 1}, step {batch + 1} ({str(e).split(';')[0]}); "
-                        "lower --lr, --rho"
-                    ) from e
+                    raise _diverged(e, epoch, batch + 1, cast(samopt.SAM, opt).work.steps + 1) from e
                 lr = opt.param_groups[0]["lr"]
                 sched.step()
                 tally.add(loss, logits, y[: len(logits)], task.classification)  # a sub-batch's clean pass: its rows
@@ -720,6 +726,11 @@ def _train(cfg: RunConfig, ranks: Ranks, device: torch.device, out: Path) -> dic
                     raise SystemExit(EXIT_INTERRUPTED)
             if bar is not None:
                 bar.close()
+            if isinstance(opt, samopt.SAM):
+                try:
+                    opt.check_finite()  # a step skipped on the device and not reported yet
+                except samopt.NonFiniteGradientError as e:
+                    raise _diverged(e, epoch, batch, opt.work.steps) from e
             done = _sum_over_ranks(tally.snapshot(), ranks, device)
             if not math.isfinite(done["loss"]):
                 raise FloatingPointError(f"the training loss became non-finite in epoch {epoch + 1}; lower --lr, --rho")

@@ -138,7 +138,8 @@ class _Build:
     kind: str  # "image" or "glue"
 
     def plain(self, cls: type[torch.optim.Optimizer]) -> torch.optim.Optimizer:
-        return cls(self.model.parameters(), **_base_kwargs(self.cfg, cls))
+        params = list(self.model.parameters())  # built as SAM builds its base optimizer: fused where it can be
+        return cls(params, **samopt.sam.fuse_kwargs(cls, params, _base_kwargs(self.cfg, cls)))
 
     @property
     def rho(self) -> float:
