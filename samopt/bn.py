@@ -33,6 +33,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from samopt.functional import buckets
+
 __all__ = ["BufferGuard"]
 
 
@@ -41,7 +43,9 @@ class BufferGuard:
     restore them on exit."""
 
     def __init__(self) -> None:
-        self._saved: dict[nn.Module, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
+        self._saved: dict[nn.Module, list[tuple[str, torch.Tensor]]] = {}
+        self._buffers: list[torch.Tensor] = []  # every buffer snapshotted ...
+        self._copies: list[torch.Tensor] = []  # ... and its copy
         self._handle: RemovableHandle | None = None
 
     @property
@@ -53,7 +57,7 @@ class BufferGuard:
         """Begin recording. Raises ``RuntimeError`` if already active."""
         if self._handle is not None:
             raise RuntimeError("BufferGuard.start(): the guard is already active")
-        self._saved = {}
+        self._saved, self._buffers, self._copies = {}, [], []
         self._handle = nn.modules.module.register_module_forward_pre_hook(self._snapshot)
 
     def _snapshot(self, module: nn.Module, args: object) -> None:
@@ -61,13 +65,15 @@ class BufferGuard:
             return
         # The whole subtree at once: inside a torch.compile'd module the submodules' own
         # hooks never fire, but the call of the outer module still does.
+        new: list[torch.Tensor] = []
         for m in module.modules():
             if m not in self._saved:
-                self._saved[m] = (
-                    [(name, b, b.detach().clone()) for name, b in m._buffers.items() if b is not None]
-                    if m.training
-                    else []
-                )
+                own = [(name, b) for name, b in m._buffers.items() if b is not None] if m.training else []
+                self._saved[m] = own
+                new += [b for _, b in own]
+        for (bufs,) in buckets(new):  # one grouped copy per device and dtype
+            self._buffers += bufs
+            self._copies += torch._foreach_clone(bufs)  # buffers carry no autograd history
 
     @torch.no_grad()
     def restore(self, only: torch.Tensor | bool | None = None) -> None:
@@ -79,14 +85,16 @@ class BufferGuard:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        if only is None:
+            for bufs, copies in buckets(self._buffers, self._copies):
+                torch._foreach_copy_(bufs, copies)
+        elif only is not False:
+            for buf, copy in zip(self._buffers, self._copies, strict=True):
+                buf.copy_(torch.where(torch.as_tensor(only, device=buf.device), copy, buf))
         for module, saved in self._saved.items():
-            for name, buf, copy in saved:
-                if only is None:
-                    buf.copy_(copy)
-                elif only is not False:
-                    buf.copy_(torch.where(torch.as_tensor(only, device=buf.device), copy, buf))
-                module._buffers[name] = buf
-        self._saved = {}
+            for name, buf in saved:
+                module._buffers[name] = buf  # a module that replaced its buffer gets the original back
+        self._saved, self._buffers, self._copies = {}, [], []
 
     def __enter__(self) -> BufferGuard:
         self.start()
