@@ -142,8 +142,9 @@ def make_stepper(method: str, workload: str, device: torch.device) -> Callable[[
         loss.backward()
         return loss
 
-    if method == "sgd":
-        opt = torch.optim.SGD(model.parameters(), **kw)
+    if method == "sgd":  # fused, as SAM builds its base optimizer
+        params = list(model.parameters())
+        opt = torch.optim.SGD(params, **samopt.sam.fuse_kwargs(torch.optim.SGD, params, kw))
 
         def step() -> None:
             opt.zero_grad(set_to_none=True)
