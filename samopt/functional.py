@@ -41,6 +41,7 @@ __all__ = [
     "CHUNK_NUMEL",
     "buckets",
     "clip_grads_",
+    "global_dot",
     "global_norm",
     "perturb_",
     "perturbation_norm",
@@ -226,6 +227,22 @@ def perturb_(
             else:
                 torch._foreach_add_(e, cp)
                 torch._foreach_copy_(cd, e)
+
+
+def global_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """``<a, b>`` over every pair of tensors taken together, accumulated in float64, as one scalar tensor on the
+    first tensor's device (0 for empty lists). No grouped dot product exists, so one ``dot`` per pair.
+
+    Example::
+
+        cos = global_dot(g, g_p) / (global_norm(g) * global_norm(g_p))
+    """
+    if not a:
+        return torch.zeros((), dtype=torch.float64)
+    device = a[0].device
+    return torch.stack(
+        [torch.dot(x.reshape(-1).double(), y.reshape(-1).double()).to(device) for x, y in zip(a, b, strict=True)]
+    ).sum()
 
 
 @torch.no_grad()

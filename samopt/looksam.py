@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from samopt import validation
+from samopt.functional import global_dot
 from samopt.sam import SAM
 from samopt.schedules import EveryK
 from samopt.seams import Descent
@@ -29,19 +30,14 @@ from samopt.seams import Descent
 __all__ = ["LookSAM", "ReuseOrthogonal", "reuse_orthogonal", "reuse_orthogonal_reference"]
 
 
-def _dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
-    """``<a, b>`` over every tensor, in float64 (a 0-dim tensor on the first one's device)."""
-    return torch.stack([(x.double() * y.double()).sum() for x, y in zip(a, b, strict=True)]).sum()
-
-
 @torch.no_grad()
 def reuse_orthogonal(clean: list[Tensor], perturbed: list[Tensor]) -> tuple[list[Tensor], float]:
     """LookSAM's cached direction ``g_v = g_p - (<g_p, g> / ||g||^2) g`` and ``||g_v||`` (``g_v = g_p`` if
     ``g = 0``)."""
-    g2 = _dot(clean, clean)
-    coef = (_dot(perturbed, clean) / g2).item() if g2.item() > 0 else 0.0
+    g2 = global_dot(clean, clean)
+    coef = (global_dot(perturbed, clean) / g2).item() if g2.item() > 0 else 0.0
     g_v = [p - coef * c for c, p in zip(clean, perturbed, strict=True)]
-    return g_v, _dot(g_v, g_v).sqrt().item()
+    return g_v, global_dot(g_v, g_v).sqrt().item()
 
 
 def reuse_orthogonal_reference(clean: Tensor, perturbed: Tensor) -> Tensor:
@@ -87,7 +83,7 @@ class ReuseOrthogonal(Descent):
     def without_ascent(self, params: list[Tensor], grads: list[Tensor]) -> None:
         if not self.cache or self.norm == 0 or self.alpha == 0:
             return
-        g_norm = _dot(grads, grads).sqrt().item()
+        g_norm = global_dot(grads, grads).sqrt().item()
         scale = self.alpha * g_norm / self.norm
         for p, g in zip(params, grads, strict=True):
             v = self.cache.get(self._index[p])

@@ -818,7 +818,7 @@ class SAM(torch.optim.Optimizer):
         base optimizer can skip on the device (``found_inf``, as :class:`~torch.amp.GradScaler` gives torch's fused
         optimizers); otherwise read it, once. A skipped step is reported (``report``: no scaler) by
         :class:`NonFiniteGradientError`: at once after a read, else at a later step (:meth:`check_finite`)."""
-        if self._base_ready and _skips_on_device(self.base_optimizer):
+        if self._base_ready and _skips_on_device(self.base_optimizer) and not self.descent.updates_after:
             self.base_optimizer.found_inf = bad.float()  # type: ignore[attr-defined]
             try:
                 self._base_step()
@@ -852,6 +852,7 @@ class SAM(torch.optim.Optimizer):
 
     def _base_step(self) -> None:
         step_within_hooks(self, self.base_optimizer)
+        self.descent.after_update()
 
     @contextlib.contextmanager
     def perturbed(self, scaler: torch.amp.GradScaler | None = None, zero_grad: bool = False) -> Iterator[bool]:

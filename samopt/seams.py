@@ -50,6 +50,7 @@ __all__ = [
     "AroundAscent",
     "Ascent",
     "Descent",
+    "DirectionAscent",
     "GroupGrads",
     "Move",
     "Part",
@@ -238,6 +239,82 @@ class Ascent(Policy):
         return meta.get("mask", {})
 
 
+class DirectionAscent(Ascent):
+    """An ascent along a direction ``d`` built from ``g`` and per-parameter state (an EMA of the gradient):
+    ``e = rho T^2 d / ||T d||``, SAM's scaling applied to ``d``. The base of VaSSO's and Friendly-SAM's ascents.
+
+    A subclass implements :meth:`direction` (``d`` from ``g`` and the state, without changing
+    it) and :meth:`commit` (the state after this step). The engine checks the clean
+    gradient on the host before :meth:`perturb` (:meth:`reads_gradient`), so that an
+    overflow never reaches the state; a step skipped for one leaves it as it was. The
+    state is one tensor per parameter that has had a gradient, in :meth:`state_dict`.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[int, Tensor] = {}  # index of the parameter -> its state tensor
+        self._index: dict[Tensor, int] = {}
+        self._shapes: list[Any] = []
+        self._pending: list[tuple[dict[str, Any], list[Tensor], list[Tensor], list[Tensor]]] = []
+
+    def bind(self, params: list[Tensor], owner: object, group: Any = None, *, sharded: bool = False) -> None:
+        if sharded:
+            raise ValueError(f"{type(self).__name__} over FSDP-sharded parameters is not supported; use DDP")
+        self._index = {p: i for i, p in enumerate(params)}
+        self._shapes = [p.shape for p in params]
+
+    def direction(self, index: list[int], grads: list[Tensor]) -> list[Tensor]:
+        """The direction ``d`` for the parameters numbered ``index`` with clean gradients ``grads`` (new tensors)."""
+        raise NotImplementedError
+
+    def commit(self, index: list[int], grads: list[Tensor], directions: list[Tensor]) -> None:
+        """Update the state of the parameters numbered ``index`` after a step that ascends along ``directions``."""
+        raise NotImplementedError
+
+    def norm(self, groups: Sequence[GroupGrads]) -> Tensor:
+        self._pending = []
+        for group, params, grads in groups:
+            index = [self._index[p] for p in params]
+            self._pending.append((group, params, grads, self.direction(index, grads) if params else []))
+        norms = [
+            kernels.perturbation_norm(ps, ds, adaptive=g["adaptive"], eta=g["eta"])
+            for g, ps, _, ds in self._pending
+            if ps
+        ]
+        return kernels.global_norm(norms)
+
+    def perturb(self, groups: Sequence[GroupGrads], norm: Tensor, move: Move) -> None:
+        pending, self._pending = self._pending, []
+        for _, params, grads, directions in pending:
+            if params:
+                self.commit([self._index[p] for p in params], grads, directions)
+        perturb_parts([(g, ps, ds, None) for g, ps, _, ds in pending], norm, move)
+
+    def reads_gradient(self) -> bool:
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"buffers": dict(self.buffers)}
+
+    def check_state(self, state: object) -> None:
+        ok = isinstance(state, dict) and set(state) == {"buffers"} and isinstance(state["buffers"], dict)
+        for i, v in state["buffers"].items() if ok else ():  # type: ignore[index]
+            if not (isinstance(i, int) and 0 <= i < len(self._shapes) and torch.is_tensor(v)):
+                ok = False
+            elif v.shape != self._shapes[i]:
+                raise ValueError(
+                    f"{type(self).__name__}'s state for parameter {i} has shape {tuple(v.shape)}, the parameter "
+                    f"{tuple(self._shapes[i])}"
+                )
+        if not ok:
+            raise ValueError(
+                f"{type(self).__name__}'s state must be {{'buffers': {{parameter index: tensor}}}}, got {state!r}"
+            )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state(state)
+        self.buffers = {i: v.clone() for i, v in state["buffers"].items()}
+
+
 class AroundAscent(Ascent):
     """An ascent policy around another one, ``inner``, which builds the perturbation: every engine hook and the
     state go to ``inner``; a subclass overrides what it adds (δ-SAM's weights, a sub-batch's share of the batch)."""
@@ -293,6 +370,9 @@ class Descent(Policy):
 
     #: Whether :meth:`combine` needs the gradient at ``w`` (the engine then keeps a copy of it).
     needs_clean = False
+    #: Whether :meth:`after_update` moves the weights after the base optimizer's step, which the device cannot
+    #: skip: the engine then reads the overflow flag back before the update (one read-back a step).
+    updates_after = False
 
     def bind(self, params: list[Tensor], owner: object, *, sharded: bool = False) -> None:
         """Attach to the optimizer ``owner`` and all its ``params`` (``sharded``: FSDP shards, of which each rank
@@ -304,6 +384,9 @@ class Descent(Policy):
 
     def without_ascent(self, params: list[Tensor], grads: list[Tensor]) -> None:
         """Turn ``grads`` (``g`` of ``params``) into the update gradient of a step that did not ascend, in place."""
+
+    def after_update(self) -> None:
+        """Called after the base optimizer's step of each applied update (with :attr:`updates_after`)."""
 
 
 class Schedule(Policy):
