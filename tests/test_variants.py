@@ -294,3 +294,46 @@ def test_host_reads_per_step_are_the_documented_ones(name, syncs):
     for _ in range(2):
         opt.step(closure)
     assert count_ops(lambda: opt.step(closure)).syncs == syncs
+
+
+@pytest.mark.parametrize(
+    "name, flags, policy",
+    [
+        ("gsam", {"gsam_alpha": 0.3, "rho_min": 0.01}, "SurrogateGap(alpha=0.3)"),
+        ("friendly-sam", {"fsam_sigma": 0.5, "fsam_lambda": 0.8}, "FriendlyDirection(sigma=0.5, lmbda=0.8)"),
+        ("vasso", {"vasso_theta": 0.5}, "EMADirection(theta=0.5)"),
+        ("wsam", {"wsam_gamma": 0.8, "wsam_coupled": True}, "WeightedSharpness(gamma=0.8, decouple=False)"),
+    ],
+)
+def test_samopt_train_runs_each_variant_with_its_flags(tmp_path, name, flags, policy):
+    from samopt.train import loop
+    from tests.test_app import tiny
+
+    built = []
+    real = loop.build_optimizer
+
+    def recording(*args, **kwargs):
+        built.append(real(*args, **kwargs))
+        return built[-1]
+
+    loop.build_optimizer = recording
+    try:
+        summary = loop.run(tiny(tmp_path, optimizer=name, epochs=1, **flags))
+    finally:
+        loop.build_optimizer = real
+    assert policy in repr(built[0])
+    assert math.isfinite(summary["history"][0]["train_loss"])
+
+
+def test_bad_variant_flags_are_refused_naming_them(tmp_path):
+    from samopt.train import loop
+    from tests.test_app import tiny
+
+    for flags, message in [
+        ({"fsam_lambda": 1.0}, r"fsam_lambda must be a real number in \[0, 1\), got 1\.0"),
+        ({"vasso_theta": 0.0}, r"vasso_theta must be a real number in \(0, 1\], got 0"),
+        ({"wsam_gamma": 1.5}, r"wsam_gamma must be a real number in \[0, 1\), got 1\.5"),
+        ({"gsam_alpha": -1.0}, r"gsam_alpha must be a finite real number >= 0, got -1\.0"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            loop.validate(tiny(tmp_path, **flags))

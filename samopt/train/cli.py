@@ -82,6 +82,13 @@ _HELP = {
     "ae_lambda2": "... to this at the end",
     "ae_decay": "--ascend adaptive: decay of the moving mean and variance of ||g||^2",
     "look_alpha": "looksam: the weight of the reused direction (0.7 in the paper)",
+    "gsam_alpha": "gsam: the weight of the clean gradient's part orthogonal to SAM's (0.2: the official example)",
+    "rho_min": "gsam: rho at the end of the lr schedule, rho following the lr from --rho (none: constant rho)",
+    "fsam_sigma": "friendly-sam: the weight of the EMA of past gradients subtracted from the ascent (1 in the paper)",
+    "fsam_lambda": "friendly-sam: the factor of that EMA, in [0, 1)",
+    "vasso_theta": "vasso: the weight of the new gradient in the ascent's EMA, in (0, 1] (1 is SAM)",
+    "wsam_gamma": "wsam: the sharpness weight gamma in [0, 1), alpha = gamma / (1 - gamma)",
+    "wsam_coupled": "wsam: add the sharpness term to the gradient (gamma 0.5 is SAM) instead of its own step",
     "ascent_sub_batches": "the SAM family's ascent gradient from the first 1/M of each batch, the update from all "
     "of it "
     "(Bahri et al., ACL 2022: about 1.25x the base cost at M = 4)",

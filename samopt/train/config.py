@@ -74,6 +74,13 @@ class RunConfig:
     ae_lambda2: float = 1.0  # ... and at the end
     ae_decay: float = 0.9  # adaptive: the moving averages' decay
     look_alpha: float = 0.7  # looksam: the weight of the reused direction
+    gsam_alpha: float = 0.2  # gsam: the weight of the clean gradient's orthogonal part
+    rho_min: float | None = None  # gsam: rho at the end of the lr schedule (None: constant rho)
+    fsam_sigma: float = 1.0  # friendly-sam: the weight of the EMA subtracted from g
+    fsam_lambda: float = 0.9  # friendly-sam: the EMA's factor
+    vasso_theta: float = 0.9  # vasso: the EMA's weight on the new gradient
+    wsam_gamma: float = 0.9  # wsam: the sharpness weight, alpha = gamma / (1 - gamma)
+    wsam_coupled: bool = False  # wsam: the sharpness term in the gradient instead of a step of its own
     ascent_sub_batches: int = 1  # m: the clean pass (the ascent's gradient) on the first 1/m of each batch
     # schedule
     epochs: int = 200

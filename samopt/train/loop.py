@@ -139,6 +139,14 @@ def _validate_ascend(cfg: RunConfig) -> None:
     validation.finite("ae_lambda2", cfg.ae_lambda2)
     validation.unit_interval("ae_decay", cfg.ae_decay, include_one=False)
     validation.nonnegative("look_alpha", cfg.look_alpha)
+    validation.nonnegative("gsam_alpha", cfg.gsam_alpha)
+    if cfg.rho_min is not None:
+        validation.nonnegative("rho_min", cfg.rho_min)
+    validation.nonnegative("fsam_sigma", cfg.fsam_sigma)
+    validation.unit_interval("fsam_lambda", cfg.fsam_lambda, include_one=False)
+    if validation.unit_interval("vasso_theta", cfg.vasso_theta, include_one=True) == 0:
+        raise ValueError("vasso_theta must be a real number in (0, 1], got 0 (the EMA would never see a gradient)")
+    validation.unit_interval("wsam_gamma", cfg.wsam_gamma, include_one=False)
     engine = spec(cfg.optimizer).sam_family and spec(cfg.optimizer).two_pass
     m = validation.positive_int("ascent_sub_batches", cfg.ascent_sub_batches)
     if m > 1 and (not engine or cfg.optimizer == "delta-sam" or cfg.ascend != "always"):

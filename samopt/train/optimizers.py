@@ -302,6 +302,47 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         glue_rho=GLUE_RHO,
         settings={"ascend": "every", "ascend_every": 5},
     ),
+    "gsam": OptimizerSpec(
+        "GSAM: SAM's update minus --gsam-alpha times the clean gradient's orthogonal part; rho follows the lr "
+        "down to --rho-min",
+        "Zhuang et al., ICLR 2022, arXiv:2203.08065 (alpha 0.2: the official CIFAR example)",
+        lambda b: b.sam(
+            samopt.SAM,
+            eta=b.cfg.eta,
+            descent=samopt.gsam.SurrogateGap(b.cfg.gsam_alpha),
+            **({} if b.cfg.rho_min is None else {"ascent": samopt.gsam.RhoFollowsLR(b.cfg.rho_min)}),
+        ),
+        rho=0.05,
+        glue_rho=GLUE_RHO,
+    ),
+    "friendly-sam": OptimizerSpec(
+        "Friendly-SAM: the ascent along g minus --fsam-sigma times an EMA (--fsam-lambda) of past gradients",
+        "Li et al., CVPR 2024, arXiv:2403.12350 (sigma 1, lambda 0.9: the official class)",
+        lambda b: b.sam(
+            samopt.SAM, eta=b.cfg.eta, ascent=samopt.fsam.FriendlyDirection(b.cfg.fsam_sigma, b.cfg.fsam_lambda)
+        ),
+        rho=0.05,
+        glue_rho=GLUE_RHO,
+    ),
+    "vasso": OptimizerSpec(
+        "VaSSO: the ascent along an EMA of the gradients (weight --vasso-theta on the new one)",
+        "Li and Giannakis, NeurIPS 2023 (theta 0.9: the official code)",
+        lambda b: b.sam(samopt.SAM, eta=b.cfg.eta, ascent=samopt.vasso.EMADirection(b.cfg.vasso_theta)),
+        rho=0.05,
+        glue_rho=GLUE_RHO,
+    ),
+    "wsam": OptimizerSpec(
+        "WSAM: SAM's sharpness term weighted by --wsam-gamma, as a step of its own after the base step (in the "
+        "gradient with --wsam-coupled)",
+        "Yue et al., KDD 2023 (gamma 0.9, decoupled: the official code)",
+        lambda b: b.sam(
+            samopt.SAM,
+            eta=b.cfg.eta,
+            descent=samopt.wsam.WeightedSharpness(b.cfg.wsam_gamma, decouple=not b.cfg.wsam_coupled),
+        ),
+        rho=0.05,
+        glue_rho=GLUE_RHO,
+    ),
     "msam": OptimizerSpec(
         "Momentum-SAM: the perturbation along --base's momentum, one forward/backward per step",
         "Becker et al., arXiv:2401.12033 (rho 3: the official README's commands)",
