@@ -49,8 +49,19 @@ def interleaved_pool() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [pools[r][k] for k in range(3) for r in range(WORLD)]
 
 
+#: The published variants, with settings that make their state and schedules matter.
+VARIANTS = {
+    "gsam": lambda ps, **kw: samopt.GSAM(ps, torch.optim.SGD, RHO, alpha=0.3, rho_min=0.01, lr=LR, **kw),
+    "friendly-sam": lambda ps, **kw: samopt.FriendlySAM(ps, torch.optim.SGD, RHO, lmbda=0.6, lr=LR, **kw),
+    "vasso": lambda ps, **kw: samopt.VaSSO(ps, torch.optim.SGD, RHO, theta=0.5, lr=LR, **kw),
+    "wsam": lambda ps, **kw: samopt.WSAM(ps, torch.optim.SGD, RHO, gamma=0.8, lr=LR, momentum=0.9, **kw),
+}
+
+
 def build(method: str, model: torch.nn.Module, fisher_data, num_samples: int, **kw) -> samopt.SAM:
     """The optimizer under test; SSAM-D's seed comes from the global seed (``torch.initial_seed()``)."""
+    if method in VARIANTS:
+        return VARIANTS[method](model.parameters(), **kw)
     if method == "sam":
         return samopt.SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, **kw)
     if method == "ssamf":
@@ -117,6 +128,12 @@ def _case_global(rank: int, out: str) -> dict:
             model, _, masks = _run(method, "global", wrap, rank)
             res[method, wrap] = ([p.detach().clone() for p in model.parameters()], masks)
     return res
+
+
+def _case_variants(rank: int, out: str) -> dict:
+    return {
+        method: [p.detach().clone() for p in _run(method, "global", "ddp", rank)[0].parameters()] for method in VARIANTS
+    }
 
 
 def _case_local(rank: int, out: str) -> dict:
@@ -287,6 +304,7 @@ def msam_steps(opt: samopt.MSAM, model: torch.nn.Module, batches) -> None:
 
 CASES = {
     "global": _case_global,
+    "variants": _case_variants,
     "schedules": _case_schedules,
     "structured": _case_structured,
     "local": _case_local,
@@ -328,6 +346,15 @@ def test_sync_global_on_two_ranks_equals_one_process_on_the_concatenated_batch(t
                 close(weights, [p.detach() for p in model.parameters()])
                 if masks is not None:
                     assert all(torch.equal(a, b) for a, b in zip(masks, opt.mask.masks, strict=True)), (method, wrap)
+        assert not torch.equal(next(model.parameters()), mlp()[0].weight)  # it trained
+
+
+def test_the_published_variants_on_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
+    ranks = spawn("variants", tmp_path)
+    for method in VARIANTS:
+        model, _ = one_process(method)
+        for r in ranks:
+            close(r[method], [p.detach() for p in model.parameters()])
         assert not torch.equal(next(model.parameters()), mlp()[0].weight)  # it trained
 
 
