@@ -558,6 +558,51 @@ def test_lightning_sub_batch_ascent_equals_the_plain_loop(tmp_path):
         assert torch.allclose(a.float(), b.float(), atol=1e-6, rtol=0)
 
 
+#: The published variants as a user would configure them, rho following the StepLR schedule (GSAM), an EMA
+#: (Friendly-SAM, VaSSO), the decoupled step after the base step (WSAM).
+PUBLISHED = {
+    "gsam": lambda ps: samopt.GSAM(ps, torch.optim.SGD, 0.1, alpha=0.3, rho_min=0.02, lr=0.1, momentum=0.9),
+    "friendly-sam": lambda ps: samopt.FriendlySAM(ps, torch.optim.SGD, 0.1, lmbda=0.6, lr=0.1, momentum=0.9),
+    "vasso": lambda ps: samopt.VaSSO(ps, torch.optim.SGD, 0.1, theta=0.5, lr=0.1, momentum=0.9),
+    "wsam": lambda ps: samopt.WSAM(ps, torch.optim.SGD, 0.1, gamma=0.8, lr=0.1, momentum=0.9),
+}
+
+
+class VariantClassifier(Classifier):
+    def __init__(self, net, variant):
+        super().__init__(net)
+        self.variant = variant
+
+    def configure_optimizers(self):
+        opt = PUBLISHED[self.variant](self.parameters())
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+@pytest.mark.parametrize("variant", list(PUBLISHED))
+def test_lightning_runs_the_published_variants_as_the_plain_loop_does(tmp_path, variant):
+    module = VariantClassifier(mlp_with_bn_and_dropout(), variant)
+    fit(module, tmp_path)
+    net = mlp_with_bn_and_dropout().to(DEVICE)
+    opt = PUBLISHED[variant](net.parameters())
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    net.train()
+    set_rng_state(module.rng)
+    for w in range(3):
+
+        def closure(window=module.seen[2 * w : 2 * w + 2]):
+            for x, y in window:
+                loss = F.cross_entropy(net(x), y) / 2
+                loss.backward()
+            return loss
+
+        opt.step(closure)
+        sched.step()
+    for a, b in zip(module.net.state_dict().values(), net.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6, rtol=0)
+    assert not torch.equal(next(net.parameters()), next(mlp_with_bn_and_dropout().parameters()))  # it trained
+
+
 class SamOnClassifier(Classifier):
     def configure_optimizers(self):
         return samopt.SAM(self.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, mask=samopt.masks.sam_on(self.net))
