@@ -25,7 +25,7 @@ from samopt import validation
 from samopt.functional import global_dot
 from samopt.sam import SAM
 from samopt.schedules import EveryK
-from samopt.seams import Descent
+from samopt.seams import Descent, per_parameter
 
 __all__ = ["LookSAM", "ReuseOrthogonal", "reuse_orthogonal", "reuse_orthogonal_reference"]
 
@@ -94,17 +94,9 @@ class ReuseOrthogonal(Descent):
         return {"cache": dict(self.cache), "norm": self.norm}
 
     def check_state(self, state: object) -> None:
-        ok = isinstance(state, dict) and set(state) == {"cache", "norm"} and isinstance(state["cache"], dict)
+        ok = isinstance(state, dict) and set(state) == {"cache", "norm"}
         ok = ok and isinstance(state["norm"], float) and state["norm"] >= 0  # type: ignore[index]
-        if ok:
-            for i, v in state["cache"].items():  # type: ignore[index]
-                if not (isinstance(i, int) and 0 <= i < len(self._shapes) and torch.is_tensor(v)):
-                    ok = False
-                elif v.shape != self._shapes[i]:
-                    raise ValueError(
-                        f"ReuseOrthogonal's cached direction for parameter {i} has shape {tuple(v.shape)}, "
-                        f"the parameter {tuple(self._shapes[i])}"
-                    )
+        ok = ok and per_parameter(state["cache"], self._shapes, "ReuseOrthogonal's cached direction")  # type: ignore[index]
         if not ok:
             raise ValueError(
                 "ReuseOrthogonal's state must be {'cache': {parameter index: tensor}, 'norm': a float >= 0}, "

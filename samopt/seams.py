@@ -57,6 +57,7 @@ __all__ = [
     "Pass",
     "Policy",
     "Schedule",
+    "per_parameter",
     "perturb_parts",
     "scale_of",
     "take_keywords",
@@ -114,6 +115,19 @@ def _first_rows(batch: Any, parts: int) -> Any:
     if isinstance(batch, list | tuple):
         return type(batch)(_first_rows(v, parts) for v in batch)
     return batch
+
+
+def per_parameter(tensors: object, shapes: Sequence[Any], what: str) -> bool:
+    """Whether ``tensors`` is a ``{parameter index: tensor}`` dict over parameters of ``shapes`` (a policy's saved
+    per-parameter state); a tensor of another shape raises ``ValueError`` naming ``what`` and both shapes."""
+    if not isinstance(tensors, dict):
+        return False
+    for i, v in tensors.items():
+        if not (isinstance(i, int) and 0 <= i < len(shapes) and torch.is_tensor(v)):
+            return False
+        if v.shape != shapes[i]:
+            raise ValueError(f"{what} for parameter {i} has shape {tuple(v.shape)}, the parameter {tuple(shapes[i])}")
+    return True
 
 
 class Policy:
@@ -296,15 +310,8 @@ class DirectionAscent(Ascent):
         return {"buffers": dict(self.buffers)}
 
     def check_state(self, state: object) -> None:
-        ok = isinstance(state, dict) and set(state) == {"buffers"} and isinstance(state["buffers"], dict)
-        for i, v in state["buffers"].items() if ok else ():  # type: ignore[index]
-            if not (isinstance(i, int) and 0 <= i < len(self._shapes) and torch.is_tensor(v)):
-                ok = False
-            elif v.shape != self._shapes[i]:
-                raise ValueError(
-                    f"{type(self).__name__}'s state for parameter {i} has shape {tuple(v.shape)}, the parameter "
-                    f"{tuple(self._shapes[i])}"
-                )
+        ok = isinstance(state, dict) and set(state) == {"buffers"}
+        ok = ok and per_parameter(state["buffers"], self._shapes, f"{type(self).__name__}'s state")  # type: ignore[index]
         if not ok:
             raise ValueError(
                 f"{type(self).__name__}'s state must be {{'buffers': {{parameter index: tensor}}}}, got {state!r}"

@@ -558,6 +558,26 @@ def test_lightning_sub_batch_ascent_equals_the_plain_loop(tmp_path):
         assert torch.allclose(a.float(), b.float(), atol=1e-6, rtol=0)
 
 
+def plain_loop(module, net, opt, sched=None) -> None:
+    """The 3 updates of 2 batches the module saw, in a plain loop over ``net`` (the module's dropout masks), and
+    the module's weights and BatchNorm statistics equal to the loop's."""
+    net.train()
+    set_rng_state(module.rng)
+    for w in range(3):
+
+        def closure(window=module.seen[2 * w : 2 * w + 2]):
+            for x, y in window:
+                loss = F.cross_entropy(net(x), y) / 2
+                loss.backward()
+            return loss
+
+        opt.step(closure)
+        if sched is not None:
+            sched.step()
+    for a, b in zip(module.net.state_dict().values(), net.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6, rtol=0)
+
+
 #: The published variants as a user would configure them, rho following the StepLR schedule (GSAM), an EMA
 #: (Friendly-SAM, VaSSO), the decoupled step after the base step (WSAM).
 PUBLISHED = {
@@ -586,20 +606,7 @@ def test_lightning_runs_the_published_variants_as_the_plain_loop_does(tmp_path, 
     net = mlp_with_bn_and_dropout().to(DEVICE)
     opt = PUBLISHED[variant](net.parameters())
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-    net.train()
-    set_rng_state(module.rng)
-    for w in range(3):
-
-        def closure(window=module.seen[2 * w : 2 * w + 2]):
-            for x, y in window:
-                loss = F.cross_entropy(net(x), y) / 2
-                loss.backward()
-            return loss
-
-        opt.step(closure)
-        sched.step()
-    for a, b in zip(module.net.state_dict().values(), net.state_dict().values(), strict=True):
-        assert torch.allclose(a.float(), b.float(), atol=1e-6, rtol=0)
+    plain_loop(module, net, opt, sched)
     assert not torch.equal(next(net.parameters()), next(mlp_with_bn_and_dropout().parameters()))  # it trained
 
 
@@ -615,19 +622,7 @@ def test_lightning_sam_on_skips_the_clean_gradients_it_does_not_need_and_equals_
     assert len(head) == 2 * 2 + 2 * 2  # update 0 (its mask is due): 2 clean + 2 perturbed passes; then perturbed only
     net = mlp_with_bn_and_dropout().to(DEVICE)
     opt = samopt.SAM(net.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, mask=samopt.masks.sam_on(net))
-    net.train()
-    set_rng_state(module.rng)
-    for w in range(3):
-
-        def closure(window=module.seen[2 * w : 2 * w + 2]):
-            for x, y in window:
-                loss = F.cross_entropy(net(x), y) / 2
-                loss.backward()
-            return loss
-
-        opt.step(closure)
-    for a, b in zip(module.net.state_dict().values(), net.state_dict().values(), strict=True):
-        assert torch.allclose(a.float(), b.float(), atol=1e-6, rtol=0)
+    plain_loop(module, net, opt)
 
 
 class MomentumClassifier(Classifier):
