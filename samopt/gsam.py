@@ -27,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -96,13 +97,15 @@ class RhoFollowsLR(AroundAscent):
         self.rho_min = validation.nonnegative("rho_min", rho_min)
         self.lr_min = validation.nonnegative("lr_min", lr_min)
         self.ends: list[tuple[float, float]] = []  # (rho_max, lr_max) of each group
-        self._groups: list[dict[str, Any]] = []
+        # the owner, whose param_groups are read at each step: load_state_dict (and so accelerate's prepare, which
+        # reloads an optimizer's state on its device) replaces the group dicts
+        self._owner: Any = None
 
     def bind(self, params: list[Tensor], owner: object, group: Any = None, *, sharded: bool = False) -> None:
         super().bind(params, owner, group, sharded=sharded)
-        self._groups = owner.param_groups  # type: ignore[attr-defined]
+        self._owner = weakref.ref(owner)
         known = len(self.ends)
-        for i, g in enumerate(self._groups[known:], start=known):  # a group added later gets its own ends
+        for i, g in enumerate(owner.param_groups[known:], start=known):  # type: ignore[attr-defined]  # a group added later gets its own ends
             rho_max, lr_max = float(g["rho"]), float(g["lr"])
             if self.rho_min > rho_max:
                 raise ValueError(
@@ -122,7 +125,7 @@ class RhoFollowsLR(AroundAscent):
         return self.rho_min + (rho_max - self.rho_min) * (lr - self.lr_min) / (lr_max - self.lr_min)
 
     def perturb(self, groups: Sequence[GroupGrads], norm: Tensor, move: Move) -> None:
-        for i, g in enumerate(self._groups):
+        for i, g in enumerate(self._owner().param_groups):
             g["rho"] = self.rho(i, float(g["lr"]))
         super().perturb(groups, norm, move)
 
