@@ -65,9 +65,11 @@ def reference(base, direction, update, *, rho_of=lambda lr: RHO, after=None, sch
     return weights(model)
 
 
-def run(make, steps: int = STEPS, scheduler=None):
+def run(make, steps: int = STEPS, scheduler=None, reload=False):
     model = mlp()
     opt = make(model)
+    if reload:  # as accelerate's prepare does: the state reloaded, which replaces the group dicts
+        opt.load_state_dict(opt.state_dict())
     sched = scheduler(opt) if scheduler else None
     for x, y in batches(steps):
 
@@ -211,9 +213,50 @@ def test_a_resumed_run_continues_bit_for_bit(name):
     assert_equal_tensors(weights(model), weights(straight))
 
 
+def test_gsam_rho_follows_the_lr_of_the_groups_after_a_load_state_dict():
+    halving = lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)  # noqa: E731
+    model, opt = run(VARIANTS["gsam"], scheduler=halving)
+    reloaded_model, reloaded_opt = run(VARIANTS["gsam"], scheduler=halving, reload=True)
+    assert_equal_tensors(weights(reloaded_model), weights(model))
+    rho = 0.01 + (RHO - 0.01) * 0.5**3  # the fourth step's rho: lr halved three times, rho_min 0.01
+    assert reloaded_opt.param_groups[0]["rho"] == opt.param_groups[0]["rho"] == pytest.approx(rho, rel=1e-12)
+
+
 def _fresh(make):
     model = mlp()
     return model, make(model)
+
+
+#: A policy's per-parameter tensors in the state dict: (variant, seam, key) where they are saved.
+SAVED_DIRECTIONS = {
+    "vasso": ("ascent", "buffers", "EMADirection's state"),
+    "friendly": ("ascent", "buffers", "FriendlyDirection's state"),
+    "looksam": ("descent", "cache", "ReuseOrthogonal's cached direction"),
+}
+
+
+@pytest.mark.parametrize("name", list(SAVED_DIRECTIONS))
+def test_a_saved_direction_of_another_shape_is_refused_before_anything_changes(name):
+    make = {
+        **VARIANTS,
+        "looksam": lambda m: samopt.LookSAM(m.parameters(), torch.optim.SGD, RHO, k=2, lr=LR, momentum=0.9),
+    }[name]
+    seam, key, what = SAVED_DIRECTIONS[name]
+    _, source = run(make, steps=3)
+    state = source.state_dict()
+    assert set(state["samopt"][seam][key]) == set(range(4))  # every parameter has its direction saved
+    state["samopt"][seam][key][2] = torch.zeros(5, 3)  # the third parameter is a (3, 7) weight
+    _, opt = run(make, steps=1)  # a run that has its own state, which the refused load must leave as it is
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match=rf"^{what} for parameter 2 has shape \(5, 3\), the parameter \(3, 7\)$"):
+        opt.load_state_dict(state)
+    assert_equal_tensors(_tensors(opt.state_dict(), seam, key), _tensors(before, seam, key))
+
+
+def _tensors(state, seam, key):
+    """The base optimizer's per-parameter tensors and the seam's saved directions, in a fixed order."""
+    base = [v for i in sorted(state["state"]) for _, v in sorted(state["state"][i].items())]
+    return base + [state["samopt"][seam][key][i] for i in sorted(state["samopt"][seam][key])]
 
 
 @pytest.mark.parametrize("name", ["vasso", "friendly"])
@@ -300,6 +343,7 @@ def test_host_reads_per_step_are_the_documented_ones(name, syncs):
     "name, flags, policy",
     [
         ("gsam", {"gsam_alpha": 0.3, "rho_min": 0.01}, "SurrogateGap(alpha=0.3)"),
+        ("gsam", {"gsam_alpha": 0.4, "adaptive": True, "rho": 2.0}, "SurrogateGap(alpha=0.4)"),  # the official
         ("friendly-sam", {"fsam_sigma": 0.5, "fsam_lambda": 0.8}, "FriendlyDirection(sigma=0.5, lmbda=0.8)"),
         ("vasso", {"vasso_theta": 0.5}, "EMADirection(theta=0.5)"),
         ("wsam", {"wsam_gamma": 0.8, "wsam_coupled": True}, "WeightedSharpness(gamma=0.8, decouple=False)"),
@@ -322,6 +366,7 @@ def test_samopt_train_runs_each_variant_with_its_flags(tmp_path, name, flags, po
     finally:
         loop.build_optimizer = real
     assert policy in repr(built[0])
+    assert built[0].param_groups[0]["adaptive"] is flags.get("adaptive", False)
     assert math.isfinite(summary["history"][0]["train_loss"])
 
 
@@ -334,6 +379,14 @@ def test_bad_variant_flags_are_refused_naming_them(tmp_path):
         ({"vasso_theta": 0.0}, r"vasso_theta must be a real number in \(0, 1\], got 0"),
         ({"wsam_gamma": 1.5}, r"wsam_gamma must be a real number in \[0, 1\), got 1\.5"),
         ({"gsam_alpha": -1.0}, r"gsam_alpha must be a finite real number >= 0, got -1\.0"),
+        *[
+            (
+                {"optimizer": name, "adaptive": True},
+                rf"adaptive=True scales the perturbation of a two-pass SAM-family "
+                rf"optimizer; '{name}' has none",
+            )
+            for name in ("sgd", "adamw", "msam")
+        ],
     ]:
         with pytest.raises(ValueError, match=message):
             loop.validate(tiny(tmp_path, **flags))
