@@ -220,6 +220,51 @@ def test_trainer_with_rho_0_is_the_trainer(tmp_path):
     assert float((ours.classifier.weight - initial).abs().max()) > 1e-4  # it trained, by 100x the tolerance
 
 
+#: The published variants over AdamW as a GLUE user configures them: GSAM's rho follows the Trainer's linear decay,
+#: the EMAs of Friendly-SAM and VaSSO see three updates, WSAM steps after AdamW's step.
+HF_PUBLISHED = {
+    "gsam": lambda ps, **kw: samopt.GSAM(ps, torch.optim.AdamW, 0.05, alpha=0.3, rho_min=0.01, lr=1e-4, **kw),
+    "friendly-sam": lambda ps, **kw: samopt.FriendlySAM(ps, torch.optim.AdamW, 0.05, lmbda=0.6, lr=1e-4, **kw),
+    "vasso": lambda ps, **kw: samopt.VaSSO(ps, torch.optim.AdamW, 0.05, theta=0.5, lr=1e-4, **kw),
+    "wsam": lambda ps, **kw: samopt.WSAM(ps, torch.optim.AdamW, 0.05, gamma=0.8, lr=1e-4, **kw),
+}
+
+
+@pytest.mark.parametrize("variant", list(HF_PUBLISHED))
+def test_trainer_runs_the_published_variants_as_the_plain_loop_does(tmp_path, variant):
+    make = HF_PUBLISHED[variant]
+    model = minilm()
+    reference = copy.deepcopy(model).to(DEVICE)
+    settings = args(tmp_path, max_steps=3, lr_scheduler_type="linear")
+    data = Pairs(n=24)  # one epoch: the sampler of a second would draw from the RNG between the dropout masks
+    trainer = Recording(model=model, args=settings, train_dataset=data, optimizers=(make(model.parameters()), None))
+    trainer.model_accepts_loss_kwargs = False  # the mean over the window, as the plain loop (see above)
+    trainer.train()
+    assert len(trainer.seen) == 6  # 3 updates x 2 micro-batches
+    opt = make(reference.parameters(), max_grad_norm=0.5)
+    sched = transformers.get_linear_schedule_with_warmup(opt, num_warmup_steps=0, num_training_steps=3)
+    reference.train()
+    set_rng_state(trainer.rng)
+    for w in range(3):
+
+        def closure(window=trainer.seen[2 * w : 2 * w + 2]):
+            total = 0.0
+            for inputs in window:
+                loss = reference(**inputs).loss / 2
+                loss.backward()
+                total += loss.detach()
+            return total
+
+        opt.step(closure)
+        sched.step()
+    assert opt.param_groups[0]["lr"] == trainer.optimizer.param_groups[0]["lr"] == 0.0  # the schedule's end
+    for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), name
+    initial = minilm().to(DEVICE).parameters()
+    moved = max(float((a - b).abs().max().detach()) for a, b in zip(model.parameters(), initial, strict=True))
+    assert moved > 100 * 1e-6  # it trained, by far more than the tolerance
+
+
 def momentum_sam(model):
     return samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=1e-2, momentum=0.9)
 
