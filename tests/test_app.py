@@ -16,6 +16,7 @@ import torch
 from samopt.train import cli, config, loop
 from samopt.train.config import RECIPES, GlueConfig, TrainConfig, resolve
 from samopt.train.loop import CheckpointError, lr_factor, run
+from samopt.train.models import MODELS
 from samopt.train.optimizers import Amp, base_optimizer, build_optimizer, train_step
 from tests.helpers import bn_net, image_batch
 
@@ -61,6 +62,20 @@ def test_recipe_resolution_layers_defaults_recipe_and_flags():
     imagenet = resolve("imagenet-resnet50", {})
     settings = (imagenet.optimizer, imagenet.epochs, imagenet.batch_size, imagenet.rho, imagenet.weight_decay)
     assert (*settings, imagenet.num_samples) == ("ssam-f", 90, 256, 0.7, 1e-4, 128)
+    # the published variants' official runs: the variant's own settings, its rho for the optimizers compared on it
+    gsam = resolve("cifar10-wrn16-8-gsam", {})
+    settings = (gsam.optimizer, gsam.model, gsam.rho, gsam.gsam_alpha, gsam.adaptive, gsam.label_smoothing, gsam.lr)
+    assert settings == ("gsam", "wrn16-8", 2.0, 0.4, True, 0.1, 0.1)
+    assert resolve("cifar10-wrn16-8-gsam", {"optimizer": "asam"}).rho == 2.0  # its baseline, on ASAM's scale
+    sam = resolve("cifar10-wrn16-8-gsam", {"optimizer": "sam"})
+    assert (sam.rho, sam.adaptive, sam.label_smoothing) == (None, False, 0.1)  # not SAM's scale: its own default
+    fsam = resolve("cifar100-resnet18-fsam", {})
+    assert (fsam.rho, fsam.fsam_sigma, fsam.fsam_lambda, fsam.lr, fsam.weight_decay) == (0.2, 1.0, 0.95, 0.05, 1e-3)
+    assert resolve("cifar100-resnet18-fsam", {"optimizer": "sam"}).rho == 0.2
+    vasso = resolve("cifar100-wrn28-10-vasso", {})
+    assert (vasso.model, vasso.rho, vasso.vasso_theta, vasso.lr, vasso.cutout) == ("wrn28-10", 0.2, 0.9, 0.1, 16)
+    wsam = resolve("cifar10-resnet18-wsam", {})
+    assert (wsam.rho, wsam.wsam_gamma, wsam.wsam_coupled, wsam.cutout, wsam.weight_decay) == (0.2, 0.9, False, 0, 5e-4)
     recipes = "fmnist-demo, fmnist-noisy, cifar10-resnet18, "
     with pytest.raises(ValueError, match=f"unknown recipe 'cifar'; choose one of: {recipes}"):
         resolve("cifar", {})
@@ -376,7 +391,7 @@ def test_cli_flags_round_trip():
 def test_cli_errors_name_the_valid_choices(tmp_path):
     for flag, bad, valid in (
         ("--dataset", "mnist", ("fashion-mnist", "cifar10", "cifar100", "imagenet", "synthetic")),
-        ("--model", "vgg16", ("resnet18", "resnet34", "resnet50", "resnet-small", "wrn28-10", "wrn16-4", "small-cnn")),
+        ("--model", "vgg16", tuple(MODELS)),
         ("--optimizer", "lamb", ("sgd", "adamw", "sam", "asam", "ssam-f", "ssam-d", "random-mask", "delta-sam")),
         ("--recipe", "nope", tuple(RECIPES)),
         ("--label-noise-mode", "asym", ("symmetric", "pairflip")),

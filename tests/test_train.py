@@ -17,7 +17,18 @@ import torch.nn.functional as F
 from samopt.train import data as datasets
 from samopt.train.data import cifar, download, fashion_mnist, image_folder, read_idx
 from samopt.train.loader import FolderLoader, TensorLoader, batch_seed
-from samopt.train.models import MODELS, build, resnet18, resnet34, resnet50, resnet_small, small_cnn, wrn16_4, wrn28_10
+from samopt.train.models import (
+    MODELS,
+    build,
+    resnet18,
+    resnet34,
+    resnet50,
+    resnet_small,
+    small_cnn,
+    wrn16_4,
+    wrn16_8,
+    wrn28_10,
+)
 
 
 def write_idx(path, array: np.ndarray, code: int, compress: bool) -> None:
@@ -79,9 +90,10 @@ def test_model_shapes_and_parameter_counts():
 
 
 def test_wide_resnets_resnet50_and_the_small_resnet():
-    # Published counts: WRN-28-10 36.5M (Zagoruyko & Komodakis), torchvision's resnet50 25,557,032.
+    # Published counts: WRN-28-10 36.5M and WRN-16-8 11.0M (Zagoruyko & Komodakis), torchvision's resnet50 25,557,032.
     assert count(wrn28_10()) == 36_479_194
     assert count(wrn16_4()) == 2_748_890
+    assert count(wrn16_8()) == 10_961_370  # 11.0M published
     assert count(resnet50()) == 25_557_032
     assert count(resnet_small()) == 308_826
     assert wrn16_4(num_classes=100)(torch.randn(2, 3, 32, 32)).shape == (2, 100)

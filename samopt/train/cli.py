@@ -61,6 +61,8 @@ _HELP = {
     "download": "download Fashion-MNIST or CIFAR into --data-dir if missing",
     "train_subset": "train on the first N images of a fixed shuffle of the training set",
     "test_subset": "evaluate on the first N images of a fixed shuffle of the test set (faster; the same for every run)",
+    "adaptive": "the SAM family: scale the perturbation element-wise by |w| + --eta, as ASAM (Kwon et al., ICML "
+    "2021; asam always does); its rho is on ASAM's scale, about ten times SAM's",
     "base": "base optimizer of the SAM family: any torch.optim class name (sgd, adamw, ...)",
     "rho": "perturbation radius (default 0.05, on GLUE 0.01; 0.5 and 0.1 for asam; see `samopt optimizers`)",
     "mask_interval": "epochs between mask updates (ssam-f, ssam-d)",

@@ -49,6 +49,7 @@ class RunConfig:
     weight_decay: float = 5e-4
     max_grad_norm: float | None = None
     rho: float | None = None  # None: the optimizer's (samopt optimizers): 0.05, 0.5 for asam; on GLUE 0.01 and 0.1
+    adaptive: bool = False  # the SAM family: ASAM's element-wise scaling of e (asam: always)
     eta: float = 0.01  # ASAM's eta
     bn: str = "first"
     sync: str = "global"  # under torchrun: perturb with the all-reduced gradient (global) or each rank's (local)
@@ -224,6 +225,73 @@ def _cifar(dataset: str, model: str, rho: float) -> Recipe:
     )
 
 
+def _variant(
+    optimizer: str,
+    description: str,
+    source: str,
+    settings: dict[str, Any],
+    own: dict[str, Any],
+    same_rho: tuple[str, ...] = SAM_RHO,
+) -> Recipe:
+    """A published variant's CIFAR run from its official code: ``settings`` for every optimizer compared on it,
+    ``own`` for ``optimizer`` alone, and its rho for the optimizers ``same_rho``."""
+    rho = {"rho": own["rho"]}
+    per_optimizer = {o: rho for o in same_rho if o != optimizer}
+    return Recipe(
+        description,
+        source,
+        {"momentum": 0.9, "batch_size": 128, "epochs": 200, "schedule": "cosine", "optimizer": optimizer, **settings},
+        {**per_optimizer, optimizer: own},
+    )
+
+
+#: The published variants' own CIFAR runs (their official code's example commands; the papers' hyperparameter
+#: tables were not read): the settings a user reproducing one of them starts from.
+_VARIANTS = {
+    "cifar10-wrn16-8-gsam": _variant(
+        "gsam",
+        "CIFAR-10, WRN-16-8, adaptive GSAM at rho 2 (its official example)",
+        "juntang-zhuang/GSAM example/train.py (Zhuang et al., ICLR 2022): SGD lr 0.1, batch 128, 200 epochs, "
+        "wd 5e-4, cosine, label smoothing 0.1, crop+flip+Cutout 16; adaptive, rho_max = rho_min = 2 (constant), "
+        "alpha 0.4; ASAM, its baseline, at the same rho",
+        {
+            "dataset": "cifar10",
+            "model": "wrn16-8",
+            "lr": 0.1,
+            "weight_decay": 5e-4,
+            "label_smoothing": 0.1,
+            "cutout": 16,
+        },
+        {"rho": 2.0, "gsam_alpha": 0.4, "adaptive": True},
+        same_rho=("asam",),
+    ),
+    "cifar100-resnet18-fsam": _variant(
+        "friendly-sam",
+        "CIFAR-100, ResNet-18, Friendly-SAM (its official run script)",
+        "nblt/F-SAM run.sh (Li et al., CVPR 2024): SGD lr 0.05, batch 128, 200 epochs, wd 1e-3, cosine per "
+        "iteration, crop+flip+Cutout 16; rho 0.2, sigma 1, lambda 0.95 (a logged run uses 0.6)",
+        {"dataset": "cifar100", "model": "resnet18", "lr": 0.05, "weight_decay": 1e-3, "cutout": 16},
+        {"rho": 0.2, "fsam_sigma": 1.0, "fsam_lambda": 0.95},
+    ),
+    "cifar100-wrn28-10-vasso": _variant(
+        "vasso",
+        "CIFAR-100, WRN-28-10, VaSSO (its official train.sh)",
+        "BingcongLi/VaSSO train.sh (Li and Giannakis, NeurIPS 2023): SGD lr 0.1, batch 128, 200 epochs, wd 1e-3, "
+        "crop+flip+Cutout 16; rho 0.2, theta 0.9; differs: the official cosine steps per epoch, samopt's per "
+        "iteration",
+        {"dataset": "cifar100", "model": "wrn28-10", "lr": 0.1, "weight_decay": 1e-3, "cutout": 16},
+        {"rho": 0.2, "vasso_theta": 0.9},
+    ),
+    "cifar10-resnet18-wsam": _variant(
+        "wsam",
+        "CIFAR-10, ResNet-18, decoupled WSAM (its official example)",
+        "dlrover atorch/examples/optimizer train_wsam_entry.sh (Yue et al., KDD 2023): SGD lr 0.1, batch 128, "
+        "200 epochs, wd 5e-4, cosine per iteration, crop+flip, no Cutout; rho 0.2, gamma 0.9, decoupled; "
+        "[inferred] no gradient clipping (one version of wsam.py clips at 1 by default, another does not)",
+        {"dataset": "cifar10", "model": "resnet18", "lr": 0.1, "weight_decay": 5e-4, "cutout": 0},
+        {"rho": 0.2, "wsam_gamma": 0.9, "wsam_coupled": False},
+    ),
+}
 #: The label-noise recipes' rho: 0.1 for the SAM family; MSAM's measured 1 (docs/benchmarks.md, issue 17: 3, the
 #: official README's, diverges here and 0.3 memorises the noise); ASAM and SAM-ON keep their own.
 _NOISY_RHO: dict[str, dict[str, Any]] = {**{o: {"rho": 0.1} for o in SAM_RHO}, "msam": {"rho": 1.0}}
@@ -266,6 +334,7 @@ RECIPES: dict[str, Recipe] = {
         },
         {o: {"rho": 0.7} for o in SAM_RHO},
     ),
+    **_VARIANTS,
 }
 
 

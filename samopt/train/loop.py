@@ -148,6 +148,10 @@ def _validate_ascend(cfg: RunConfig) -> None:
         raise ValueError("vasso_theta must be a real number in (0, 1], got 0 (the EMA would never see a gradient)")
     validation.unit_interval("wsam_gamma", cfg.wsam_gamma, include_one=False)
     engine = spec(cfg.optimizer).sam_family and spec(cfg.optimizer).two_pass
+    if cfg.adaptive and not engine:
+        raise ValueError(
+            f"adaptive=True scales the perturbation of a two-pass SAM-family optimizer; {cfg.optimizer!r} has none"
+        )
     m = validation.positive_int("ascent_sub_batches", cfg.ascent_sub_batches)
     if m > 1 and (not engine or cfg.optimizer == "delta-sam" or cfg.ascend != "always"):
         raise ValueError(

@@ -40,6 +40,7 @@ __all__ = [
     "resnet_small",
     "small_cnn",
     "wrn16_4",
+    "wrn16_8",
     "wrn28_10",
 ]
 
@@ -154,6 +155,11 @@ def wrn16_4(num_classes: int = 10, in_channels: int = 3) -> WideResNet:
     return WideResNet(16, 4, num_classes, in_channels)
 
 
+def wrn16_8(num_classes: int = 10, in_channels: int = 3) -> WideResNet:
+    """WRN-16-8 (10.96M parameters at 10 classes): the model of GSAM's CIFAR-10 example (juntang-zhuang/GSAM)."""
+    return WideResNet(16, 8, num_classes, in_channels)
+
+
 class Bottleneck(nn.Module):
     """1x1 reduce, 3x3 (strided), 1x1 expand by 4, each with BN; projection shortcut when the shape changes."""
 
@@ -222,6 +228,7 @@ MODELS: dict[str, Callable[[int, int], nn.Module]] = {
     "resnet-small": resnet_small,
     "wrn28-10": wrn28_10,
     "wrn16-4": wrn16_4,
+    "wrn16-8": wrn16_8,
     "small-cnn": small_cnn,
 }
 

@@ -158,6 +158,7 @@ class _Build:
         engine = {"bn": cfg.bn, "max_grad_norm": cfg.max_grad_norm, "sync": cfg.sync, "ddp": self.ddp}
         if cfg.ascend != "always":
             engine["schedule"] = ascent_schedule(cfg, self.total_steps)
+        kw.setdefault("adaptive", cfg.adaptive)
         if cfg.ascent_sub_batches > 1:
             kw["ascent"] = SubBatchAscent(cfg.ascent_sub_batches, inner=kw.pop("mask", None))
         return cls(self.model.parameters(), base, self.rho, **engine, **kw, **_base_kwargs(cfg, base))
