@@ -1,5 +1,6 @@
 """The ``samopt`` application: recipes, schedule, training step, resume after Ctrl-C, CLI errors, compare."""
 
+import argparse
 import csv
 import dataclasses
 import json
@@ -397,7 +398,7 @@ def test_cli_errors_name_the_valid_choices(tmp_path):
         ("--label-noise-mode", "asym", ("symmetric", "pairflip")),
     ):
         r = samopt_cli("train", flag, bad)
-        message = r.stderr.splitlines()[-1]
+        message = r.stderr.splitlines()[0]
         assert r.returncode == 2 and f"argument {flag}: invalid choice: '{bad}' (choose from" in message
         assert all(name in message for name in valid), message
     r = samopt_cli("train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "o"))
@@ -408,6 +409,54 @@ def test_cli_errors_name_the_valid_choices(tmp_path):
     assert r.returncode == 2 and "unrecognized arguments: --label-noise 0.2" in r.stderr
     r = samopt_cli("train", "--dataset", "imagenet", "--data-dir", str(tmp_path), "--label-noise", "0.2")
     assert r.returncode == 2 and "--label-noise applies to the data sets held in memory" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, first_line",
+    [
+        ("train --optimizer sma", "samopt train: error: argument --optimizer: invalid choice: 'sma' (choose from sgd, "
+         "adamw, sam, asam, ssam-f, ssam-d, random-mask, sam-on, looksam, gsam, friendly-sam, vasso, wsam, msam, "
+         "delta-sam); did you mean 'sam'?"),
+        ("train --optimzer sam", "samopt train: error: unrecognized arguments: --optimzer sam; did you mean "
+         "'--optimizer'?"),
+        ("train --optim sam", "samopt train: error: unrecognized arguments: --optim sam; did you mean '--optimizer'?"),
+        ("trian", "samopt: error: argument command: invalid choice: 'trian' (choose from train, compare, glue, "
+         "glue-compare, sharpness, recipes, optimizers); did you mean 'train'?"),
+        ("compare --optimizer sam", "samopt compare: error: unrecognized arguments: --optimizer sam (this command "
+         "runs several: --optimizers)"),
+        ("glue --bn both", "samopt glue: error: unrecognized arguments: --bn both (GLUE's transformers have no "
+         "BatchNorm)"),
+        ("train --bn second", "samopt train: error: argument --bn: invalid choice: 'second' (choose from first, "
+         "both)"),
+        ("glue-compare --task mrcp", "samopt glue-compare: error: argument --task: invalid choice: 'mrcp' (choose "
+         "from cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte); did you mean 'mrpc'?"),
+    ],
+)  # fmt: skip
+def test_cli_errors_are_two_lines_with_the_values_and_a_suggestion(capsys, argv, first_line):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv.split())
+    err = capsys.readouterr().err.splitlines()
+    command = first_line.split(":")[0]
+    assert exit_.value.code == 2 and err == [first_line, f"see `{command} --help` for every flag and its values"]
+
+
+def test_every_choice_flag_lists_its_values_and_every_setting_its_default():
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name in ("train", "compare", "glue", "glue-compare"):
+        run_settings = next(g for g in commands[name]._action_groups if g.title.startswith("run settings"))
+        flags = [a for a in run_settings._group_actions if a.dest != "recipe"]
+        assert len(flags) > 50, name  # every setting (a missing group would pass the loop below)
+        for action in flags:
+            assert "default" in action.help, (name, action.option_strings)
+            if action.choices is not None:
+                assert all(str(c) in action.help for c in action.choices), (name, action.option_strings)
+        given = {s for a in flags for s in a.option_strings}
+        assert ("--optimizer" in given) is (name in ("train", "glue")), name  # compare: --optimizers only
+        assert ("--bn" in given) is name.startswith(("train", "compare")), name  # no BatchNorm in GLUE's models
+    for name in ("bn", "granularity", "fisher_labels", "drop", "grow", "estimator", "optimizer", "ascend"):
+        action = next(a for a in commands["train"]._actions if a.dest == name)
+        assert action.choices, name  # refused by the parser, with the values listed
 
 
 def test_recipes_command_lists_every_recipe():

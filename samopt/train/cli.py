@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
 import sys
 import typing
@@ -23,7 +24,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
-from samopt.sam import SYNC_MODES
+from samopt.delta import ESTIMATORS
+from samopt.masks import DROP_SCORES, FISHER_LABELS, GRANULARITIES, GROW_SCORES
+from samopt.sam import BN_MODES, SYNC_MODES
 from samopt.train import data as datasets
 from samopt.train.compare import compare
 from samopt.train.config import RECIPES, GlueConfig, RunConfig, TrainConfig, resolve, to_flags
@@ -42,18 +45,27 @@ _CHOICES = {
     "amp": AMP_MODES,
     "sync": SYNC_MODES,
     "ascend": ASCEND,
+    "granularity": GRANULARITIES,
+    "fisher_labels": FISHER_LABELS,
+    "drop": DROP_SCORES,
+    "grow": GROW_SCORES,
+    "estimator": ESTIMATORS,
 }
 _IMAGE_CHOICES = {
     "dataset": datasets.DATASETS,
     "model": tuple(MODELS),
     "label_noise_mode": datasets.NOISE_MODES,
+    "bn": BN_MODES,
 }
+#: Settings a kind of run has but no flag of its command, and why: GLUE's transformers have no BatchNorm.
+_NO_FLAG: dict[type[RunConfig], dict[str, str]] = {GlueConfig: {"bn": "GLUE's transformers have no BatchNorm"}}
 _GLUE_CHOICES = {"task": tuple(TASKS)}
 _GLUE_HELP = {
     "data_dir": "the task's folder, holding train.tsv and the dev file(s) in the GLUE layout",
     "model": "all-MiniLM-L6-v2 (packaged, offline) or any local or Hugging Face hub path",
     "max_length": "tokens per example (longer pairs are truncated)",
     "train_subset": "fine-tune on the first N examples of a fixed shuffle of train.tsv",
+    "out": "output directory (default runs/glue-<task>-<optimizer>-s<seed>)",
 }
 _HELP = {
     "dataset": "data set",
@@ -67,7 +79,12 @@ _HELP = {
     "rho": "perturbation radius (default 0.05, on GLUE 0.01; 0.5 and 0.1 for asam; see `samopt optimizers`)",
     "mask_interval": "epochs between mask updates (ssam-f, ssam-d)",
     "num_samples": "examples in SSAM-F's Fisher estimate",
-    "estimator": "delta-sam's per-example norm estimator: probe, logit or exact",
+    "estimator": "delta-sam's per-example norm estimator",
+    "bn": "the SAM family's BatchNorm statistics: updated in the first pass only, or in both",
+    "granularity": "ssam-f, ssam-d, random-mask: mask single weights or whole tensors",
+    "fisher_labels": "ssam-f: the Fisher's labels, the data's (empirical Fisher, the paper's) or drawn from the model",
+    "drop": "ssam-d: the score that drops weights from the mask",
+    "grow": "ssam-d: the score that grows weights into the mask",
     "alpha": "delta-sam's weight exponent (0 is SAM)",
     "milestones": "comma-separated epochs at which multistep multiplies the lr by --gamma",
     "out": "output directory (default runs/<dataset>-<model>-<optimizer>-s<seed>)",
@@ -112,8 +129,50 @@ def _int_list(text: str) -> list[int]:
     return [int(t) for t in text.split(",") if t.strip()]
 
 
-def config_args(parser: argparse.ArgumentParser, kind: type[RunConfig] = TrainConfig) -> None:
-    """Add one flag per field of ``kind``, defaulting to "not given" so that recipes can fill them in."""
+def _did_you_mean(word: str, names: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, names, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are two lines: the problem, with the allowed values and a "did you mean"
+    for a mistyped name or flag, and where the flags are listed; no usage text. A flag is never matched by a
+    prefix (``--optimizer`` must not pass for ``compare``'s ``--optimizers``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{**kwargs, "allow_abbrev": False})
+        self.absent: dict[str, str] = {}  # flags of other commands that this one refuses, and why
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        if action.choices is not None and value not in action.choices:
+            names = [str(c) for c in action.choices]
+            raise argparse.ArgumentError(
+                action,
+                f"invalid choice: {value!r} (choose from {', '.join(names)}){_did_you_mean(str(value), names)}",
+            )
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\nsee `{self.prog} --help` for every flag and its values\n")
+
+    def unknown_flags(self, extras: list[str]) -> typing.NoReturn:
+        """Refuse ``extras``, arguments of this (sub)command's line that none of its flags took."""
+        flags = [s for s in self._option_string_actions if s.startswith("--")]
+        first = next((e.split("=")[0] for e in extras if e.startswith("-")), extras[0])
+        plural = "s" if len(extras) > 1 else ""
+        hint = f" ({self.absent[first]})" if first in self.absent else _did_you_mean(first, flags)
+        self.error(f"unrecognized argument{plural}: {' '.join(extras)}{hint}")
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value).lower()
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def config_args(parser: argparse.ArgumentParser, kind: type[RunConfig] = TrainConfig, several: bool = False) -> None:
+    """Add one flag per field of ``kind``, defaulting to "not given" so that recipes can fill them in; each help
+    shows the default (``kind``'s, before any recipe) and the allowed values. ``several``: a command that runs
+    several optimizers (``--optimizers``), which has no ``--optimizer``."""
     group = parser.add_argument_group("run settings" + (" (override the recipe)" if kind is TrainConfig else ""))
     if kind is TrainConfig:
         group.add_argument(
@@ -123,7 +182,12 @@ def config_args(parser: argparse.ArgumentParser, kind: type[RunConfig] = TrainCo
     glue = kind is GlueConfig
     choices = {**_CHOICES, **(_GLUE_CHOICES if glue else _IMAGE_CHOICES)}
     helps = {**_HELP, **(_GLUE_HELP if glue else {})}
+    hidden = {**_NO_FLAG.get(kind, {}), **({"optimizer": "this command runs several: --optimizers"} if several else {})}
     for f in dataclasses.fields(kind):
+        if f.name in hidden:
+            if isinstance(parser, Parser):
+                parser.absent["--" + f.name.replace("_", "-")] = hidden[f.name]
+            continue
         flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": helps.get(f.name)}
         args = typing.get_args(hint)
@@ -137,10 +201,12 @@ def config_args(parser: argparse.ArgumentParser, kind: type[RunConfig] = TrainCo
             if f.name in choices:
                 kw["choices"], kw["metavar"] = choices[f.name], f.name.upper()
                 kw["help"] = f"{helps.get(f.name, f.name)}: {', '.join(choices[f.name])}"
+        factory = cast(Callable[[], Any], f.default_factory)
+        default = f.default if f.default is not dataclasses.MISSING else factory()
         if kw["help"] is None:
-            factory = cast(Callable[[], Any], f.default_factory)
-            default = f.default if f.default is not dataclasses.MISSING else factory()
-            kw["help"] = f"default {default}"
+            kw["help"] = f"default {_shown(default)}"
+        elif "default" not in kw["help"]:
+            kw["help"] += f" (default {_shown(default)})"
         group.add_argument(flag, **kw)
 
 
@@ -249,13 +315,30 @@ def _sharpness(args: argparse.Namespace) -> None:
         print(f"{run_dir}: {'; '.join(shown)}; written into {run_dir / 'summary.json'}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="samopt", description="Sharpness-aware training from the command line.")
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line ``argv`` parsed; an unknown flag is refused by its subcommand, with a suggestion."""
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        cast(Parser, commands.choices[args.command]).unknown_flags(extras)
+    return args
+
+
+#: The usage line of the commands with many flags: their --help lists them by group, with defaults and values.
+_USAGE = "%(prog)s [flags]"
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="samopt", description="Sharpness-aware training from the command line.")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="one training run", description="Train one model with one optimizer.")
+    train = sub.add_parser(
+        "train", help="one training run", description="Train one model with one optimizer.", usage=_USAGE
+    )
     config_args(train)
     compare = sub.add_parser(
         "compare",
+        usage=_USAGE,
         help="several optimizers x seeds, then a table and plots",
         description="Run `samopt train` for each optimizer and seed (skipping finished runs, resuming "
         "interrupted ones), then write compare.md, compare.json and PNG plots into --out.",
@@ -270,9 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
         "columns in the table and landscape.png, the loss along a random direction through each solution",
     )
     sharpness_args(compare, "sharpness-")
-    config_args(compare)
+    config_args(compare, several=True)
     glue = sub.add_parser(
         "glue",
+        usage=_USAGE,
         help="fine-tune a pretrained transformer on a GLUE task",
         description="Fine-tune a Hugging Face sequence classifier on one GLUE task and report its official "
         "dev metrics each epoch (needs `pip install 'samopt[glue]'`).",
@@ -280,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_args(glue, GlueConfig)
     glue_compare = sub.add_parser(
         "glue-compare",
+        usage=_USAGE,
         help="several optimizers x seeds on a GLUE task, then a table and plots",
         description="`samopt compare` for `samopt glue` runs.",
     )
@@ -287,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     glue_compare.add_argument("--seeds", type=int, default=1, help="number of seeds: seed, seed+1, ...")
     glue_compare.add_argument("--sharpness", default=None, metavar="MEASURES", help="as in samopt compare")
     sharpness_args(glue_compare, "sharpness-")
-    config_args(glue_compare, GlueConfig)
+    config_args(glue_compare, GlueConfig, several=True)
     sharp = sub.add_parser(
         "sharpness",
         help="measure the sharpness of finished runs",
@@ -321,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     if args.command in ("recipes", "optimizers"):
         (_recipes if args.command == "recipes" else _optimizers)()
         return 0
