@@ -5,6 +5,7 @@ import csv
 import dataclasses
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -573,6 +574,52 @@ def test_compare_reports_the_best_epoch_and_plots_loss_and_memorisation(tmp_path
     assert "| sgd | 2 | 70.00 ± 14.14 | 75.00 ± 7.07 | 2 ± 1 of 2 |" in table(clean)  # best at epochs 2 and 1
     plot(clean, tmp_path)
     assert Image.open(tmp_path / "accuracy.png").size[0] < 3 * 5 * 120  # two panels without label noise
+
+
+def test_fashion_mnist_without_a_recipe_is_cpu_sized_and_a_dry_run_prints_its_plan(tmp_path, capsys):
+    from tests.test_train import write_fashion_mnist
+
+    assert (resolve(None, {}).model, resolve(None, {}).epochs, resolve(None, {}).lr) == ("small-cnn", 5, 0.02)
+    assert (resolve(None, {"epochs": 2}).model, resolve(None, {"model": "resnet18"}).epochs) == ("small-cnn", 5)
+    cifar = resolve(None, {"dataset": "cifar10"})
+    assert (cifar.model, cifar.epochs) == (TrainConfig.model, TrainConfig.epochs)  # sized for a GPU: no change
+    assert resolve("fmnist-noisy", {}).epochs == 40  # a recipe's settings, not these
+    (tmp_path / "fm").mkdir()
+    write_fashion_mnist(tmp_path / "fm", n=(300, 120))
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data-dir", str(tmp_path / "fm"), "--out", str(out), "--dry-run"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert (
+        printed[0].startswith("samopt train --label-smoothing 0.0 --optimizer sgd ")
+        and "--model small-cnn" in printed[0]
+    )
+    assert (
+        printed[1]
+        == f"plan: fashion-mnist, small-cnn, sgd: 5 epochs x 2 steps of batch 128 = 10 steps on cpu; results in {out}"
+    )
+    assert len(printed) == 2 and not out.exists()  # nothing trained, nothing written
+
+
+def test_a_run_prints_its_plan_and_after_a_few_steps_its_time(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(loop, "ESTIMATE_AFTER", 3)
+    run(tiny(tmp_path))
+    printed = capsys.readouterr().out.splitlines()
+    out = tmp_path / "run"
+    assert (
+        printed[0]
+        == f"plan: synthetic, resnet-small, sgd: 2 epochs x 4 steps of batch 64 = 8 steps on cpu; results in {out}"
+    )
+    assert re.fullmatch(
+        r"[0-9.e-]+ s per step over the first 3: about \d+ s for the 8 training steps \(evaluation "
+        r"not counted\)",
+        printed[1],
+    ), printed[1]
+    run(tiny(tmp_path).replace(resume=True))
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [
+        f"plan: synthetic, resnet-small, sgd: 2 epochs x 4 steps of batch 64 = 8 steps on cpu; "
+        f"results in {out} (resumed: 0 of 8 steps left)"
+    ]
 
 
 def test_the_demo_recipe_runs_a_smoke_epoch_with_label_noise(tmp_path):

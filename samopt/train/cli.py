@@ -32,7 +32,7 @@ from samopt.train.compare import compare
 from samopt.train.config import RECIPES, GlueConfig, RunConfig, TrainConfig, resolve, to_flags
 from samopt.train.glue import TASKS
 from samopt.train.lock import DirectoryInUseError
-from samopt.train.loop import EXIT_INTERRUPTED, SCHEDULES, CheckpointError, run
+from samopt.train.loop import EXIT_INTERRUPTED, SCHEDULES, CheckpointError, dry_run, run
 from samopt.train.models import MODELS
 from samopt.train.optimizers import AMP_MODES, ASCEND, ASCEND_POLICIES, NAMES, OPTIMIZERS
 from samopt.train.sharpness import MEASURES, Settings, interpolate_runs, measure, run_landscape
@@ -329,6 +329,9 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
 _USAGE = "%(prog)s [flags]"
 
 
+_DRY_RUN = "print the resolved settings and the plan (loads the data and builds the model), and stop"
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="samopt", description="Sharpness-aware training from the command line.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -336,6 +339,7 @@ def build_parser() -> Parser:
         "train", help="one training run", description="Train one model with one optimizer.", usage=_USAGE
     )
     config_args(train)
+    train.add_argument("--dry-run", action="store_true", help=_DRY_RUN)
     compare = sub.add_parser(
         "compare",
         usage=_USAGE,
@@ -362,6 +366,7 @@ def build_parser() -> Parser:
         "dev metrics each epoch (needs `pip install 'samopt[glue]'`).",
     )
     config_args(glue, GlueConfig)
+    glue.add_argument("--dry-run", action="store_true", help=_DRY_RUN)
     glue_compare = sub.add_parser(
         "glue-compare",
         usage=_USAGE,
@@ -425,7 +430,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "compare runs its runs one after another in one process; under torchrun, launch each "
                 "`samopt train` / `samopt glue` run with torchrun instead"
             )
-        if args.command in ("train", "glue"):
+        if args.command in ("train", "glue") and args.dry_run:
+            cfg = resolve(recipe, _explicit(args, kind), kind)
+            print(f"samopt {args.command} {' '.join(to_flags(dataclasses.asdict(cfg)))}")
+            dry_run(cfg)
+        elif args.command in ("train", "glue"):
             summary = run(resolve(recipe, _explicit(args, kind), kind))
             if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks
                 print(

@@ -570,6 +570,36 @@ def _release_frames() -> None:
     gc.collect()  # modules with hooks are reference cycles
 
 
+def plan(cfg: RunConfig, steps_per_epoch: int, device: torch.device) -> str:
+    """One line that says what a run of ``cfg`` will do, printed before it trains."""
+    what = f"GLUE {cfg.task}" if isinstance(cfg, GlueConfig) else cfg.dataset  # type: ignore[attr-defined]
+    steps = cfg.epochs * steps_per_epoch
+    return (
+        f"plan: {what}, {cfg.model}, {cfg.optimizer}: {cfg.epochs} epochs x {steps_per_epoch} steps of batch "  # type: ignore[attr-defined]
+        f"{cfg.batch_size} = {steps:,} steps on {device}; results in {cfg.out or cfg.default_out()}"
+    )
+
+
+#: The steps after which a run prints its measured time per step and the time its training steps will take.
+ESTIMATE_AFTER = 10
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{seconds:.0f} s" if seconds < 90 else f"{minutes} min" if minutes < 90 else f"{seconds / 3600:.1f} h"
+
+
+def dry_run(cfg: RunConfig) -> dict[str, Any]:
+    """Check ``cfg``, load its data and build its model, and print its plan (:func:`plan`) without training or
+    writing anything; returns ``{"plan": line, "steps_per_epoch": n}``."""
+    validate(cfg)
+    device = device_named(setup(cfg.device)[1])
+    task = _task_module(cfg).build_task(cfg, device)
+    line = plan(cfg, len(task.train), device)
+    print(line)
+    return {"plan": line, "steps_per_epoch": len(task.train)}
+
+
 def run(cfg: RunConfig) -> dict[str, Any]:
     """Train as ``cfg`` says (see the module docstring); returns the summary also written to ``summary.json``.
 
@@ -699,6 +729,11 @@ def _train(cfg: RunConfig, ranks: Ranks, device: torch.device, out: Path) -> dic
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    left = cfg.epochs * steps_per_epoch - state["epoch"] * steps_per_epoch - state["batch"]
+    if ranks.main:
+        resuming = f" (resumed: {left:,} of {cfg.epochs * steps_per_epoch:,} steps left)" if ckpt is not None else ""
+        print(plan(cfg, steps_per_epoch, device) + resuming, flush=True)
+    taken, began = 0, time.perf_counter()
     wall0 = time.perf_counter() - state["wall"]
     label = f"{cfg.optimizer} s{cfg.seed}"
     with _Interrupt() as interrupt:
@@ -721,6 +756,13 @@ def _train(cfg: RunConfig, ranks: Ranks, device: torch.device, out: Path) -> dic
                 sched.step()
                 tally.add(loss, logits, y[: len(logits)], task.classification)  # a sub-batch's clean pass: its rows
                 batch += 1
+                taken += 1
+                if taken == ESTIMATE_AFTER and ranks.main and left > taken:
+                    per_step = (time.perf_counter() - began) / taken
+                    (bar.write if bar is not None else print)(
+                        f"{per_step:.3g} s per step over the first {taken}: about {_duration(per_step * left)} for "
+                        f"the {left:,} training steps (evaluation not counted)"
+                    )
                 if bar is not None:
                     bar.update(1)
                     if batch % 20 == 0 or batch == steps_per_epoch:
