@@ -1,7 +1,8 @@
 # samopt developer commands.
 #   make demo   create .venv, get Fashion-MNIST, compare SGD/SAM/ASAM/SSAM-F/SSAM-D/δ-SAM with 40% label noise
 #               (under 15 min on 2 CPU cores)
-#   make test   create .venv, then ruff, the import contracts, mypy and the test suite (what CI runs, .ci/run)
+#   make test   create .venv, then ruff, the import contracts, mypy, the docs site and the test suite (what CI runs)
+#   make docs   build the documentation site into site/ (mkdocs-material; `mkdocs serve` to browse it)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -14,7 +15,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 DEMO_SEEDS ?= 1
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test docs demo bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +31,11 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/mypy
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 	$(BIN)/python -m pytest -q
+
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 # Fashion-MNIST: Debian's dataset-fashion-mnist where apt works, else the public download into data/.
 demo: setup
@@ -49,4 +54,4 @@ bench: setup
 	$(BIN)/python benchmarks/step_cost.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis samopt.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis samopt.egg-info site
