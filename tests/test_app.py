@@ -7,6 +7,7 @@ import json
 import math
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -50,7 +51,8 @@ def test_recipe_resolution_layers_defaults_recipe_and_flags():
     sparse = (cfg.rho, cfg.weight_decay, cfg.sparsity, cfg.num_samples, cfg.mask_interval, cfg.cutout)
     assert sparse == (0.1, 1e-3, 0.5, 16, 1, 16)  # the Sparse SAM README's SSAM-F ResNet-18 command
     assert (cfg.epochs, cfg.seed, cfg.lr, cfg.batch_size) == (10, 3, 0.05, 128)  # flags, then recipe, then defaults
-    assert resolve(None, {}) == TrainConfig()
+    assert resolve(None, {"dataset": "synthetic"}) == TrainConfig(dataset="synthetic")  # no recipe: the defaults
+    assert resolve(None, {}) == TrainConfig(**config.DATASET_DEFAULTS["fashion-mnist"])  # but CPU-sized there
     # per-optimizer settings: SGD's weight decay, SAM's rho, and flags still win
     sgd = resolve("cifar10-resnet18", {"optimizer": "sgd"})
     assert (sgd.weight_decay, sgd.rho) == (5e-4, None)
@@ -269,6 +271,7 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, monk
     assert steps[0] == 2 * 4 - stop  # it continued, it did not start over
     if stop % 4:  # the interrupted epoch's time adds the part before the interrupt
         assert resumed["history"][stop // 4]["train_seconds"] >= saved["partial"]["seconds"] > 0
+        assert resumed["history"][stop // 4]["train_cpu_seconds"] >= saved["partial"]["cpu_seconds"] > 0
     for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "passes_per_step", "ascent_fraction"):
         assert [r[key] for r in resumed["history"]] == [r[key] for r in whole["history"]], key
     a, b = _weights(tmp_path / "a" / "run"), _weights(tmp_path / "b" / "run")
@@ -285,6 +288,9 @@ def test_run_outputs(tmp_path):
     assert summary["score"] == "test_acc" and summary["final_score"] == summary["history"][-1]["test_acc"]
     assert summary["best_score"] == max(r["test_acc"] for r in summary["history"]) and summary["peak_memory_mib"] > 0
     assert summary["seconds_per_step"] == pytest.approx(summary["seconds_per_epoch"] / 4)
+    cpu = [r["train_cpu_seconds"] for r in summary["history"]]
+    assert all(c > 0 for c in cpu) and summary["cpu_seconds_per_epoch"] == pytest.approx(sum(cpu) / 2)
+    assert summary["load_average"] == pytest.approx(sum(r["train_load_average"] for r in summary["history"]) / 2)
     assert summary["parameters"] == 308_826
     record = summary["history"][0]
     assert set(record) == {
@@ -295,6 +301,8 @@ def test_run_outputs(tmp_path):
         "test_acc",
         "lr",
         "train_seconds",
+        "train_cpu_seconds",
+        "train_load_average",
         "steps",
         "mask_density",
         "passes_per_step",
@@ -477,11 +485,20 @@ def test_compare_runs_tables_plots_and_skips_finished_runs(tmp_path):
     table = (out / "compare.md").read_text().splitlines()
     header = (
         "| optimizer | seeds | final test acc % | best test acc % | best epoch | wall time s | s/epoch | x sgd | "
-        "passes/step | peak memory"
+        "CPU s/epoch | x sgd (CPU) | passes/step | peak memory"
     )
     assert table[0].startswith(header)
     assert table[2].startswith("| sgd | 2 | ") and table[3].startswith("| sam | 2 | ")
-    assert [[c.strip() for c in row.split("|")][9] for row in table[2:4]] == ["1.00", "2.00"]  # passes per step
+    cells = [[c.strip() for c in row.split("|")] for row in table[2:4]]
+    assert [c[11] for c in cells] == ["1.00", "2.00"]  # passes per step
+    assert cells[0][10] == "1.00" and float(cells[1][10]) > 1  # CPU time relative to SGD's
+    summaries = {n: [json.loads((out / f"{n}-s{s}" / "summary.json").read_text()) for s in (0, 1)] for n in results}
+    cpu = [statistics.mean(r["cpu_seconds_per_epoch"] for r in summaries[n]) for n in ("sgd", "sam")]
+    assert [float(c[9]) for c in cells] == [round(v, 1) for v in cpu]
+    assert all(r["load_average"] >= 0 and r["cpu_seconds_per_epoch"] > 0 for rs in summaries.values() for r in rs)
+    reading = table[5]  # after the table and a blank line
+    assert reading.startswith("How to read this: one row per optimizer;")
+    assert "the mean ± standard deviation over 2 seeds" in reading and "the machine's load average" in reading
     assert "| 1.00 |" in table[2] and " of 1 |" in table[2]  # the best epoch, of 1
     # the CSV holds each run's numbers, as its summary.json has them
     with open(out / "compare.csv") as f:
@@ -574,6 +591,33 @@ def test_compare_reports_the_best_epoch_and_plots_loss_and_memorisation(tmp_path
     assert "| sgd | 2 | 70.00 ± 14.14 | 75.00 ± 7.07 | 2 ± 1 of 2 |" in table(clean)  # best at epochs 2 and 1
     plot(clean, tmp_path)
     assert Image.open(tmp_path / "accuracy.png").size[0] < 3 * 5 * 120  # two panels without label noise
+    assert "| n/a | n/a |" in table(clean)  # runs from before CPU time was recorded
+
+
+def test_the_reading_of_a_comparison_says_what_its_numbers_show():
+    from samopt.train.compare import reading
+
+    one = {"sgd": [_summary(0, [0.5, 0.8, 0.7], [0.1, 0.2, 0.4])], "sam": [_summary(0, [0.5, 0.7, 0.75], [0.1] * 3)]}
+    text = reading(one)
+    assert (
+        "One seed: no spread is measured, so no difference here is shown to be more than chance (the highest "
+        "final test acc is sam's)"
+        in text
+        and "The flipped columns are the training images" in text
+    )
+    assert "Wall time also counts whatever else the machine ran; CPU time" in text  # no load recorded
+    three = {  # SAM 10 points above SGD, seed spreads of 1 point
+        "sgd": [_summary(s, [0.6 + d]) | {"load_average": 1.5 + s} for s, d in enumerate((-0.01, 0, 0.01))],
+        "sam": [_summary(s, [0.7 + d]) | {"load_average": 1.0} for s, d in enumerate((-0.01, 0, 0.01))],
+    }
+    text = reading(three)
+    assert (
+        "mean ± standard deviation over 3 seeds. The highest final test acc is sam's, +10.00 points from sgd's: "
+        "more than twice the largest seed spread (1.00 points)." in text
+    )
+    assert "(the machine's load average during the runs: 1.0 to 3.5)" in text
+    three["sam"] = [_summary(s, [0.6 + d]) for s, d in enumerate((0.0, 0.02, 0.04))]  # 2 points up, spread 2
+    assert "+2.00 points from sgd's: not more than twice the largest seed spread (2.00 points)" in reading(three)
 
 
 def test_fashion_mnist_without_a_recipe_is_cpu_sized_and_a_dry_run_prints_its_plan(tmp_path, capsys):

@@ -126,6 +126,8 @@ def test_glue_run_reports_the_official_metrics(tmp_path):
         "f1",
         "lr",
         "train_seconds",
+        "train_cpu_seconds",
+        "train_load_average",
         "steps",
         "passes_per_step",
         "ascent_fraction",

@@ -48,7 +48,7 @@ from samopt.train.loop import EXIT_INTERRUPTED, validate
 from samopt.train.optimizers import NAMES
 from samopt.train.sharpness import LANDSCAPE_ALPHAS, Settings, landscape_curves, measure, plot_curves
 
-__all__ = ["compare", "mean_std", "plot", "rows", "table", "write_csv"]
+__all__ = ["compare", "mean_std", "plot", "reading", "rows", "table", "write_csv"]
 
 _SHARPNESS_COLUMNS = {"eigenvalue": "top eigenvalue", "trace": "Hessian trace", "m-sharpness": "m-sharpness"}
 
@@ -112,10 +112,11 @@ def table(results: dict[str, list[dict[str, Any]]]) -> str:
     extra = "".join(f" final {m.replace('_', ' ')} % |" for m in others)
     measured = _measured(results)
     extra += "".join(f" {_SHARPNESS_COLUMNS.get(m, m.replace('-', ' '))} |" for m in measured)
+    ref_cpu = _cpu(results[ref_name])
     lines = [
         f"| optimizer | seeds | final {score} % | best {score} % | best epoch |{extra} wall time s | s/epoch | "
-        f"x {ref_name} | passes/step | peak memory MiB ({kind}) | x {ref_name} |",
-        "|---" * (11 + len(others) + len(measured)) + "|",
+        f"x {ref_name} | CPU s/epoch | x {ref_name} (CPU) | passes/step | peak memory MiB ({kind}) | x {ref_name} |",
+        "|---" * (13 + len(others) + len(measured)) + "|",
     ]
     for name, runs in results.items():
         spe = [r["seconds_per_epoch"] for r in runs]
@@ -129,9 +130,62 @@ def table(results: dict[str, list[dict[str, Any]]]) -> str:
             f"{mean_std([r['best_score'] for r in runs], 100)} | "
             f"{mean_std([_best_epoch(r) for r in runs], spec='.0f')} of {runs[0]['epochs']} |{cells} "
             f"{statistics.mean(r['wall_seconds'] for r in runs):.0f} | {statistics.mean(spe):.1f} | "
-            f"{statistics.mean(spe) / ref:.2f} | {_passes(runs)} | {memory:.0f} | {memory / ref_memory:.2f} |"
+            f"{statistics.mean(spe) / ref:.2f} | {_ratio(_cpu(runs), None, '.1f')} | {_ratio(_cpu(runs), ref_cpu)} | "
+            f"{_passes(runs)} | {memory:.0f} | {memory / ref_memory:.2f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _cpu(runs: list[dict[str, Any]]) -> float | None:
+    """The mean CPU seconds per epoch of ``runs``, None if one of them did not record it."""
+    values = [r.get("cpu_seconds_per_epoch") for r in runs]
+    return None if any(v is None for v in values) else statistics.mean(values)  # type: ignore[type-var]
+
+
+def _ratio(value: float | None, ref: float | None, spec: str = ".2f") -> str:
+    if value is None or (ref is not None and not ref):
+        return "n/a"
+    return f"{value / (ref or 1.0):{spec}}"
+
+
+def reading(results: dict[str, list[dict[str, Any]]]) -> str:
+    """A paragraph that says how to read :func:`table`'s numbers for these ``results``, and what they do not show."""
+    ref_name, _ = _reference(results)
+    first = next(iter(results.values()))[0]
+    score = first["score"].replace("_", " ")
+    seeds = min(len(runs) for runs in results.values())
+    means = {name: statistics.mean(r["final_score"] for r in runs) for name, runs in results.items()}
+    top = max(means, key=means.__getitem__)
+    text = [
+        f"How to read this: one row per optimizer; the final {score} is the last epoch's and the best is the best "
+        "epoch's, picked on the evaluation set and so optimistic."
+    ]
+    if seeds > 1:
+        spread = max(statistics.stdev([r["final_score"] for r in runs]) for runs in results.values())
+        gap = means[top] - means[ref_name]
+        verdict = "more than" if gap > 2 * spread else "not more than"
+        text.append(
+            f"Each figure is the mean ± standard deviation over {seeds} seeds. The highest final {score} is "
+            f"{top}'s, {100 * gap:+.2f} points from {ref_name}'s: {verdict} twice the largest seed spread "
+            f"({100 * spread:.2f} points)."
+        )
+    else:
+        text.append(
+            f"One seed: no spread is measured, so no difference here is shown to be more than chance (the highest "
+            f"final {score} is {top}'s); --seeds 3 measures it."
+        )
+    if "flipped_acc_noisy" in first["final"]:
+        text.append(
+            "The flipped columns are the training images whose label was replaced: predicted as their wrong label "
+            "(memorised noise) and as their true one."
+        )
+    loads = [r["load_average"] for runs in results.values() for r in runs if r.get("load_average") is not None]
+    load = f" (the machine's load average during the runs: {min(loads):.1f} to {max(loads):.1f})" if loads else ""
+    text.append(
+        f"Times are relative to {ref_name} in this comparison. Wall time also counts whatever else the machine "
+        f"ran{load}; CPU time counts this process's work, so its ratio is the steadier one on a shared machine."
+    )
+    return " ".join(text) + "\n"
 
 
 def rows(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -143,9 +197,16 @@ def rows(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
             row |= {"final_score": r["final_score"], "best_score": r["best_score"], "best_epoch": _best_epoch(r)}
             row |= {f"final_{m}": r["final"][m] for m in _other_metrics(r)}
             row |= {f"sharpness_{m.replace('-', '_')}": r["sharpness"][m]["value"] for m in _measured(results)}
-            keys = ("seconds_per_epoch", "seconds_per_step", "wall_seconds", "peak_memory_mib")
+            keys = (
+                "seconds_per_epoch",
+                "seconds_per_step",
+                "cpu_seconds_per_epoch",
+                "wall_seconds",
+                "load_average",
+                "peak_memory_mib",
+            )
             work = ("passes_per_step", "ascent_fraction", "forwards_per_step")
-            out.append(row | {k: r[k] for k in keys} | {k: r.get(k) for k in work})
+            out.append(row | {k: r.get(k) for k in keys} | {k: r.get(k) for k in work})
     return out
 
 
@@ -326,7 +387,7 @@ def compare(
                     )
             first = {name: out / f"{name}-s{base.seed}" for name in optimizers}
             curves = landscape_curves(first, LANDSCAPE_ALPHAS, settings)
-        text = table(results)
+        text = table(results) + "\n" + reading(results)
         (out / "compare.md").write_text(text)
         write_csv(results, out / "compare.csv")
         (out / "compare.json").write_text(json.dumps(results, indent=1))

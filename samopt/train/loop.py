@@ -407,10 +407,10 @@ def _restore(
         raise bad(f"is at step {batch} after its last epoch ({cfg.epochs})")
     if not 0 <= batch < steps:
         raise bad(f"is at step {batch} of epoch {epoch + 1}, which has steps 0..{steps - 1}")
-    tally = {"loss", "correct", "seen", "seconds"}
+    tally = {"loss", "correct", "seen", "seconds"}  # and "cpu_seconds" since it is measured
     if (partial is None) != (batch == 0) or (
         partial is not None
-        and (set(partial) != tally or not all(isinstance(v, (int, float)) for v in partial.values()))
+        and (set(partial) - {"cpu_seconds"} != tally or not all(isinstance(v, (int, float)) for v in partial.values()))
     ):
         raise bad(f"has a tally of a partial epoch that does not fit its position (step {batch})")
     if len(history) != epoch or not all(isinstance(r, dict) and task.score in r for r in history):
@@ -483,14 +483,29 @@ def _peak_memory_mib(device: torch.device) -> tuple[float, str]:
     return rss / (2**20 if sys.platform == "darwin" else 1024), "process peak RSS"
 
 
+def _load_average() -> float | None:
+    """The machine's load over the last minute (runnable processes), where the platform reports it."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _mean_of(history: list[dict[str, Any]], key: str) -> float | None:
+    """The mean of ``key`` over the epochs that recorded it, or None when one did not."""
+    values = [r.get(key) for r in history]
+    return None if any(v is None for v in values) else sum(values) / len(values)  # type: ignore[arg-type]
+
+
 class _Tally:
-    """Training loss, accuracy and time of an epoch, continuing the ``saved`` part of an interrupted one."""
+    """Training loss, accuracy and time of an epoch (wall and this process's CPU time), continuing the ``saved`` part
+    of an interrupted one."""
 
     def __init__(self, saved: dict[str, Any] | None, device: torch.device) -> None:
-        self.saved = saved or {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+        self.saved = {"cpu_seconds": 0.0, **(saved or {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0})}
         self.loss = torch.zeros((), dtype=torch.float64, device=device)
         self.correct = torch.zeros((), dtype=torch.int64, device=device)
-        self.seen, self.t0 = 0, time.perf_counter()
+        self.seen, self.t0, self.cpu0 = 0, time.perf_counter(), time.process_time()
 
     def add(self, loss: Tensor, logits: Tensor, y: Tensor, classification: bool) -> None:
         self.loss += loss.double() * len(y)  # no host sync per step
@@ -508,6 +523,7 @@ class _Tally:
             "correct": s["correct"] + int(self.correct),
             "seen": s["seen"] + self.seen,
             "seconds": s["seconds"] + time.perf_counter() - self.t0,
+            "cpu_seconds": s["cpu_seconds"] + time.process_time() - self.cpu0,
         }
 
 
@@ -523,14 +539,21 @@ def progress_bar(total: int | None, initial: int, desc: str, enabled: bool) -> A
 
 
 def _sum_over_ranks(snapshot: dict[str, Any], ranks: Ranks, device: torch.device) -> dict[str, Any]:
-    """An epoch's tally summed over the ranks (the slowest rank's seconds)."""
+    """An epoch's tally summed over the ranks (the slowest rank's seconds, the CPU time of every rank)."""
     if ranks.world == 1:
         return snapshot
-    t = torch.tensor([snapshot["loss"], snapshot["correct"], snapshot["seen"]], dtype=torch.float64, device=device)
+    values = [snapshot["loss"], snapshot["correct"], snapshot["seen"], snapshot["cpu_seconds"]]
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     secs = torch.tensor([snapshot["seconds"]], dtype=torch.float64, device=device)
     D.all_reduce_([t], "sum")
     D.all_reduce_([secs], "max")
-    return {"loss": float(t[0]), "correct": int(t[1]), "seen": int(t[2]), "seconds": float(secs)}
+    return {
+        "loss": float(t[0]),
+        "correct": int(t[1]),
+        "seen": int(t[2]),
+        "seconds": float(secs),
+        "cpu_seconds": float(t[3]),
+    }
 
 
 def _any_rank(flag: bool, ranks: Ranks, device: torch.device) -> bool:
@@ -797,6 +820,8 @@ def _train(cfg: RunConfig, ranks: Ranks, device: torch.device, out: Path) -> dic
                     record["train_acc"] = done["correct"] / done["seen"]
                 record.update(metrics)
                 record.update({"lr": lr, "train_seconds": done["seconds"], "steps": steps_per_epoch})  # last step's lr
+                # CPU time is what the run did, wall time also what else the machine did: its load says how much
+                record.update({"train_cpu_seconds": done["cpu_seconds"], "train_load_average": _load_average()})
                 record.update(_work(opt, state["history"]))
                 record.update(_density(opt))
                 with open(metrics_path, "a") as f:
@@ -808,7 +833,7 @@ def _train(cfg: RunConfig, ranks: Ranks, device: torch.device, out: Path) -> dic
                 shown = ", ".join(
                     f"{k} {v:.4f}"
                     for k, v in record.items()
-                    if k not in ("epoch", "lr", "steps", "work") and not k.endswith("seconds")
+                    if k not in ("epoch", "lr", "steps", "work", "train_load_average") and not k.endswith("seconds")
                 )
                 print(f"{label} epoch {epoch + 1}/{cfg.epochs}: {shown} ({done['seconds']:.1f} s)", flush=True)
             if _any_rank(interrupt.requested, ranks, device) and epoch + 1 < cfg.epochs:
@@ -825,10 +850,17 @@ def _train(cfg: RunConfig, ranks: Ranks, device: torch.device, out: Path) -> dic
         "score": task.score,
         "final_score": history[-1][task.score],
         "best_score": max(r[task.score] for r in history),
-        "final": {k: v for k, v in history[-1].items() if k not in ("epoch", "lr", "steps", "train_seconds", "work")},
+        "final": {
+            k: v
+            for k, v in history[-1].items()
+            if k not in ("epoch", "lr", "steps", "work") and not k.endswith("seconds") and k != "train_load_average"
+        },
         "wall_seconds": time.perf_counter() - wall0,
         "seconds_per_epoch": sum(r["train_seconds"] for r in history) / len(history),
         "seconds_per_step": sum(r["train_seconds"] for r in history) / sum(r["steps"] for r in history),
+        # runs from before CPU time was recorded have none
+        "cpu_seconds_per_epoch": _mean_of(history, "train_cpu_seconds"),
+        "load_average": _mean_of(history, "train_load_average"),
         **_run_work(opt),
         "peak_memory_mib": peak,
         "peak_memory_kind": peak_kind,
