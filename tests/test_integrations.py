@@ -220,6 +220,20 @@ def test_trainer_with_rho_0_is_the_trainer(tmp_path):
     assert float((ours.classifier.weight - initial).abs().max()) > 1e-4  # it trained, by 100x the tolerance
 
 
+def window_closure(model, window):
+    """The plain loop's closure over an accumulation window of a Hugging Face model's inputs: the mean loss."""
+
+    def closure():
+        total = 0.0
+        for inputs in window:
+            loss = model(**inputs).loss / len(window)
+            loss.backward()
+            total += loss.detach()
+        return total
+
+    return closure
+
+
 #: The published variants over AdamW as a GLUE user configures them: GSAM's rho follows the Trainer's linear decay,
 #: the EMAs of Friendly-SAM and VaSSO see three updates, WSAM steps after AdamW's step.
 HF_PUBLISHED = {
@@ -246,16 +260,7 @@ def test_trainer_runs_the_published_variants_as_the_plain_loop_does(tmp_path, va
     reference.train()
     set_rng_state(trainer.rng)
     for w in range(3):
-
-        def closure(window=trainer.seen[2 * w : 2 * w + 2]):
-            total = 0.0
-            for inputs in window:
-                loss = reference(**inputs).loss / 2
-                loss.backward()
-                total += loss.detach()
-            return total
-
-        opt.step(closure)
+        opt.step(window_closure(reference, trainer.seen[2 * w : 2 * w + 2]))
         sched.step()
     assert opt.param_groups[0]["lr"] == trainer.optimizer.param_groups[0]["lr"] == 0.0  # the schedule's end
     for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
@@ -822,16 +827,6 @@ def test_lightning_on_the_packaged_minilm_equals_the_plain_loop(tmp_path):
     opt = sam(reference)
     reference.train()
     set_rng_state(module.rng)
-    window = module.seen[:2]  # sam_loss saw the two batches at w, then again at w + e
-
-    def closure():
-        total = 0.0
-        for batch in window:
-            loss = reference(**batch).loss / 2
-            loss.backward()
-            total += loss.detach()
-        return total
-
-    opt.step(closure)
+    opt.step(window_closure(reference, module.seen[:2]))  # sam_loss saw the two batches at w, then at w + e
     for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-6, rtol=0), name
