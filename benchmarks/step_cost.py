@@ -17,7 +17,8 @@ Methods beyond SGD and SAM: structured masks whose clean pass skips the gradient
 the tensors they leave unperturbed (``sam-on``, ``ssam-f-tensor``, ``ssam-d-tensor`` at
 sparsity 0.5; ``ssam-f-element`` for comparison: an element mask saves nothing), and the
 cheaper-SAM policies of issue 17 (``every-5``, ``looksam-5``, ``sub-batch-4``, ``msam``;
-with ``--steps`` a multiple of 5 each round holds whole periods). The masks are computed
+with ``--steps`` a multiple of 5 each round holds whole periods), and the published
+variants of issue 21 at their defaults (``gsam``, ``friendly-sam``, ``vasso``, ``wsam``). The masks are computed
 in the warm-up and not updated while timed.
 
 Usage::
@@ -88,6 +89,10 @@ METHODS = (
     "looksam-5",
     "sub-batch-4",
     "msam",
+    "gsam",
+    "friendly-sam",
+    "vasso",
+    "wsam",
 )
 WORKLOADS = ("cnn", "mlp", "resnet18", "fmnist")
 
@@ -175,6 +180,15 @@ def make_stepper(method: str, workload: str, device: torch.device) -> Callable[[
     }  # fmt: skip
     if method in masks:
         sam = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.05, mask=masks[method](), **kw)
+        return lambda: sam.step(loss_backward)
+    variants = {  # issue 21, at their defaults (GSAM with rho following the lr)
+        "gsam": lambda ps: samopt.GSAM(ps, torch.optim.SGD, rho=0.05, rho_min=0.01, **kw),
+        "friendly-sam": lambda ps: samopt.FriendlySAM(ps, torch.optim.SGD, rho=0.05, **kw),
+        "vasso": lambda ps: samopt.VaSSO(ps, torch.optim.SGD, rho=0.05, **kw),
+        "wsam": lambda ps: samopt.WSAM(ps, torch.optim.SGD, rho=0.05, **kw),
+    }
+    if method in variants:
+        sam = variants[method](model.parameters())
         return lambda: sam.step(loss_backward)
     if method == "every-5":
         sam = samopt.SAM(model.parameters(), torch.optim.SGD, rho=0.05, schedule=samopt.schedules.EveryK(5), **kw)
