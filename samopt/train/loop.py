@@ -483,6 +483,12 @@ def _peak_memory_mib(device: torch.device) -> tuple[float, str]:
     return rss / (2**20 if sys.platform == "darwin" else 1024), "process peak RSS"
 
 
+def _is_metric(key: str) -> bool:
+    """Whether an epoch record's ``key`` measures the model (printed, and kept in the summary's ``final``), not
+    the position, the schedule, the work counts or the clock and the machine."""
+    return key not in ("epoch", "lr", "steps", "work", "train_load_average") and not key.endswith("seconds")
+
+
 def _load_average() -> float | None:
     """The machine's load over the last minute (runnable processes), where the platform reports it."""
     try:
@@ -830,11 +836,7 @@ def _train(cfg: RunConfig, ranks: Ranks, device: torch.device, out: Path) -> dic
             state["history"].append(record)
             save(epoch + 1, 0, None, time.perf_counter() - wall0)
             if ranks.main:
-                shown = ", ".join(
-                    f"{k} {v:.4f}"
-                    for k, v in record.items()
-                    if k not in ("epoch", "lr", "steps", "work", "train_load_average") and not k.endswith("seconds")
-                )
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if _is_metric(k))
                 print(f"{label} epoch {epoch + 1}/{cfg.epochs}: {shown} ({done['seconds']:.1f} s)", flush=True)
             if _any_rank(interrupt.requested, ranks, device) and epoch + 1 < cfg.epochs:
                 if ranks.main:
@@ -850,11 +852,7 @@ def _train(cfg: RunConfig, ranks: Ranks, device: torch.device, out: Path) -> dic
         "score": task.score,
         "final_score": history[-1][task.score],
         "best_score": max(r[task.score] for r in history),
-        "final": {
-            k: v
-            for k, v in history[-1].items()
-            if k not in ("epoch", "lr", "steps", "work") and not k.endswith("seconds") and k != "train_load_average"
-        },
+        "final": {k: v for k, v in history[-1].items() if _is_metric(k)},
         "wall_seconds": time.perf_counter() - wall0,
         "seconds_per_epoch": sum(r["train_seconds"] for r in history) / len(history),
         "seconds_per_step": sum(r["train_seconds"] for r in history) / sum(r["steps"] for r in history),
