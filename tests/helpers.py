@@ -1,6 +1,8 @@
 """Small models and fixed synthetic batches for unit tests of shapes and math."""
 
+import http.server
 import io
+import threading
 
 import torch
 from torch import nn
@@ -77,3 +79,26 @@ def reloaded(model: nn.Module, opt: torch.optim.Optimizer, fresh) -> tuple[nn.Mo
     model.load_state_dict(saved["model"])
     opt.load_state_dict(saved["opt"])
     return model, opt
+
+
+class FileServer:
+    """A real HTTP server on localhost serving ``files`` (path -> bytes): the downloads' tests' remote end."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = files.get(self.path.lstrip("/"))
+                self.send_response(200 if body is not None else 404)
+                self.end_headers()
+                if body is not None:
+                    self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()

@@ -1,14 +1,19 @@
 """GLUE: the TSV layouts of the real files, label checks, and the official metrics against hand values."""
 
+import hashlib
+import io
 import math
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import FileServer
 
+from samopt.train import glue
 from samopt.train.config import GlueConfig, resolve
 from samopt.train.glue import TASKS, glue_metrics, matthews, pearson, read_split, spearman
 from samopt.train.loop import run
@@ -201,3 +206,120 @@ def test_glue_command_errors(tmp_path):
         [sys.executable, "-m", "samopt.train.cli", "glue", "--task", "wnli"], capture_output=True, text=True
     )
     assert r.returncode == 2 and "argument --task: invalid choice: 'wnli'" in r.stderr
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        for name, body in members.items():
+            z.writestr(name, body)
+    return out.getvalue()
+
+
+def _lines(path: Path) -> list[bytes]:
+    return path.read_bytes().splitlines(keepends=True)
+
+
+def test_download_unpacks_a_glue_archive_into_the_task_folder(tmp_path):
+    """A GLUE archive as the benchmark distributes it (task folder, test.tsv, an ``original/`` folder), made of
+    real CoLA and RTE rows, served over HTTP: only the task's train and dev files land, byte for byte."""
+    cola, rte = _lines(GLUE / "CoLA" / "dev.tsv"), _lines(GLUE / "RTE" / "dev.tsv")
+    files = {
+        "glue/data/CoLA.zip": _zip(
+            {
+                "CoLA/train.tsv": b"".join(cola[:800]),
+                "CoLA/dev.tsv": b"".join(cola[800:]),
+                "CoLA/test.tsv": b"index\tsentence\n0\tA sentence.\n",
+                "CoLA/original/raw/dev.tsv": b"not this one\n",
+            }
+        ),
+        "glue/data/RTE.zip": _zip({"RTE/train.tsv": b"".join(rte[:200]), "RTE/dev.tsv": b"".join(rte[:1] + rte[200:])}),
+    }
+    sums = {name.rsplit("/", 1)[1]: hashlib.sha256(body).hexdigest() for name, body in files.items()}
+    server = FileServer(files)
+    try:
+        assert glue.download("cola", tmp_path / "CoLA", base_url=server.url, sha256=sums) == tmp_path / "CoLA"
+        assert glue.download("rte", tmp_path / "RTE", base_url=server.url, sha256=sums) == tmp_path / "RTE"
+    finally:
+        server.close()
+    assert sorted(p.name for p in (tmp_path / "CoLA").iterdir()) == ["dev.tsv", "train.tsv"]  # no archive, no tmp
+    assert (tmp_path / "CoLA" / "dev.tsv").read_bytes() == b"".join(cola[800:])
+    assert len(read_split("cola", tmp_path / "CoLA", "train").texts) == 800
+    assert (
+        read_split("rte", tmp_path / "RTE", "dev").labels.tolist()
+        == read_split("rte", GLUE / "RTE", "dev").labels[199:].tolist()
+    )
+
+
+def test_download_splits_mrpc_as_the_glue_script_does(tmp_path):
+    """The corpus file (here real MRPC rows under its header, with its byte-order mark) and the ids of the dev
+    pairs make dev.tsv; the rest make train.tsv, in the corpus's order, both under the corpus's header."""
+    header, *rows = (GLUE / "MRPC" / "dev.tsv").read_text(encoding="utf-8").splitlines()
+    assert header.startswith("\ufeffQuality")
+    dev = rows[::3]
+    ids = "".join("\t".join(r.split("\t")[1:3]) + "\n" for r in dev).encode()
+    corpus = ("\n".join([header, *(r + " \r" for r in rows)]) + "\n").encode("utf-8")  # stray blanks are stripped
+    files = {"senteval/senteval_data/msr_paraphrase_train.txt": corpus, "glue/data/mrpc_dev_ids.tsv": ids}
+    sums = {name.rsplit("/", 1)[1]: hashlib.sha256(body).hexdigest() for name, body in files.items()}
+    server = FileServer(files)
+    try:
+        glue.download("mrpc", tmp_path, base_url=server.url, sha256=sums)
+        wrong = {**files, "glue/data/mrpc_dev_ids.tsv": ids + b"999\t998\n"}
+        server.close()
+        server = FileServer(wrong)
+        sums["mrpc_dev_ids.tsv"] = hashlib.sha256(wrong["glue/data/mrpc_dev_ids.tsv"]).hexdigest()
+        with pytest.raises(ValueError, match=r"holds 136 of the 137 pairs of mrpc_dev_ids.tsv; the two files are not"):
+            glue.download("mrpc", tmp_path / "other", base_url=server.url, sha256=sums)
+    finally:
+        server.close()
+    expect = {"dev": dev, "train": [r for i, r in enumerate(rows) if i % 3]}
+    for split, kept in expect.items():
+        assert (tmp_path / f"{split}.tsv").read_text(encoding="utf-8") == "\n".join([header, *kept]) + "\n"
+    assert (
+        read_split("mrpc", tmp_path, "dev").labels.tolist()
+        == read_split("mrpc", GLUE / "MRPC", "dev").labels[::3].tolist()
+    )
+    assert list((tmp_path / "other").iterdir()) == []  # a refused split leaves nothing
+
+
+def test_a_glue_download_with_another_sum_is_refused_and_leaves_nothing(tmp_path):
+    body = _zip({"RTE/train.tsv": b"index\tsentence1\tsentence2\tlabel\n"})
+    server = FileServer({"glue/data/RTE.zip": body})
+    try:
+        with pytest.raises(ValueError) as e:  # the published sum by default
+            glue.download("rte", tmp_path, base_url=server.url)
+        assert f"has SHA-256 {hashlib.sha256(body).hexdigest()}, not the published {glue.SHA256['RTE.zip']}" in str(
+            e.value
+        )
+        with pytest.raises(ValueError, match=r"RTE.zip holds 0 dev.tsv files at its top \(one expected\)"):
+            glue.download("rte", tmp_path, base_url=server.url, sha256={"RTE.zip": hashlib.sha256(body).hexdigest()})
+        with pytest.raises(OSError, match=r"could not download .*CoLA.zip.*Put cola's train.tsv and dev.tsv"):
+            glue.download("cola", tmp_path, base_url=server.url)
+    finally:
+        server.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_task_has_its_files_and_their_published_sums():
+    assert set(glue.DOWNLOADS) == set(TASKS)
+    names = {path.rsplit("/", 1)[1] for paths in glue.DOWNLOADS.values() for path in paths}
+    assert names == set(glue.SHA256)
+    assert all(len(h) == 64 and int(h, 16) >= 0 for h in glue.SHA256.values())
+
+
+def test_glue_download_flag_fetches_missing_files_before_training(tmp_path, monkeypatch):
+    rows = _lines(GLUE / "RTE" / "dev.tsv")
+    body = _zip({"RTE/train.tsv": b"".join(rows[:33]), "RTE/dev.tsv": b"".join(rows[:1] + rows[33:])})
+    server = FileServer({"glue/data/RTE.zip": body})
+    monkeypatch.setattr(glue, "GLUE_URL", server.url)
+    monkeypatch.setitem(glue.SHA256, "RTE.zip", hashlib.sha256(body).hexdigest())
+    try:
+        with pytest.raises(FileNotFoundError, match="or pass --download to fetch them"):
+            run(glue_cfg(tmp_path, task="rte", data_dir=str(tmp_path / "RTE"), train_subset=None, epochs=1))
+        summary = run(
+            glue_cfg(tmp_path, task="rte", data_dir=str(tmp_path / "RTE"), train_subset=None, epochs=1, download=True)
+        )
+    finally:
+        server.close()
+    assert summary["history"][0]["steps"] == 32 // TINY["batch_size"]
+    assert sorted(p.name for p in (tmp_path / "RTE").iterdir()) == ["dev.tsv", "train.tsv"]

@@ -2,17 +2,16 @@
 
 import gzip
 import hashlib
-import http.server
 import io
 import pickle
 import struct
 import tarfile
-import threading
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import FileServer
 
 from samopt.train import data as datasets
 from samopt.train.data import cifar, download, fashion_mnist, image_folder, read_idx
@@ -368,29 +367,6 @@ def test_image_folder_layout_and_folder_loader(tmp_path):
         image_folder(tmp_path / "missing", "train")
 
 
-class _Server:
-    """A real HTTP server on localhost serving ``files`` (name -> bytes)."""
-
-    def __init__(self, files: dict[str, bytes]) -> None:
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                body = files.get(self.path.lstrip("/"))
-                self.send_response(200 if body is not None else 404)
-                self.end_headers()
-                if body is not None:
-                    self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-
-
 def test_download_fashion_mnist_and_cifar_from_a_server(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
@@ -405,7 +381,7 @@ def test_download_fashion_mnist_and_cifar_from_a_server(tmp_path):
     files = {p.name: p.read_bytes() for p in src.glob("*.gz")}
     files["cifar-10-python.tar.gz"] = archive.getvalue()
     sums = {name: hashlib.sha256(body).hexdigest() for name, body in files.items()}
-    server = _Server(files)
+    server = FileServer(files)
     try:
         download("fashion-mnist", tmp_path / "fm", base_url=server.url, sha256=sums)
         assert fashion_mnist("train", tmp_path / "fm")[0].shape == (6, 28, 28)
@@ -413,7 +389,7 @@ def test_download_fashion_mnist_and_cifar_from_a_server(tmp_path):
         assert cifar("cifar10", "train", tmp_path / "c10")[0].shape == (20, 3, 32, 32)
         assert not list((tmp_path / "c10").glob("tmp*")) and not list((tmp_path / "fm").glob("*.part"))
         with pytest.raises(OSError, match=r"could not download .*missing\.gz.*Fetch the file by hand"):
-            datasets._fetch(server.url + "missing.gz", tmp_path / "missing.gz", "0" * 64)
+            datasets.fetch(server.url + "missing.gz", tmp_path / "missing.gz", "0" * 64)
         assert not list(tmp_path.glob("missing.gz*"))
     finally:
         server.close()
@@ -421,7 +397,7 @@ def test_download_fashion_mnist_and_cifar_from_a_server(tmp_path):
 
 def test_a_download_whose_sha256_differs_is_deleted_and_named(tmp_path):
     body = b"\x1f\x8b not the real file"
-    server = _Server({"train-images-idx3-ubyte.gz": body})
+    server = FileServer({"train-images-idx3-ubyte.gz": body})
     try:
         # the published sums by default: a file served under the real name but with other bytes is refused
         with pytest.raises(ValueError) as e:
@@ -432,7 +408,7 @@ def test_a_download_whose_sha256_differs_is_deleted_and_named(tmp_path):
         assert "train-images-idx3-ubyte.gz" in str(e.value) and "was deleted" in str(e.value)
         assert list((tmp_path / "fm").iterdir()) == []  # neither the file nor its partial download is left
         with pytest.raises(ValueError, match="not the published 00000000"):
-            datasets._fetch(server.url + "train-images-idx3-ubyte.gz", tmp_path / "x.gz", "0" * 64)
+            datasets.fetch(server.url + "train-images-idx3-ubyte.gz", tmp_path / "x.gz", "0" * 64)
         assert not list(tmp_path.glob("x.gz*"))
     finally:
         server.close()

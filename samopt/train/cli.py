@@ -62,6 +62,8 @@ _NO_FLAG: dict[type[RunConfig], dict[str, str]] = {GlueConfig: {"bn": "GLUE's tr
 _GLUE_CHOICES = {"task": tuple(TASKS)}
 _GLUE_HELP = {
     "data_dir": "the task's folder, holding train.tsv and the dev file(s) in the GLUE layout",
+    "download": "fetch the task's files from GLUE's distribution point into --data-dir if missing, each checked "
+    "against its SHA-256 sum",
     "model": "all-MiniLM-L6-v2 (packaged, offline) or any local or Hugging Face hub path",
     "max_length": "tokens per example (longer pairs are truncated)",
     "train_subset": "fine-tune on the first N examples of a fixed shuffle of train.tsv",

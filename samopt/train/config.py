@@ -142,6 +142,7 @@ class GlueConfig(RunConfig):
 
     task: str = "mrpc"
     data_dir: str | None = None  # the task's folder: train.tsv and dev.tsv
+    download: bool = False  # fetch the task's files into data_dir if missing
     model: str = "all-MiniLM-L6-v2"  # the packaged model, or any local or hub path
     max_length: int = 128
     train_subset: int | None = None  # the first n examples of a fixed shuffle of train.tsv

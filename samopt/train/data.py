@@ -55,6 +55,7 @@ __all__ = [
     "cifar",
     "download",
     "fashion_mnist",
+    "fetch",
     "image_folder",
     "load",
     "noisy_labels",
@@ -461,11 +462,11 @@ def download(
         for prefix in _SPLITS.values():
             for kind in ("images-idx3", "labels-idx1"):
                 fname = f"{prefix}-{kind}-ubyte.gz"
-                _fetch(url.rstrip("/") + "/" + fname, root / fname, sums[fname])
+                fetch(url.rstrip("/") + "/" + fname, root / fname, sums[fname])
         return root
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         archive = Path(tmp) / "archive.tar.gz"
-        _fetch(url, archive, sums[Path(URLS[name]).name])
+        fetch(url, archive, sums[Path(URLS[name]).name])
         with tarfile.open(archive) as tar:
             if hasattr(tarfile, "data_filter"):
                 tar.extractall(tmp, filter="data")
@@ -482,8 +483,13 @@ def download(
     return root
 
 
-def _fetch(url: str, dest: Path, sha256: str) -> None:
-    """Download ``url`` to ``dest`` if its SHA-256 is ``sha256``; else delete what came and raise."""
+def fetch(url: str, dest: Path, sha256: str, by_hand: str | None = None) -> None:
+    """Download ``url`` to ``dest`` if its SHA-256 is ``sha256``; else delete what came and raise ``ValueError``.
+
+    The bytes go to a temporary name beside ``dest`` and are renamed only once checked, so an interrupted or
+    altered download leaves nothing behind. If the server cannot be reached, ``OSError`` names the URL and
+    ``by_hand``, how to get the file without samopt (default: fetch it into ``dest``'s folder).
+    """
     print(f"downloading {url} -> {dest}", flush=True)
     tmp = dest.with_name(f"{dest.name}.{os.getpid()}.part")
     digest = hashlib.sha256()
@@ -494,7 +500,8 @@ def _fetch(url: str, dest: Path, sha256: str) -> None:
                 f.write(chunk)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise OSError(f"could not download {url}: {e}. Fetch the file by hand into {dest.parent}") from e
+        hint = by_hand or f"Fetch the file by hand into {dest.parent}"
+        raise OSError(f"could not download {url}: {e}. {hint}") from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

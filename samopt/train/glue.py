@@ -6,6 +6,8 @@ sentences and labels, checking every label against the task's label set;
 The metrics are the benchmark's: Matthews correlation for CoLA, accuracy and F1
 (positive class 1) for MRPC and QQP, Pearson and Spearman correlation for STS-B,
 accuracy for the others (MNLI on its matched and mismatched dev sets).
+:func:`download` fetches a task's files from the benchmark's distribution point and
+checks each against its SHA-256 sum.
 
 Example::
 
@@ -19,6 +21,8 @@ from __future__ import annotations
 import csv
 import math
 import os
+import tempfile
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,18 +33,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samopt import validation
-from samopt.train import optimizers
+from samopt.train import data, optimizers
 from samopt.train.loader import batch_seed, fixed_subset
 from samopt.train.task import Task
 
 __all__ = [
+    "DOWNLOADS",
+    "GLUE_URL",
     "PACKAGED_MODEL",
+    "SHA256",
     "TASKS",
     "GlueSplit",
     "GlueTask",
     "SequenceClassifier",
     "TokenLoader",
     "build_task",
+    "download",
     "glue_metrics",
     "matthews",
     "pearson",
@@ -107,7 +115,7 @@ def read_split(name: str, data_dir: str | os.PathLike, split: str) -> GlueSplit:
     if not path.exists():
         raise FileNotFoundError(
             f"GLUE {name} file not found: {path}. --data-dir must hold the task's train.tsv and "
-            f"{', '.join(d + '.tsv' for d in spec.dev)} in the original GLUE layout"
+            f"{', '.join(d + '.tsv' for d in spec.dev)} in the original GLUE layout, or pass --download to fetch them"
         )
     reader = None
     try:
@@ -155,6 +163,110 @@ def read_split(name: str, data_dir: str | os.PathLike, split: str) -> GlueSplit:
         raise ValueError(f"{path} holds no examples")
     dtype = torch.int64 if spec.labels else torch.float32
     return GlueSplit(texts, torch.tensor(labels, dtype=dtype))
+
+
+#: Where :func:`download` fetches the GLUE files: the benchmark's distribution point, as its download script and
+#: Hugging Face datasets' GLUE builder use it.
+GLUE_URL = "https://dl.fbaipublicfiles.com/"
+#: The files of each task under :data:`GLUE_URL`: one archive per task but MRPC, which GLUE builds from the
+#: Microsoft Research Paraphrase Corpus's training file and the list of its pairs that make the dev set.
+DOWNLOADS: dict[str, tuple[str, ...]] = {
+    "cola": ("glue/data/CoLA.zip",),
+    "sst2": ("glue/data/SST-2.zip",),
+    "mrpc": ("senteval/senteval_data/msr_paraphrase_train.txt", "glue/data/mrpc_dev_ids.tsv"),
+    "stsb": ("glue/data/STS-B.zip",),
+    "qqp": ("glue/data/QQP-clean.zip",),
+    "mnli": ("glue/data/MNLI.zip",),
+    "qnli": ("glue/data/QNLIv2.zip",),
+    "rte": ("glue/data/RTE.zip",),
+}
+#: SHA-256 of each file of :data:`DOWNLOADS`, by file name: the download checksums that Hugging Face datasets
+#: records for its GLUE builder (``datasets/glue/dataset_infos.json``).
+SHA256 = {
+    "CoLA.zip": "f212fcd832b8f7b435fb991f101abf89f96b933ab400603bf198960dfc32cbff",
+    "SST-2.zip": "d67e16fb55739c1b32cdce9877596db1c127dc322d93c082281f64057c16deaa",
+    "msr_paraphrase_train.txt": "60a9b09084528f0673eedee2b69cb941920f0b8cd0eeccefc464a98768457f89",
+    "mrpc_dev_ids.tsv": "971d7767d81b997fd9060ade0ec23c4fc31cbb226a55d1bd4a1bac474eb81dc7",
+    "STS-B.zip": "e60a6393de5a8b5b9bac5020a1554b54e3691f9d600b775bd131e613ac179c85",
+    "QQP-clean.zip": "40e7c862c04eb26ee04b67fd900e76c45c6ba8e6d8fab4f8f1f8072a1a3fbae0",
+    "MNLI.zip": "e7c1d896d26ed6caf700110645df426cc2d8ebf02a5ab743d5a5c68ac1c83633",
+    "QNLIv2.zip": "e634e78627a29adaecd4f955359b22bf5e70f2cbd93b493f2d624138a0c0e5f5",
+    "RTE.zip": "6bf86de103ecd335f3441bd43574d23fef87ecc695977a63b82d5efb206556ee",
+}
+_MRPC_COLUMNS = ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"]
+
+
+def download(
+    name: str, root: str | os.PathLike, base_url: str | None = None, sha256: dict[str, str] | None = None
+) -> Path:
+    """Fetch task ``name``'s ``train.tsv`` and dev file(s) into ``root`` in the GLUE layout; returns ``root``.
+
+    Each file is checked against its SHA-256 sum (:data:`SHA256`) before it is used, and
+    the task's files are renamed into ``root`` only once all of them are written, so an
+    interrupted or altered download leaves nothing behind. MRPC is split as GLUE's
+    download script splits it: the pairs listed in ``mrpc_dev_ids.tsv`` make ``dev.tsv``,
+    the others ``train.tsv``, both under the corpus file's header. ``base_url`` replaces
+    :data:`GLUE_URL` (a mirror with the same paths); ``sha256`` replaces the sums.
+
+    Example::
+
+        download("rte", "data/glue/RTE")    # data/glue/RTE/train.tsv, dev.tsv
+        read_split("rte", "data/glue/RTE", "train")
+    """
+    spec = task(name)
+    sums = SHA256 if sha256 is None else sha256
+    root = Path(root).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    base = (base_url or GLUE_URL).rstrip("/") + "/"
+    by_hand = f"Put {name}'s train.tsv and {', '.join(d + '.tsv' for d in spec.dev)} (GLUE layout) into {root} by hand"
+    splits = ("train", *spec.dev)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        got = []
+        for path in DOWNLOADS[name]:
+            got.append(Path(tmp) / path.rsplit("/", 1)[1])
+            data.fetch(base + path, got[-1], sums[got[-1].name], by_hand)
+        files = _split_mrpc(*got) if name == "mrpc" else _unzip(got[0], splits)
+        for split in splits:
+            (Path(tmp) / f"{split}.tsv").write_bytes(files[split])
+        for split in splits:
+            os.replace(Path(tmp) / f"{split}.tsv", root / f"{split}.tsv")
+    return root
+
+
+def _unzip(archive: Path, splits: Sequence[str]) -> dict[str, bytes]:
+    """The bytes of ``<split>.tsv`` for each split, from the task's folder of a GLUE archive (never extracted)."""
+    with zipfile.ZipFile(archive) as z:
+        names = z.namelist()
+        out = {}
+        for split in splits:
+            found = [n for n in names if n.rsplit("/", 1)[-1] == f"{split}.tsv" and n.count("/") <= 1]
+            if len(found) != 1:
+                raise ValueError(
+                    f"{archive.name} holds {len(found)} {split}.tsv files at its top (one expected): "
+                    f"{found or names[:5]}; is it the GLUE archive?"
+                )
+            out[split] = z.read(found[0])
+    return out
+
+
+def _split_mrpc(corpus: Path, dev_ids: Path) -> dict[str, bytes]:
+    """GLUE's MRPC ``train.tsv`` and ``dev.tsv`` from the corpus's training file and the ids of the dev pairs."""
+    lines = corpus.read_text(encoding="utf-8").splitlines()
+    if not lines or lines[0].lstrip("\ufeff").split("\t") != _MRPC_COLUMNS:
+        raise ValueError(f"{corpus.name} does not start with the header {_MRPC_COLUMNS}; is it the MRPC corpus?")
+    dev = {tuple(line.strip().split("\t")) for line in dev_ids.read_text(encoding="utf-8").splitlines() if line}
+    out: dict[str, list[str]] = {"train": [lines[0]], "dev": [lines[0]]}
+    for number, line in enumerate(lines[1:], start=2):
+        fields = line.strip().split("\t")
+        if len(fields) != len(_MRPC_COLUMNS):
+            raise ValueError(f"{corpus.name}:{number}: {len(fields)} columns, expected {len(_MRPC_COLUMNS)}")
+        out["dev" if (fields[1], fields[2]) in dev else "train"].append("\t".join(fields))
+    if len(out["dev"]) - 1 != len(dev):
+        raise ValueError(
+            f"{corpus.name} holds {len(out['dev']) - 1} of the {len(dev)} pairs of {dev_ids.name}; the two files "
+            "are not of one MRPC release"
+        )
+    return {split: ("\n".join(rows) + "\n").encode("utf-8") for split, rows in out.items()}
 
 
 def matthews(pred: Tensor, gold: Tensor) -> float:
@@ -304,6 +416,8 @@ def validate(cfg: Any) -> None:
 def build_task(cfg: Any, device: torch.device) -> Any:
     """The :class:`~samopt.train.task.Task` of a :class:`~samopt.train.config.GlueConfig` on ``device``."""
     spec = task(cfg.task)
+    if cfg.download and not all((Path(cfg.data_dir) / f"{s}.tsv").exists() for s in ("train", *spec.dev)):
+        download(cfg.task, cfg.data_dir)
     train = read_split(cfg.task, cfg.data_dir, "train")
     devs = {d: read_split(cfg.task, cfg.data_dir, d) for d in spec.dev}
     try:
