@@ -1,4 +1,5 @@
-"""The documentation: every Python snippet of the pages runs as written, and the README names only paths that exist.
+"""The documentation: every Python snippet of the pages runs as written, and every `samopt` command line of the
+pages and the README is one the command line takes.
 
 Each page's snippets run in order in one namespace, which :data:`PRELUDE` (and a page's own
 entry in :data:`SETUP`) fills with the names they take as given: a small model with a
@@ -6,12 +7,18 @@ BatchNorm layer and a head ``model.fc``, a batch ``x, y``, a ``loader``, a ``clo
 optimizer. ``mkdocs build --strict`` (CI, ``make test``) checks the links and the API pages.
 """
 
+import dataclasses
 import re
+import shlex
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+
+from samopt.train.cli import parse
+from samopt.train.config import GlueConfig, TrainConfig, resolve
+from samopt.train.loop import validate
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -56,6 +63,7 @@ SETUP = {
     "guides/distributed.md": "import torch.distributed as dist\n"
     "from torch.nn.parallel import DistributedDataParallel\n"
     "dist.init_process_group('gloo', init_method='file://' + str(Path('pg').resolve()), rank=0, world_size=1)\n",
+    "guides/glue.md": "import os\nos.chdir(Path(samopt.__file__).parents[1])  # its paths are the repository's\n",
     "guides/hf.md": "import transformers\n"
     "from tests.test_integrations import Pairs, minilm\n"
     "model, train = minilm(), Pairs(n=8)\n"
@@ -89,3 +97,36 @@ def test_every_snippet_of_the_page_runs(page, tmp_path, monkeypatch):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     assert torch.is_grad_enabled()
+
+
+def command_lines(page: Path) -> list[list[str]]:
+    """The ``samopt`` command lines of a page's shell blocks, as argument lists (after ``samopt``)."""
+    lines = []
+    for block in re.findall(r"```(?:bash|sh|console)\n(.*?)```", page.read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            for command in line.split(";"):
+                words = shlex.split(command, comments=True)
+                if "samopt" in words and not words[0].startswith(("pip", "make")):
+                    lines.append(words[words.index("samopt") + 1 :])
+    return lines
+
+
+def test_every_command_line_of_the_docs_is_one_samopt_takes():
+    """Each `samopt ...` line of the README and the docs parses, and its settings resolve and pass the checks a
+    run makes before it loads any data, so no page shows a flag, value or combination that samopt refuses."""
+    commands = {
+        p.relative_to(ROOT).as_posix(): command_lines(p) for p in [ROOT / "README.md", *PAGES] if command_lines(p)
+    }
+    assert sum(map(len, commands.values())) >= 20, commands
+    for page, lines in commands.items():
+        for argv in lines:
+            args = parse(argv)  # a refused line exits with status 2 and its error on stderr
+            if args.command not in ("train", "glue", "compare", "glue-compare"):
+                continue
+            kind = GlueConfig if args.command.startswith("glue") else TrainConfig
+            explicit = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(kind)}}
+            for optimizer in args.optimizers.split(",") if "compare" in args.command else [None]:
+                settings = explicit if optimizer is None else {**explicit, "optimizer": optimizer}
+                cfg = resolve(getattr(args, "recipe", None), settings, kind)
+                validate(cfg)
+                assert cfg.epochs >= 1, (page, argv)
