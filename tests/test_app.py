@@ -639,7 +639,8 @@ def test_fashion_mnist_without_a_recipe_is_cpu_sized_and_a_dry_run_prints_its_pl
     )
     assert (
         printed[1]
-        == f"plan: fashion-mnist, small-cnn, sgd: 5 epochs x 2 steps of batch 128 = 10 steps on cpu; results in {out}"
+        == f"plan: fashion-mnist, small-cnn, sgd: 5 epochs x 2 steps of batch 128 = 10 steps on cpu; results in {out} "
+        "(--epochs, --model or --recipe change it)"
     )
     assert len(printed) == 2 and not out.exists()  # nothing trained, nothing written
 
@@ -651,7 +652,8 @@ def test_a_run_prints_its_plan_and_after_a_few_steps_its_time(tmp_path, capsys, 
     out = tmp_path / "run"
     assert (
         printed[0]
-        == f"plan: synthetic, resnet-small, sgd: 2 epochs x 4 steps of batch 64 = 8 steps on cpu; results in {out}"
+        == f"plan: synthetic, resnet-small, sgd: 2 epochs x 4 steps of batch 64 = 8 steps on cpu; results in {out} "
+        "(--epochs, --model or --recipe change it)"
     )
     assert re.fullmatch(
         r"[0-9.e-]+ s per step over the first 3: about \d+ s for the 8 training steps \(evaluation "

@@ -323,3 +323,20 @@ def test_glue_download_flag_fetches_missing_files_before_training(tmp_path, monk
         server.close()
     assert summary["history"][0]["steps"] == 32 // TINY["batch_size"]
     assert sorted(p.name for p in (tmp_path / "RTE").iterdir()) == ["dev.tsv", "train.tsv"]
+
+
+def test_glue_dry_run_prints_the_settings_and_the_plan_and_writes_nothing(tmp_path, capsys):
+    from samopt.train import cli
+
+    out = tmp_path / "run"
+    data = as_training_set(tmp_path, "MRPC")
+    assert cli.main(["glue", "--data-dir", str(data), "--out", str(out), "--dry-run", "--optimizer", "sam"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("samopt glue --label-smoothing 0.0 --optimizer sam --base adamw --lr 2e-05 ")
+    assert "--task mrpc " in printed[0] and "--no-download " in printed[0]
+    steps = 408 // 32  # the last partial batch is dropped
+    assert printed[1] == (
+        f"plan: GLUE mrpc, all-MiniLM-L6-v2, sam: 3 epochs x {steps} steps of batch 32 = {3 * steps} steps on cpu; "
+        f"results in {out} (--epochs or --train-subset change it)"
+    )
+    assert len(printed) == 2 and not out.exists()

@@ -599,14 +599,19 @@ def _release_frames() -> None:
     gc.collect()  # modules with hooks are reference cycles
 
 
-def plan(cfg: RunConfig, steps_per_epoch: int, device: torch.device) -> str:
-    """One line that says what a run of ``cfg`` will do, printed before it trains."""
-    what = f"GLUE {cfg.task}" if isinstance(cfg, GlueConfig) else cfg.dataset  # type: ignore[attr-defined]
+def plan(cfg: RunConfig, steps_per_epoch: int, device: torch.device, resumed: int | None = None) -> str:
+    """One line that says what a run of ``cfg`` will do, printed before it trains, and the flags that change it;
+    ``resumed``: the steps left to a resumed run, whose settings are its checkpoint's."""
+    glue = isinstance(cfg, GlueConfig)
+    what = f"GLUE {cfg.task}" if glue else cfg.dataset  # type: ignore[attr-defined]
     steps = cfg.epochs * steps_per_epoch
-    return (
+    line = (
         f"plan: {what}, {cfg.model}, {cfg.optimizer}: {cfg.epochs} epochs x {steps_per_epoch} steps of batch "  # type: ignore[attr-defined]
         f"{cfg.batch_size} = {steps:,} steps on {device}; results in {cfg.out or cfg.default_out()}"
     )
+    if resumed is not None:
+        return line + f" (resumed: {resumed:,} of {steps:,} steps left)"
+    return line + f" ({'--epochs or --train-subset' if glue else '--epochs, --model or --recipe'} change it)"
 
 
 #: The steps after which a run prints its measured time per step and the time its training steps will take.
@@ -760,8 +765,7 @@ def _train(cfg: RunConfig, ranks: Ranks, device: torch.device, out: Path) -> dic
         torch.cuda.reset_peak_memory_stats(device)
     left = cfg.epochs * steps_per_epoch - state["epoch"] * steps_per_epoch - state["batch"]
     if ranks.main:
-        resuming = f" (resumed: {left:,} of {cfg.epochs * steps_per_epoch:,} steps left)" if ckpt is not None else ""
-        print(plan(cfg, steps_per_epoch, device) + resuming, flush=True)
+        print(plan(cfg, steps_per_epoch, device, left if ckpt is not None else None), flush=True)
     taken, began = 0, time.perf_counter()
     wall0 = time.perf_counter() - state["wall"]
     label = f"{cfg.optimizer} s{cfg.seed}"
