@@ -102,7 +102,7 @@ class _Loaders:
             flipped = noisy != y
             if bool(flipped.any()):  # a rate too small to change one label changes none
                 self.flipped = (
-                    TensorLoader(x[flipped], noisy[flipped], 1000, train=False, **common),
+                    TensorLoader(x[flipped], noisy[flipped], cfg.batch_size, train=False, **common),
                     y[flipped].to(device),
                 )
             y = noisy
@@ -117,7 +117,8 @@ class _Loaders:
         keep = fixed_subset(len(xt), cfg.test_subset, "test images", "test_subset")
         if keep is not None:
             xt, yt = xt[keep], yt[keep]
-        self.test = TensorLoader(xt, yt, 1000, train=False, **common)
+        # evaluated in training-sized batches: on a CPU, batches of 1000 took twice as long (docs/benchmarks.md)
+        self.test = TensorLoader(xt, yt, cfg.batch_size, train=False, **common)
         if fisher:
             self.fisher = TensorLoader(x, y, cfg.batch_size, train=True, seed=cfg.seed + 1, **aug, **common)
 
