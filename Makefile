@@ -1,5 +1,5 @@
 # samopt developer commands.
-#   make demo   create .venv, get Fashion-MNIST, compare SGD/SAM/SSAM-F/SSAM-D/δ-SAM with 40% label noise
+#   make demo   create .venv (torch and the application), get Fashion-MNIST, compare SGD/SAM/SSAM-F/SSAM-D/δ-SAM with 40% label noise
 #               (under 15 min on 2 CPU cores; DEMO_OPTIMIZERS=sgd,sam,asam,... adds ASAM's 2-3 minutes)
 #   make test   create .venv, then ruff, the import contracts, mypy, the docs site and the test suite (what CI runs)
 #   make docs   build the documentation site into site/ (mkdocs-material; `mkdocs serve` to browse it)
@@ -21,8 +21,16 @@ DEMO_OUT ?= runs/demo
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+$(VENV)/.torch: | $(BIN)/python
 	$(BIN)/python -m pip install --quiet $(TORCH_FLAGS) $(TORCH)
+	touch $@
+
+# the demo needs the application's extras only; the tests, every extra and the tools
+$(VENV)/.app: pyproject.toml $(VENV)/.torch
+	$(BIN)/python -m pip install --quiet -e '.[app]'
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
@@ -39,7 +47,7 @@ docs: setup
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 # Fashion-MNIST: Debian's dataset-fashion-mnist where apt works, else the public download into data/.
-demo: setup
+demo: $(VENV)/.app
 	@if [ ! -f $(FMNIST)/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
 	  echo "installing Debian's dataset-fashion-mnist"; \
