@@ -1,6 +1,6 @@
 # samopt developer commands.
-#   make demo   create .venv (torch and the application), get Fashion-MNIST, compare SGD/SAM/SSAM-F/SSAM-D/δ-SAM with 40% label noise
-#               (under 15 min on 2 CPU cores; DEMO_OPTIMIZERS=sgd,sam,asam,... adds ASAM's 2-3 minutes)
+#   make demo   create .venv (torch and the application), get Fashion-MNIST, compare SGD/SAM/SSAM-F/SSAM-D/δ-SAM
+#               with 40% label noise (under 15 min on 2 CPU cores; DEMO_OPTIMIZERS=sgd,sam,asam,... adds ASAM)
 #   make test   create .venv, then ruff, the import contracts, mypy, the docs site and the test suite (what CI runs)
 #   make docs   build the documentation site into site/ (mkdocs-material; `mkdocs serve` to browse it)
 PYTHON ?= python3
