@@ -300,7 +300,7 @@ _NOISY_RHO: dict[str, dict[str, Any]] = {**{o: {"rho": 0.1} for o in SAM_RHO}, "
 #: The presets of ``--recipe``; ``samopt recipes`` prints them.
 RECIPES: dict[str, Recipe] = {
     "fmnist-demo": Recipe(
-        "CPU demo: fmnist-noisy on 3k images for 30 epochs, evaluated on 2k test images (about 1.5 min per SAM "
+        "CPU demo: fmnist-noisy on 3k images for 30 epochs, evaluated on 2k test images (1.5 to 2.7 min per SAM "
         "run on 2 cores)",
         _NOISY_SOURCE + "; smaller, to fit `make demo` in 15 minutes on 2 CPU cores",
         {**_NOISY, "train_subset": 3000, "test_subset": 2000, "epochs": 30},
