@@ -115,7 +115,7 @@ def test_every_command_line_of_the_docs_is_one_samopt_takes():
     """Each `samopt ...` line of the README and the docs parses, and its settings resolve and pass the checks a
     run makes before it loads any data, so no page shows a flag, value or combination that samopt refuses."""
     commands = {
-        p.relative_to(ROOT).as_posix(): command_lines(p) for p in [ROOT / "README.md", *PAGES] if command_lines(p)
+        p.relative_to(ROOT).as_posix(): lines for p in [ROOT / "README.md", *PAGES] if (lines := command_lines(p))
     }
     assert sum(map(len, commands.values())) >= 20, commands
     for page, lines in commands.items():

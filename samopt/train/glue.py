@@ -69,6 +69,11 @@ class GlueTask:
     header: bool = True
 
     @property
+    def splits(self) -> tuple[str, ...]:
+        """The task's files in the GLUE layout, without ``.tsv``: ``train`` and its dev file(s)."""
+        return ("train", *self.dev)
+
+    @property
     def num_labels(self) -> int:
         return len(self.labels) or 1
 
@@ -109,8 +114,8 @@ def task(name: str) -> GlueTask:
 def read_split(name: str, data_dir: str | os.PathLike, split: str) -> GlueSplit:
     """The ``split`` (``"train"``, ``"dev"``, ``"dev_matched"``, ...) of task ``name`` from ``data_dir/<split>.tsv``."""
     spec = task(name)
-    if split not in ("train", *spec.dev):
-        raise ValueError(f"split must be one of {', '.join(('train', *spec.dev))} for {name}; got {split!r}")
+    if split not in spec.splits:
+        raise ValueError(f"split must be one of {', '.join(spec.splits)} for {name}; got {split!r}")
     path = Path(data_dir).expanduser() / f"{split}.tsv"
     if not path.exists():
         raise FileNotFoundError(
@@ -219,7 +224,7 @@ def download(
     root.mkdir(parents=True, exist_ok=True)
     base = (base_url or GLUE_URL).rstrip("/") + "/"
     by_hand = f"Put {name}'s train.tsv and {', '.join(d + '.tsv' for d in spec.dev)} (GLUE layout) into {root} by hand"
-    splits = ("train", *spec.dev)
+    splits = spec.splits
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         got = []
         for path in DOWNLOADS[name]:
@@ -416,7 +421,7 @@ def validate(cfg: Any) -> None:
 def build_task(cfg: Any, device: torch.device) -> Any:
     """The :class:`~samopt.train.task.Task` of a :class:`~samopt.train.config.GlueConfig` on ``device``."""
     spec = task(cfg.task)
-    if cfg.download and not all((Path(cfg.data_dir) / f"{s}.tsv").exists() for s in ("train", *spec.dev)):
+    if cfg.download and not all((Path(cfg.data_dir) / f"{s}.tsv").exists() for s in spec.splits):
         download(cfg.task, cfg.data_dir)
     train = read_split(cfg.task, cfg.data_dir, "train")
     devs = {d: read_split(cfg.task, cfg.data_dir, d) for d in spec.dev}
