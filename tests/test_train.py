@@ -4,6 +4,7 @@ import gzip
 import hashlib
 import io
 import pickle
+import re
 import struct
 import tarfile
 
@@ -391,6 +392,13 @@ def test_download_fashion_mnist_and_cifar_from_a_server(tmp_path):
         with pytest.raises(OSError, match=r"could not download .*missing\.gz.*Fetch the file by hand"):
             datasets.fetch(server.url + "missing.gz", tmp_path / "missing.gz", "0" * 64)
         assert not list(tmp_path.glob("missing.gz*"))
+        # an archive that cannot be fetched: the hint names the archive and the folder to extract it into, not
+        # the temporary folder the download would have gone to
+        hint = re.escape(f"Fetch cifar-10-python.tar.gz by hand and extract it into {tmp_path / 'c10b'}")
+        hint += re.escape(" (it holds cifar-10-batches-py/)") + "$"
+        with pytest.raises(OSError, match=r"could not download .*nothing-here\.tar\.gz.*" + hint):
+            download("cifar10", tmp_path / "c10b", base_url=server.url + "nothing-here.tar.gz", sha256=sums)
+        assert list((tmp_path / "c10b").iterdir()) == []
     finally:
         server.close()
 

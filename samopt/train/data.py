@@ -466,7 +466,9 @@ def download(
         return root
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         archive = Path(tmp) / "archive.tar.gz"
-        fetch(url, archive, sums[Path(URLS[name]).name])
+        sub = _CIFAR[name][0]
+        by_hand = f"Fetch {Path(URLS[name]).name} by hand and extract it into {root} (it holds {sub}/)"
+        fetch(url, archive, sums[Path(URLS[name]).name], by_hand)
         with tarfile.open(archive) as tar:
             if hasattr(tarfile, "data_filter"):
                 tar.extractall(tmp, filter="data")
@@ -475,7 +477,6 @@ def download(
                 if unsafe:
                     raise ValueError(f"{url}: the archive has unsafe member(s) {unsafe[:3]}")
                 tar.extractall(tmp)
-        sub = _CIFAR[name][0]
         if not (Path(tmp) / sub).is_dir():
             raise ValueError(f"{url} does not hold {sub}/: not the python version of {name}")
         shutil.rmtree(root / sub, ignore_errors=True)
