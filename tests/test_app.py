@@ -643,6 +643,10 @@ def test_fashion_mnist_without_a_recipe_is_cpu_sized_and_a_dry_run_prints_its_pl
         "(--epochs, --model or --recipe change it)"
     )
     assert len(printed) == 2 and not out.exists()  # nothing trained, nothing written
+    # a SAM-family optimizer: the rho it will use, its own default when --rho is not given, or --rho
+    for flags, said in (([], "asam at rho 0.5"), (["--rho", "0.07"], "asam at rho 0.07")):
+        assert cli.main(["train", "--data-dir", str(tmp_path / "fm"), "--dry-run", "--optimizer", "asam", *flags]) == 0
+        assert f"plan: fashion-mnist, small-cnn, {said}: 5 epochs" in capsys.readouterr().out
 
 
 def test_a_run_prints_its_plan_and_after_a_few_steps_its_time(tmp_path, capsys, monkeypatch):

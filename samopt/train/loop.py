@@ -600,13 +600,16 @@ def _release_frames() -> None:
 
 
 def plan(cfg: RunConfig, steps_per_epoch: int, device: torch.device, resumed: int | None = None) -> str:
-    """One line that says what a run of ``cfg`` will do, printed before it trains, and the flags that change it;
-    ``resumed``: the steps left to a resumed run, whose settings are its checkpoint's."""
+    """One line that says what a run of ``cfg`` will do (with the rho a SAM-family optimizer will use), printed
+    before it trains, and the flags that change it; ``resumed``: the steps left to a resumed run, whose settings
+    are its checkpoint's."""
     glue = isinstance(cfg, GlueConfig)
     what = f"GLUE {cfg.task}" if glue else cfg.dataset  # type: ignore[attr-defined]
+    rho = cfg.rho if cfg.rho is not None else spec(cfg.optimizer).default_rho("glue" if glue else "image")
+    optimizer = cfg.optimizer if rho is None else f"{cfg.optimizer} at rho {rho:g}"
     steps = cfg.epochs * steps_per_epoch
     line = (
-        f"plan: {what}, {cfg.model}, {cfg.optimizer}: {cfg.epochs} epochs x {steps_per_epoch} steps of batch "  # type: ignore[attr-defined]
+        f"plan: {what}, {cfg.model}, {optimizer}: {cfg.epochs} epochs x {steps_per_epoch} steps of batch "  # type: ignore[attr-defined]
         f"{cfg.batch_size} = {steps:,} steps on {device}; results in {cfg.out or cfg.default_out()}"
     )
     if resumed is not None:
