@@ -1,34 +1,45 @@
 #!/usr/bin/env bash
 # The GLUE rho grid (SAM, SSAM-F, δ-SAM against AdamW on MRPC and RTE, 3 seeds) and the full-size table at the
-# GLUE defaults (AdamW, SAM, δ-SAM probe and logit, SSAM-F), as one job for a GPU machine.
+# GLUE defaults (AdamW, SAM, δ-SAM probe and logit, SSAM-F), as one resumable job.
 #
 #   benchmarks/glue_grid.sh OUT [PARALLEL] [GLUE_DIR]
 #
 # Every cell is one `samopt glue-compare` in its own folder under OUT, so the same command resumes what a time
-# limit cut off; PARALLEL of them share the device (MiniLM is launch-bound: several processes keep a GPU busy).
-# Tables: OUT/*/compare.md. On a 2-core CPU one full-size MRPC run of SAM takes about 15 minutes (issue 16).
+# limit cut off; PARALLEL of them run at once. It ends with the tables (benchmarks/glue_grid_table.py); each
+# cell's own: OUT/*/compare.md.
+#
+# PROTOCOL=full (the default, for a GPU: MiniLM is launch-bound, so several processes keep it busy): the grid at
+# full size, whose rho 0.01 cells are also the table's. PROTOCOL=cpu: the grid at the reduced protocol of
+# docs/benchmarks.md (1,000 training pairs, batch 16, lr 1e-4), then the table's runs at full size in OUT/T-full-*,
+# one thread per process (PARALLEL defaults to the number of cores). On a 2-core CPU a full-size MRPC run of SAM
+# takes about 30 minutes, δ-SAM's probe estimator twice that.
 set -euo pipefail
-out=${1:?usage: benchmarks/glue_grid.sh OUT [PARALLEL] [GLUE_DIR]}
-parallel=${2:-8}
+out=${1:?usage: [PROTOCOL=full|cpu] benchmarks/glue_grid.sh OUT [PARALLEL] [GLUE_DIR]}
 glue=${3:-../shared/data/glue}
 samopt=${SAMOPT:-samopt}
 export HF_HUB_OFFLINE=1
+case ${PROTOCOL:=full} in
+  full) parallel=${2:-8}; grid="" ;;
+  cpu) parallel=${2:-$(nproc)}; grid="--train-subset 1000 --batch-size 16 --lr 1e-4"; export OMP_NUM_THREADS=1 ;;
+  *) echo "PROTOCOL must be full or cpu, got '$PROTOCOL'" >&2; exit 2 ;;
+esac
 
 cells=()
 for task in mrpc rte; do
   dir=$glue/${task^^}
-  cells+=("--task $task --data-dir $dir --optimizers adamw --out $out/$task-adamw")
-  for rho in 0.005 0.01 0.02 0.05; do
+  cells+=("--task $task --data-dir $dir $grid --optimizers adamw --out $out/$task-adamw")
+  for rho in 0.01 0.02 0.05 0.005; do
     for opt in sam ssam-f delta-sam; do
-      cells+=("--task $task --data-dir $dir --optimizers $opt --rho $rho --out $out/$task-$opt-rho$rho")
+      cells+=("--task $task --data-dir $dir $grid --optimizers $opt --rho $rho --out $out/$task-$opt-rho$rho")
     done
   done
-  # the full-size table at the defaults: delta-sam's two estimators
-  cells+=("--task $task --data-dir $dir --optimizers delta-sam --estimator logit --out $out/$task-delta-logit")
+done
+for task in mrpc rte; do
+  dir=$glue/${task^^}
+  table=$out/$task-full
+  [ "$PROTOCOL" = full ] || cells+=("--task $task --data-dir $dir --optimizers adamw,sam,ssam-f,delta-sam --out $table")
+  cells+=("--task $task --data-dir $dir --optimizers delta-sam --estimator logit --out $out/$task-full-delta-logit")
 done
 
 printf '%s\n' "${cells[@]}" | xargs -P "$parallel" -I{} sh -c "$samopt glue-compare {} --seeds 3 --no-progress > /dev/null 2>&1 || echo 'failed: {}'"
-for table in "$out"/*/compare.md; do
-  echo "## $(basename "$(dirname "$table")")"
-  cat "$table"
-done
+"${PYTHON:-python}" "$(dirname "$0")/glue_grid_table.py" "$out"
