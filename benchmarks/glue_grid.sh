@@ -36,8 +36,9 @@ for task in mrpc rte; do
 done
 for task in mrpc rte; do
   dir=$glue/${task^^}
-  table=$out/$task-full
-  [ "$PROTOCOL" = full ] || cells+=("--task $task --data-dir $dir --optimizers adamw,sam,ssam-f,delta-sam --out $table")
+  if [ "$PROTOCOL" = cpu ]; then
+    cells+=("--task $task --data-dir $dir --optimizers adamw,sam,ssam-f,delta-sam --out $out/$task-full")
+  fi
   cells+=("--task $task --data-dir $dir --optimizers delta-sam --estimator logit --out $out/$task-full-delta-logit")
 done
 

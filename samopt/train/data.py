@@ -466,9 +466,9 @@ def download(
         return root
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         archive = Path(tmp) / "archive.tar.gz"
-        sub = _CIFAR[name][0]
-        by_hand = f"Fetch {Path(URLS[name]).name} by hand and extract it into {root} (it holds {sub}/)"
-        fetch(url, archive, sums[Path(URLS[name]).name], by_hand)
+        sub, published = _CIFAR[name][0], Path(URLS[name]).name
+        by_hand = f"Fetch {published} by hand and extract it into {root} (it holds {sub}/)"
+        fetch(url, archive, sums[published], by_hand)
         with tarfile.open(archive) as tar:
             if hasattr(tarfile, "data_filter"):
                 tar.extractall(tmp, filter="data")

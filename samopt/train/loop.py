@@ -64,7 +64,7 @@ from samopt.train import glue, vision
 from samopt.train.config import GlueConfig, RunConfig, config_differences
 from samopt.train.launch import Ranks, Shard, setup
 from samopt.train.lock import DirectoryLock
-from samopt.train.optimizers import AMP_MODES, ASCEND, Amp, build_optimizer, spec, tensor_mask, train_step
+from samopt.train.optimizers import AMP_MODES, ASCEND, Amp, build_optimizer, run_rho, spec, tensor_mask, train_step
 from samopt.train.task import Loader, Task
 
 __all__ = ["CheckpointError", "device_named", "lr_factor", "progress_bar", "run", "validate"]
@@ -605,7 +605,7 @@ def plan(cfg: RunConfig, steps_per_epoch: int, device: torch.device, resumed: in
     are its checkpoint's."""
     glue = isinstance(cfg, GlueConfig)
     what = f"GLUE {cfg.task}" if glue else cfg.dataset  # type: ignore[attr-defined]
-    rho = cfg.rho if cfg.rho is not None else spec(cfg.optimizer).default_rho("glue" if glue else "image")
+    rho = run_rho(cfg, "glue" if glue else "image")
     optimizer = cfg.optimizer if rho is None else f"{cfg.optimizer} at rho {rho:g}"
     steps = cfg.epochs * steps_per_epoch
     line = (

@@ -144,7 +144,7 @@ class _Build:
     @property
     def rho(self) -> float:
         """``--rho``, or the optimizer's default for this kind of run."""
-        rho = self.cfg.rho if self.cfg.rho is not None else spec(self.cfg.optimizer).default_rho(self.kind)
+        rho = run_rho(self.cfg, self.kind)
         assert rho is not None  # the SAM family has a default rho
         return rho
 
@@ -378,6 +378,12 @@ def tensor_mask(cfg: Any) -> bool:
 def spec(name: object) -> OptimizerSpec:
     """The registry's entry for ``name``; a ``ValueError`` naming every choice otherwise."""
     return OPTIMIZERS[validation.choice("optimizer", name, NAMES)]
+
+
+def run_rho(cfg: Any, kind: str) -> float | None:
+    """The rho a run of ``cfg`` uses: ``--rho``, or its optimizer's default for ``kind`` (``"image"`` or
+    ``"glue"``); ``None`` for an optimizer outside the SAM family."""
+    return cfg.rho if cfg.rho is not None else spec(cfg.optimizer).default_rho(kind)
 
 
 def build_optimizer(
