@@ -5,8 +5,9 @@ the cells it has, each with its number of seeds) and prints, per task:
 
 - the grid: final dev score (mean ± std over seeds, then the seeds in brackets) per optimizer and rho, with
   AdamW's beside it and the majority-class score of the dev set;
-- the full-size table (``OUT/<task>-full*``, PROTOCOL=cpu): final and best score, per-seed finals, time per
-  epoch relative to AdamW.
+- the full-size table: every run on the whole training set at the GLUE default rho (or none: AdamW), so under
+  PROTOCOL=cpu the ``OUT/<task>-full*`` cells, under PROTOCOL=full the grid's AdamW and rho 0.01 cells with the
+  δ-SAM logit cell; final and best score, per-seed finals, time per epoch relative to AdamW.
 
 Usage::
 
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from samopt.train.compare import mean_std
+from samopt.train.optimizers import GLUE_RHO
 
 #: Majority-class accuracy of the dev sets (MRPC 279 of 408 pairs are paraphrases, RTE 146 of 277 are
 #: entailment).
@@ -79,7 +81,13 @@ def grid(task: str, cells: dict[str, dict[str, list[dict[str, Any]]]]) -> list[s
 
 
 def full(task: str, cells: dict[str, dict[str, list[dict[str, Any]]]]) -> list[str]:
-    groups = [g for name, opts in cells.items() if name.startswith(f"{task}-full") for g in opts.values()]
+    groups = [
+        g
+        for name, opts in cells.items()
+        if name.startswith(f"{task}-")
+        for g in opts.values()
+        if g[0]["config"]["train_subset"] is None and g[0]["config"]["rho"] in (None, GLUE_RHO)
+    ]
     if not groups:
         return []
     ref = next((g for g in groups if g[0]["optimizer"] == "adamw"), groups[0])
