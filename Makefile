@@ -1,7 +1,8 @@
 # samopt developer commands.
 #   make demo   create .venv (torch and the application), get Fashion-MNIST, compare SGD/SAM/SSAM-F/SSAM-D/δ-SAM
 #               with 40% label noise (under 15 min on 2 CPU cores; DEMO_OPTIMIZERS=sgd,sam,asam,... adds ASAM)
-#   make test   create .venv, then ruff, the import contracts, mypy, the docs site and the test suite (what CI runs)
+#   make test   create .venv, then ruff, the import contracts, mypy, the docs site and the test suite (what CI runs),
+#               in TEST_WORKERS processes (pytest-xdist; 2, one per core of CI's machine; 0 runs it in this process)
 #   make docs   build the documentation site into site/ (mkdocs-material; `mkdocs serve` to browse it)
 PYTHON ?= python3
 VENV ?= .venv
@@ -15,6 +16,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 DEMO_SEEDS ?= 1
 DEMO_OPTIMIZERS ?= sgd,sam,ssam-f,ssam-d,delta-sam
 DEMO_OUT ?= runs/demo
+TEST_WORKERS ?= 2
 
 .PHONY: setup test docs demo bench clean
 
@@ -41,7 +43,7 @@ test: setup
 	$(BIN)/lint-imports
 	$(BIN)/mypy
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 docs: setup
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site

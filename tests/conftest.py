@@ -6,6 +6,9 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the packaged MiniLM is local; never reach for the hub
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N`: one thread per worker (and per process it starts)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
