@@ -123,6 +123,19 @@ def test_glue_runs_default_to_a_smaller_rho_and_an_explicit_rho_wins():
     assert rho(GlueConfig(optimizer="sam", rho=0.05), "glue") == 0.05
 
 
+def test_a_glue_run_of_msam_needs_an_explicit_rho():
+    # MSAM's default, 3 (the official image commands), is not measured on GLUE, where SAM's 0.05 already stays at
+    # the majority class: no default is given there
+    with pytest.raises(ValueError) as e:
+        loop.validate(GlueConfig(optimizer="msam"))
+    assert str(e.value) == (
+        "rho must be given (--rho) for optimizer 'msam' on glue tasks: its default, 3, is for images and no glue "
+        "value is measured"
+    )
+    assert build_optimizer(GlueConfig(optimizer="msam", rho=0.01), bn_net(), 1, kind="glue").rho == 0.01
+    assert build_optimizer(TrainConfig(optimizer="msam"), bn_net(), 1, kind="image").rho == 3.0
+
+
 def test_base_optimizer_by_name():
     assert base_optimizer("AdamW") is torch.optim.AdamW and base_optimizer("rmsprop") is torch.optim.RMSprop
     with pytest.raises(ValueError, match=r"unknown base optimizer 'lion'; choose a torch.optim class: .*adamw"):

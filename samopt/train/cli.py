@@ -78,7 +78,8 @@ _HELP = {
     "adaptive": "the SAM family: scale the perturbation element-wise by |w| + --eta, as ASAM (Kwon et al., ICML "
     "2021; asam always does); its rho is on ASAM's scale, about ten times SAM's",
     "base": "base optimizer of the SAM family: any torch.optim class name (sgd, adamw, ...)",
-    "rho": "perturbation radius (default 0.05, on GLUE 0.01; 0.5 and 0.1 for asam; see `samopt optimizers`)",
+    "rho": "perturbation radius (default 0.05, on GLUE 0.01; 0.5 and 0.1 for asam and sam-on; 3 for msam, which "
+    "needs it on GLUE; see `samopt optimizers`)",
     "mask_interval": "epochs between mask updates (ssam-f, ssam-d)",
     "num_samples": "examples in SSAM-F's Fisher estimate",
     "estimator": "delta-sam's per-example norm estimator",
@@ -236,7 +237,8 @@ def _optimizers() -> None:
     width = max(map(len, OPTIMIZERS))
     for name, s in OPTIMIZERS.items():
         rho = f"; default rho {s.rho}" if s.rho is not None else ""
-        rho += f" (on GLUE {s.glue_rho})" if s.glue_rho is not None else ""
+        if s.sam_family:
+            rho += f" (on GLUE {s.glue_rho})" if s.glue_rho is not None else " (on GLUE: give --rho)"
         own = f"; by default {' '.join(to_flags(s.settings))}" if s.settings else ""
         print(f"{name:<{width}}  {s.summary} ({s.citation}{rho}{own}; tasks: {', '.join(s.tasks)})")
     print("\n--ascend: which steps of the SAM family (but delta-sam) run the perturbed pass; the others cost one pass")

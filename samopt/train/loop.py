@@ -104,6 +104,11 @@ def validate(cfg: RunConfig) -> None:
     kind = _kind(cfg)
     if kind not in spec(cfg.optimizer).tasks:
         raise ValueError(f"optimizer {cfg.optimizer!r} does not run on {kind} tasks")
+    if spec(cfg.optimizer).sam_family and run_rho(cfg, kind) is None:
+        raise ValueError(
+            f"rho must be given (--rho) for optimizer {cfg.optimizer!r} on {kind} tasks: its default, "
+            f"{spec(cfg.optimizer).rho:g}, is for images and no {kind} value is measured"
+        )
     validation.choice("schedule", cfg.schedule, SCHEDULES)
     validation.choice("amp", cfg.amp, AMP_MODES)
     validation.choice("sync", cfg.sync, samopt.sam.SYNC_MODES)

@@ -145,7 +145,7 @@ class _Build:
     def rho(self) -> float:
         """``--rho``, or the optimizer's default for this kind of run."""
         rho = run_rho(self.cfg, self.kind)
-        assert rho is not None  # the SAM family has a default rho
+        assert rho is not None  # the SAM family has a default rho, or validate refused the run
         return rho
 
     @property
@@ -227,7 +227,8 @@ class OptimizerSpec:
     build: Callable[[_Build], torch.optim.Optimizer]
     #: ``rho`` when ``--rho`` is not given; ``None`` for optimizers outside the SAM family.
     rho: float | None = None
-    #: ``rho`` of GLUE fine-tuning when ``--rho`` is not given (``None``: :attr:`rho`).
+    #: ``rho`` of GLUE fine-tuning when ``--rho`` is not given; ``None`` in the SAM family: none is measured, so a
+    #: GLUE run must give ``--rho``.
     glue_rho: float | None = None
     #: Whether it needs SSAM-F's Fisher data stream.
     fisher: bool = False
@@ -242,8 +243,9 @@ class OptimizerSpec:
         return self.rho is not None
 
     def default_rho(self, kind: str) -> float | None:
-        """``rho`` when ``--rho`` is not given, for a run of ``kind`` (``"image"`` or ``"glue"``)."""
-        return self.glue_rho if kind == "glue" and self.glue_rho is not None else self.rho
+        """``rho`` when ``--rho`` is not given, for a run of ``kind`` (``"image"`` or ``"glue"``); ``None`` outside
+        the SAM family, or where none is known for ``kind``."""
+        return self.glue_rho if kind == "glue" else self.rho
 
 
 _SPARSE = "Mi et al., NeurIPS 2022, arXiv:2210.05177"
