@@ -685,6 +685,24 @@ def test_a_run_prints_its_plan_and_after_a_few_steps_its_time(tmp_path, capsys, 
     ]
 
 
+def test_a_noisy_compare_reports_the_memorisation_of_each_run(tmp_path):
+    out = tmp_path / "cmp"
+    flags = config.to_flags({**TINY, "epochs": 1, "out": str(out), "label_noise": 0.25})
+    r = samopt_cli("compare", "--optimizers", "sgd", "--seeds", "2", *flags)
+    assert r.returncode == 0, r.stderr
+    summaries = [json.loads((out / f"sgd-s{s}" / "summary.json").read_text()) for s in (0, 1)]
+    metrics = ("flipped_acc_noisy", "flipped_acc_true")
+    with open(out / "compare.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    for row, summary in zip(csv_rows, summaries, strict=True):
+        assert [float(row[f"final_{m}"]) for m in metrics] == [summary["final"][m] for m in metrics]
+    header, _, sgd = ([c.strip() for c in row.split("|")] for row in (out / "compare.md").read_text().splitlines()[:3])
+    assert header[6:8] == ["final flipped acc noisy %", "final flipped acc true %"]
+    for m, cell in zip(metrics, sgd[6:8], strict=True):
+        values = [100 * s["final"][m] for s in summaries]
+        assert cell == f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
 def test_the_demo_recipe_runs_a_smoke_epoch_with_label_noise(tmp_path):
     from tests.test_train import write_fashion_mnist
 

@@ -1,5 +1,6 @@
 """The application's models, data readers and loaders: shapes, parameter counts, on-disk formats, batches."""
 
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -16,7 +17,7 @@ from helpers import FileServer
 
 from samopt.train import data as datasets
 from samopt.train.data import cifar, download, fashion_mnist, image_folder, read_idx
-from samopt.train.loader import FolderLoader, TensorLoader, batch_seed
+from samopt.train.loader import FolderLoader, TensorLoader, batch_seed, fixed_subset
 from samopt.train.models import (
     MODELS,
     build,
@@ -559,3 +560,22 @@ def test_the_memorisation_metric_is_its_definition():
     got = memorisation(Fixed(), loader, true, Amp("none", torch.device("cpu")))
     # predictions 0, 1, 2, 3, 3, 1: noisy labels hit at 0, 2, 4 (3 of 6); true labels at 1, 3 (2 of 6)
     assert got == {"flipped_acc_noisy": 0.5, "flipped_acc_true": pytest.approx(1 / 3)}
+
+
+def test_a_noisy_run_trains_on_the_noisy_labels_and_tests_and_measures_on_the_true_ones():
+    from samopt.train.config import TrainConfig
+    from samopt.train.vision import _Loaders
+
+    data = datasets.synthetic(300, 80, shape=(1, 4, 4), seed=2)
+    cfg = TrainConfig(dataset="synthetic", label_noise=0.4, train_subset=200, batch_size=16)
+    loaders = _Loaders(cfg, data, torch.device("cpu"))
+    keep = fixed_subset(300, 200, "training images")
+    x, y = data.x_train[keep], data.y_train[keep]
+    noisy = datasets.noisy_labels(y, 0.4, 10, seed=0)
+    flipped = noisy != y
+    assert int(flipped.sum()) == 80
+    assert torch.equal(loaders.train.x, x) and torch.equal(loaders.train.y, noisy)  # trained on the noisy labels
+    assert torch.equal(loaders.test.x, data.x_test) and torch.equal(loaders.test.y, data.y_test)  # a clean test set
+    images, true = loaders.flipped
+    assert torch.equal(images.x, x[flipped]) and torch.equal(images.y, noisy[flipped]) and torch.equal(true, y[flipped])
+    assert _Loaders(dataclasses.replace(cfg, label_noise=0.0), data, torch.device("cpu")).flipped is None
