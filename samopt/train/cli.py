@@ -82,7 +82,7 @@ _HELP = {
     "needs it on GLUE; see `samopt optimizers`)",
     "mask_interval": "epochs between mask updates (ssam-f, ssam-d)",
     "num_samples": "examples in SSAM-F's Fisher estimate",
-    "estimator": "delta-sam's per-example norm estimator",
+    "estimator": "delta-sam's per-example norm estimator (probe runs only with --amp none)",
     "bn": "the SAM family's BatchNorm statistics: updated in the first pass only, or in both",
     "granularity": "ssam-f, ssam-d, random-mask: mask single weights or whole tensors",
     "fisher_labels": "ssam-f: the Fisher's labels, the data's (empirical Fisher, the paper's) or drawn from the model",

@@ -111,6 +111,13 @@ def validate(cfg: RunConfig) -> None:
         )
     validation.choice("schedule", cfg.schedule, SCHEDULES)
     validation.choice("amp", cfg.amp, AMP_MODES)
+    if cfg.optimizer == "delta-sam" and cfg.estimator == "probe" and cfg.amp != "none":
+        raise ValueError(
+            f"estimator='probe' (delta-sam's default) cannot run under amp={cfg.amp!r}: its probes move the weights "
+            "by rho / sqrt(#parameters), below the rounding of a half-precision forward, and its weights then stray "
+            "further from the true per-example norms than SAM's equal weights (docs/benchmarks.md); use "
+            "estimator='logit' or amp='none'"
+        )
     validation.choice("sync", cfg.sync, samopt.sam.SYNC_MODES)
     for name in ("epochs", "batch_size", "mask_interval", "num_samples"):
         validation.positive_int(name, getattr(cfg, name))
