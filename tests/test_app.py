@@ -132,7 +132,12 @@ def test_a_glue_run_of_msam_needs_an_explicit_rho():
         "rho must be given (--rho) for optimizer 'msam' on glue tasks: its default, 3, is for images and no glue "
         "value is measured"
     )
+    with pytest.raises(ValueError, match=re.escape(str(e.value))):  # the library's builder says the same
+        build_optimizer(GlueConfig(optimizer="msam"), bn_net(), 1, kind="glue")
+    loop.validate(GlueConfig(optimizer="msam", rho=0.01, data_dir="glue/MRPC"))
     assert build_optimizer(GlueConfig(optimizer="msam", rho=0.01), bn_net(), 1, kind="glue").rho == 0.01
+    listed = samopt_cli("optimizers").stdout
+    assert "default rho 3.0 (on GLUE: give --rho)" in listed and "default rho 0.05 (on GLUE 0.01)" in listed
     assert build_optimizer(TrainConfig(optimizer="msam"), bn_net(), 1, kind="image").rho == 3.0
 
 
@@ -147,9 +152,10 @@ def test_delta_sams_probe_estimator_is_refused_under_autocast(amp):
             f"estimator='probe' (delta-sam's default) cannot run under amp='{amp}': its probes move the weights by "
             "rho / sqrt(#parameters), below the rounding of a half-precision forward, and its weights then stray "
             "further from the true per-example norms than SAM's equal weights (docs/benchmarks.md); use "
-            "estimator='logit' or amp='none'"
+            "estimator='logit' (or 'exact') or amp='none'"
         )
     loop.validate(TrainConfig(optimizer="delta-sam", estimator="logit", amp="bf16"))
+    loop.validate(TrainConfig(optimizer="delta-sam", alpha=0.0, amp="bf16"))  # SAM: no estimate is made
     loop.validate(TrainConfig(optimizer="delta-sam", amp="none"))
 
 

@@ -64,7 +64,17 @@ from samopt.train import glue, vision
 from samopt.train.config import GlueConfig, RunConfig, config_differences
 from samopt.train.launch import Ranks, Shard, setup
 from samopt.train.lock import DirectoryLock
-from samopt.train.optimizers import AMP_MODES, ASCEND, Amp, build_optimizer, run_rho, spec, tensor_mask, train_step
+from samopt.train.optimizers import (
+    AMP_MODES,
+    ASCEND,
+    Amp,
+    build_optimizer,
+    run_rho,
+    sam_rho,
+    spec,
+    tensor_mask,
+    train_step,
+)
 from samopt.train.task import Loader, Task
 
 __all__ = ["CheckpointError", "device_named", "lr_factor", "progress_bar", "run", "validate"]
@@ -104,19 +114,16 @@ def validate(cfg: RunConfig) -> None:
     kind = _kind(cfg)
     if kind not in spec(cfg.optimizer).tasks:
         raise ValueError(f"optimizer {cfg.optimizer!r} does not run on {kind} tasks")
-    if spec(cfg.optimizer).sam_family and run_rho(cfg, kind) is None:
-        raise ValueError(
-            f"rho must be given (--rho) for optimizer {cfg.optimizer!r} on {kind} tasks: its default, "
-            f"{spec(cfg.optimizer).rho:g}, is for images and no {kind} value is measured"
-        )
+    if spec(cfg.optimizer).sam_family:
+        sam_rho(cfg, kind)
     validation.choice("schedule", cfg.schedule, SCHEDULES)
     validation.choice("amp", cfg.amp, AMP_MODES)
-    if cfg.optimizer == "delta-sam" and cfg.estimator == "probe" and cfg.amp != "none":
+    if cfg.optimizer == "delta-sam" and cfg.estimator == "probe" and cfg.alpha != 0 and cfg.amp != "none":
         raise ValueError(
             f"estimator='probe' (delta-sam's default) cannot run under amp={cfg.amp!r}: its probes move the weights "
             "by rho / sqrt(#parameters), below the rounding of a half-precision forward, and its weights then stray "
             "further from the true per-example norms than SAM's equal weights (docs/benchmarks.md); use "
-            "estimator='logit' or amp='none'"
+            "estimator='logit' (or 'exact') or amp='none'"
         )
     validation.choice("sync", cfg.sync, samopt.sam.SYNC_MODES)
     for name in ("epochs", "batch_size", "mask_interval", "num_samples"):

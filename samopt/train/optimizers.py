@@ -144,9 +144,7 @@ class _Build:
     @property
     def rho(self) -> float:
         """``--rho``, or the optimizer's default for this kind of run."""
-        rho = run_rho(self.cfg, self.kind)
-        assert rho is not None  # the SAM family has a default rho, or validate refused the run
-        return rho
+        return sam_rho(self.cfg, self.kind)
 
     @property
     def total_steps(self) -> int:
@@ -386,6 +384,18 @@ def run_rho(cfg: Any, kind: str) -> float | None:
     """The rho a run of ``cfg`` uses: ``--rho``, or its optimizer's default for ``kind`` (``"image"`` or
     ``"glue"``); ``None`` for an optimizer outside the SAM family."""
     return cfg.rho if cfg.rho is not None else spec(cfg.optimizer).default_rho(kind)
+
+
+def sam_rho(cfg: Any, kind: str) -> float:
+    """The rho of a run of ``cfg``'s SAM-family optimizer (:func:`run_rho`); a ``ValueError`` where the optimizer
+    has no default for ``kind`` and ``--rho`` is not given."""
+    rho = run_rho(cfg, kind)
+    if rho is None:
+        raise ValueError(
+            f"rho must be given (--rho) for optimizer {cfg.optimizer!r} on {kind} tasks: its default, "
+            f"{spec(cfg.optimizer).rho:g}, is for images and no {kind} value is measured"
+        )
+    return rho
 
 
 def build_optimizer(
