@@ -5,7 +5,7 @@ estimate ``s_i`` of its gradient norm ``||grad l_i||``. The ``"probe"`` estimato
 from loss differences at ``w + sigma z`` with ``sigma = rho / sqrt(#params)``, so the
 weights move by about ``2e-6`` on MiniLM: far below bfloat16's spacing (``2^-8`` of a
 weight's size) and the logits' rounding. This script measures, along a SAM training run
-(at ``--batches`` batches, on the current weights and batch, model in inference mode),
+(at ``--batches`` batches, on the current weights and batch, model in eval mode),
 ``s_i`` from ``samopt.DeltaSAM`` (its ``last_scores``) for each estimator with the
 closure's forward in float32 and under bfloat16 autocast, against the exact per-example
 norms in float32 (``estimator="exact"``). Reported over all examples: the median relative
@@ -43,9 +43,11 @@ CONFIGS = (("probe", None), ("probe", torch.bfloat16), ("logit", None), ("logit"
 CONSTANT = "constant (SAM)"
 
 
-def scores(params: list[torch.Tensor], closure: Any, estimator: str, rho: float, num_probes: int) -> torch.Tensor:
+def scores(params: list[torch.Tensor], closure: Any, estimator: str, args: argparse.Namespace) -> torch.Tensor:
     """``s_i`` of one batch as ``samopt.DeltaSAM`` computes it (a zero learning rate, weights put back)."""
-    opt = samopt.DeltaSAM(params, torch.optim.SGD, rho=rho, estimator=estimator, num_probes=num_probes, seed=0, lr=0.0)
+    opt = samopt.DeltaSAM(
+        params, torch.optim.SGD, rho=args.rho, estimator=estimator, num_probes=args.num_probes, seed=args.seed, lr=0.0
+    )
     opt.step(closure)
     opt.zero_grad(set_to_none=True)
     assert opt.last_scores is not None
@@ -90,10 +92,10 @@ def main() -> None:
             with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
                 return forward(model, batch, None)
 
-        exact = scores(params, closure, "exact", args.rho, args.num_probes)
+        exact = scores(params, closure, "exact", args)
         truth = exact / exact.mean()  # the weights depend on s only up to a factor
-        for row, (estimator, dtype) in zip(rows, CONFIGS, strict=False):
-            s = scores(params, lambda dtype=dtype: closure(dtype), estimator, args.rho, args.num_probes)
+        for row, (estimator, dtype) in zip(rows[:-1], CONFIGS, strict=True):
+            s = scores(params, lambda dtype=dtype: closure(dtype), estimator, args)
             errors[row] += ((s / s.mean() - truth).abs() / truth).tolist()
             ratios[row] += (s / exact).tolist()
             corrs[row].append(float(torch.corrcoef(torch.stack([s, exact]))[0, 1]))
