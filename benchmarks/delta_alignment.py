@@ -120,6 +120,21 @@ def glue_task(
     return model, stream(), forward, torch.optim.AdamW, {"lr": 2e-5, "weight_decay": 0.01}
 
 
+def add_task_arguments(parser: argparse.ArgumentParser, default: str) -> None:
+    """The flags that choose the task: ``--task`` (``default``), ``--glue-task``, ``--glue-dir``, ``--model``."""
+    parser.add_argument("--task", choices=("fmnist", "glue"), default=default)
+    parser.add_argument("--glue-task", choices=tuple(GLUE_FOLDERS), default="mrpc")
+    parser.add_argument("--glue-dir", type=Path, default=GLUE_DIR, help="the folder holding CoLA, MRPC and RTE")
+    parser.add_argument("--model", default=PACKAGED_MODEL, help="the packaged MiniLM, or a local or hub path")
+
+
+def task_of(args: argparse.Namespace, batch_size: int) -> Task:
+    """The task :func:`add_task_arguments`' flags chose, with batches of ``batch_size`` and ``args.seed``."""
+    if args.task == "fmnist":
+        return fmnist_task(batch_size, args.seed)
+    return glue_task(batch_size, args.seed, args.glue_task, args.model, args.glue_dir)
+
+
 def methods(args: argparse.Namespace) -> dict[str, Callable[[list[Tensor]], samopt.SAM]]:
     """Each method as a factory of a zero-learning-rate optimizer over the given parameters."""
     out: dict[str, Callable[[list[Tensor]], samopt.SAM]] = {
@@ -156,10 +171,7 @@ def direction(opt: torch.optim.Optimizer, model: nn.Module, forward: Callable, b
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--task", choices=("fmnist", "glue"), default="fmnist")
-    parser.add_argument("--glue-task", choices=tuple(GLUE_FOLDERS), default="mrpc")
-    parser.add_argument("--glue-dir", type=Path, default=GLUE_DIR, help="the folder holding CoLA, MRPC and RTE")
-    parser.add_argument("--model", default=PACKAGED_MODEL, help="the packaged MiniLM, or a local or hub path")
+    add_task_arguments(parser, "fmnist")
     parser.add_argument("--batches", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=None, help="default: 32 (fmnist), 16 (glue)")
     parser.add_argument("--rho", type=float, default=0.05)
@@ -169,10 +181,7 @@ def main() -> None:
     args = parser.parse_args()
     bs = args.batch_size or (32 if args.task == "fmnist" else 16)
     task_name = args.task if args.task == "fmnist" else f"glue-{args.glue_task}"
-    if args.task == "fmnist":
-        model, stream, forward, base, base_kw = fmnist_task(bs, args.seed)
-    else:
-        model, stream, forward, base, base_kw = glue_task(bs, args.seed, args.glue_task, args.model, args.glue_dir)
+    model, stream, forward, base, base_kw = task_of(args, bs)
     params = [p for p in model.parameters() if p.requires_grad]
     trainer = samopt.SAM(params, base, rho=args.rho, **base_kw)
     factories = methods(args)

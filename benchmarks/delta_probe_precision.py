@@ -28,14 +28,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from pathlib import Path
 from typing import Any
 
 import torch
-from delta_alignment import GLUE_DIR, GLUE_FOLDERS, fmnist_task, glue_task
+from delta_alignment import add_task_arguments, task_of
 
 import samopt
-from samopt.train.glue import PACKAGED_MODEL
 
 #: (estimator, autocast dtype or None) of each measured configuration.
 CONFIGS = (("probe", None), ("probe", torch.bfloat16), ("logit", None), ("logit", torch.bfloat16))
@@ -56,22 +54,14 @@ def scores(params: list[torch.Tensor], closure: Any, estimator: str, args: argpa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--task", choices=("fmnist", "glue"), default="glue")
-    parser.add_argument("--glue-task", choices=tuple(GLUE_FOLDERS), default="mrpc")
-    parser.add_argument("--glue-dir", type=Path, default=GLUE_DIR, help="the folder holding CoLA, MRPC and RTE")
-    parser.add_argument("--model", default=PACKAGED_MODEL, help="the packaged MiniLM, or a local or hub path")
+    add_task_arguments(parser, "glue")
     parser.add_argument("--batches", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rho", type=float, default=0.01)
     parser.add_argument("--num-probes", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if args.task == "fmnist":
-        model, stream, forward, base, base_kw = fmnist_task(args.batch_size, args.seed)
-    else:
-        model, stream, forward, base, base_kw = glue_task(
-            args.batch_size, args.seed, args.glue_task, args.model, args.glue_dir
-        )
+    model, stream, forward, base, base_kw = task_of(args, args.batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
     trainer = samopt.SAM(params, base, rho=args.rho, **base_kw)
     rows = [f"{e}, {'float32' if d is None else 'bfloat16 autocast'}" for e, d in CONFIGS] + [CONSTANT]
