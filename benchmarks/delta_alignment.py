@@ -135,6 +135,18 @@ def task_of(args: argparse.Namespace, batch_size: int) -> Task:
     return glue_task(batch_size, args.seed, args.glue_task, args.model, args.glue_dir)
 
 
+def train_step(trainer: samopt.SAM, model: nn.Module, forward: Callable, batch: Any) -> Tensor:
+    """One SAM step of the run the measurements follow, on ``batch`` with the model in training mode; its loss."""
+    model.train()
+
+    def closure() -> Tensor:
+        loss = forward(model, batch, None)[0].mean()
+        loss.backward()
+        return loss
+
+    return trainer.step(closure)
+
+
 def methods(args: argparse.Namespace) -> dict[str, Callable[[list[Tensor]], samopt.SAM]]:
     """Each method as a factory of a zero-learning-rate optimizer over the given parameters."""
     out: dict[str, Callable[[list[Tensor]], samopt.SAM]] = {
@@ -211,14 +223,7 @@ def main() -> None:
         for name in cos:
             cos[name].append(float(F.cosine_similarity(dirs[name], ref, dim=0)))
             corr[name].append(float(F.cosine_similarity(dirs[name] - plain, ref - plain, dim=0)))
-        model.train()
-
-        def closure(batch: Any = batch) -> Tensor:
-            loss = forward(model, batch, None)[0].mean()
-            loss.backward()
-            return loss
-
-        loss = trainer.step(closure)
+        loss = train_step(trainer, model, forward, batch)
         if b % 10 == 0 or b == args.batches - 1:
             sam_cos, sam_corr = cos["sam"][-1], corr["sam"][-1]
             print(

@@ -31,7 +31,7 @@ import statistics
 from typing import Any
 
 import torch
-from delta_alignment import add_task_arguments, task_of
+from delta_alignment import add_task_arguments, task_of, train_step
 
 import samopt
 
@@ -90,14 +90,7 @@ def main() -> None:
             ratios[row] += (s / exact).tolist()
             corrs[row].append(float(torch.corrcoef(torch.stack([s, exact]))[0, 1]))
         errors[CONSTANT] += ((1 - truth).abs() / truth).tolist()
-        model.train()
-
-        def step(batch: Any = batch) -> torch.Tensor:
-            loss = forward(model, batch, None)[0].mean()
-            loss.backward()
-            return loss
-
-        loss = trainer.step(step)
+        loss = train_step(trainer, model, forward, batch)
         print(f"batch {b}: loss {float(loss.detach()):.4f}", flush=True)
     print(f"\n{args.task}: δ-SAM's s_i against the exact per-example norm, {len(errors[CONSTANT])} examples\n")
     print("| s_i from | median relative error of s / mean(s) | in-batch correlation with exact | mean s / exact |")
