@@ -451,7 +451,9 @@ def test_cli_errors_name_the_valid_choices(tmp_path):
     r = samopt_cli("compare", "--optimizers", "sgd,lamb", "--dataset", "synthetic")
     assert r.returncode == 2 and "unknown optimizer(s) ['lamb'] in --optimizers" in r.stderr
     r = samopt_cli("glue", "--task", "stsb", "--label-noise", "0.2")  # no label noise on GLUE (nor regression)
-    assert r.returncode == 2 and "unrecognized arguments: --label-noise 0.2" in r.stderr
+    assert r.returncode == 2 and "unrecognized arguments: --label-noise 0.2 (label noise is for the image" in r.stderr
+    r = samopt_cli("glue-compare", "--task", "mrpc", "--label-noise-mode", "pairflip")
+    assert r.returncode == 2 and "--label-noise-mode pairflip (label noise is for the image data sets" in r.stderr
     r = samopt_cli("train", "--dataset", "imagenet", "--data-dir", str(tmp_path), "--label-noise", "0.2")
     assert r.returncode == 2 and "--label-noise applies to the data sets held in memory" in r.stderr
 

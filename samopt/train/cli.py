@@ -59,6 +59,13 @@ _IMAGE_CHOICES = {
 }
 #: Settings a kind of run has but no flag of its command, and why: GLUE's transformers have no BatchNorm.
 _NO_FLAG: dict[type[RunConfig], dict[str, str]] = {GlueConfig: {"bn": "GLUE's transformers have no BatchNorm"}}
+#: Settings of other kinds of run that a kind refuses, and why (label noise is for the image data sets only).
+_NOT_HERE: dict[type[RunConfig], dict[str, str]] = {
+    GlueConfig: dict.fromkeys(
+        ("label_noise", "label_noise_mode", "label_noise_seed"),
+        "label noise is for the image data sets of `samopt train` and `compare`; GLUE tasks take none",
+    )
+}
 _GLUE_CHOICES = {"task": tuple(TASKS)}
 _GLUE_HELP = {
     "data_dir": "the task's folder, holding train.tsv and the dev file(s) in the GLUE layout",
@@ -186,6 +193,8 @@ def config_args(parser: argparse.ArgumentParser, kind: type[RunConfig] = TrainCo
     choices = {**_CHOICES, **(_GLUE_CHOICES if glue else _IMAGE_CHOICES)}
     helps = {**_HELP, **(_GLUE_HELP if glue else {})}
     hidden = {**_NO_FLAG.get(kind, {}), **({"optimizer": "this command runs several: --optimizers"} if several else {})}
+    if isinstance(parser, Parser):
+        parser.absent.update({"--" + k.replace("_", "-"): why for k, why in _NOT_HERE.get(kind, {}).items()})
     for f in dataclasses.fields(kind):
         if f.name in hidden:
             if isinstance(parser, Parser):
