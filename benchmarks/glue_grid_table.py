@@ -4,10 +4,12 @@ Reads every ``OUT/<cell>/<optimizer>-s<seed>/summary.json`` (finished runs only,
 the cells it has, each with its number of seeds) and prints, per task:
 
 - the grid: final dev score (mean ± std over seeds, then the seeds in brackets) per optimizer and rho, with
-  AdamW's beside it and the majority-class score of the dev set;
+  AdamW's beside it and the majority-class score of the dev set, then each cell's difference from AdamW paired
+  by seed;
 - the full-size table: every run on the whole training set at the GLUE default rho (or none: AdamW), so under
   PROTOCOL=cpu the ``OUT/<task>-full*`` cells, under PROTOCOL=full the grid's AdamW and rho 0.01 cells with the
-  δ-SAM logit cell; final and best score, per-seed finals, time per epoch relative to AdamW.
+  δ-SAM logit cell; final and best score, per-seed finals, the final score's difference from AdamW's paired by
+  seed, time per epoch relative to AdamW.
 
 Usage::
 
@@ -51,6 +53,14 @@ def cell(group: list[dict[str, Any]]) -> str:
     return f"{mean_std(finals, 1)} ({', '.join(f'{f:.2f}' for f in finals)})"
 
 
+def paired(group: list[dict[str, Any]], ref: list[dict[str, Any]]) -> str:
+    """Final score minus ``ref``'s over the seeds both have (same seed: same classifier head and batch order),
+    mean ± std of the per-seed differences in points, then the differences."""
+    base = {r["config"]["seed"]: r["final_score"] for r in ref}
+    diffs = [100 * (r["final_score"] - base[r["config"]["seed"]]) for r in group if r["config"]["seed"] in base]
+    return f"{mean_std(diffs, 1)} ({', '.join(f'{d:+.2f}' for d in diffs)})" if diffs else ""
+
+
 def grid(task: str, cells: dict[str, dict[str, list[dict[str, Any]]]]) -> list[str]:
     by: dict[str, dict[float, list[dict[str, Any]]]] = defaultdict(dict)
     adamw = None
@@ -77,6 +87,12 @@ def grid(task: str, cells: dict[str, dict[str, list[dict[str, Any]]]]) -> list[s
         lines += ["| optimizer | " + " | ".join(f"rho {rho:g}" for rho in rhos) + " |", "|---" * (1 + len(rhos)) + "|"]
     for name, row in sorted(by.items()):
         lines.append(f"| {name} | " + " | ".join(cell(row[rho]) if rho in row else "" for rho in rhos) + " |")
+    if rhos and adamw:
+        lines += ["", "Final minus AdamW's, paired by seed, points:", "", lines[4], lines[5]]
+        for name, row in sorted(by.items()):
+            lines.append(
+                f"| {name} | " + " | ".join(paired(row[rho], adamw) if rho in row else "" for rho in rhos) + " |"
+            )
     return [*lines, ""]
 
 
@@ -96,14 +112,15 @@ def full(task: str, cells: dict[str, dict[str, list[dict[str, Any]]]]) -> list[s
     lines = [
         f"### {task.upper()} at full size, the defaults (majority class {MAJORITY[task]:.2f})",
         "",
-        f"| optimizer | seeds | final {score} % (per seed) | best {score} % | s/epoch | x {label(ref[0])} |",
-        "|---|---|---|---|---|---|",
+        f"| optimizer | seeds | final {score} % (per seed) | best {score} % | final - {label(ref[0])}, paired by seed "
+        f"(per seed) | s/epoch | x {label(ref[0])} |",
+        "|---|---|---|---|---|---|---|",
     ]
     for g in sorted(groups, key=lambda g: (g is not ref, label(g[0]))):
         spe = statistics.mean(r["seconds_per_epoch"] for r in g)
         lines.append(
             f"| {label(g[0])} | {len(g)} | {cell(g)} | {mean_std([r['best_score'] for r in g], 100)} | "
-            f"{spe:.0f} | {spe / ref_time:.2f} |"
+            f"{paired(g, ref) if g is not ref else ''} | {spe:.0f} | {spe / ref_time:.2f} |"
         )
     return [*lines, ""]
 
