@@ -9,9 +9,10 @@
 # cell's own: OUT/*/compare.md.
 #
 # PROTOCOL=full (the default, for a GPU: MiniLM is launch-bound, so several processes keep it busy): the grid at
-# full size, whose rho 0.01 cells are also the table's. PROTOCOL=cpu: the grid at the reduced protocol of
-# docs/benchmarks.md (1,000 training pairs, batch 16, lr 1e-4), then the table's runs at full size in OUT/T-full-*,
-# one thread per process (PARALLEL defaults to the number of cores). On a 2-core CPU a full-size MRPC run of SAM
+# full size, whose cells at the GLUE default rho are also the table's. PROTOCOL=cpu: the grid at the reduced protocol
+# of docs/benchmarks.md (1,000 training pairs, batch 16, lr 1e-4), then the table's runs at full size in
+# OUT/T-full-*, one thread per process (PARALLEL defaults to the number of cores). The table's rho is given
+# explicitly (the runs' summaries record it), read from samopt.train.optimizers.GLUE_RHO. On a 2-core CPU a full-size MRPC run of SAM
 # takes about 30 minutes, δ-SAM's probe estimator twice that.
 set -euo pipefail
 out=${1:?usage: [PROTOCOL=full|cpu] benchmarks/glue_grid.sh OUT [PARALLEL] [GLUE_DIR]}
@@ -24,11 +25,12 @@ case ${PROTOCOL:=full} in
   *) echo "PROTOCOL must be full or cpu, got '$PROTOCOL'" >&2; exit 2 ;;
 esac
 
+default=$("${PYTHON:-python}" -c "from samopt.train.optimizers import GLUE_RHO; print(GLUE_RHO)")
 cells=()
 for task in mrpc rte; do
   dir=$glue/${task^^}
   cells+=("--task $task --data-dir $dir $grid --optimizers adamw --out $out/$task-adamw")
-  for rho in 0.01 0.02 0.05 0.005; do
+  for rho in 0.005 0.01 0.02 0.05; do
     for opt in sam ssam-f delta-sam; do
       cells+=("--task $task --data-dir $dir $grid --optimizers $opt --rho $rho --out $out/$task-$opt-rho$rho")
     done
@@ -37,9 +39,10 @@ done
 for task in mrpc rte; do
   dir=$glue/${task^^}
   if [ "$PROTOCOL" = cpu ]; then
-    cells+=("--task $task --data-dir $dir --optimizers adamw,sam,ssam-f,delta-sam --out $out/$task-full")
+    cells+=("--task $task --data-dir $dir --optimizers adamw --out $out/$task-full-adamw")
+    cells+=("--task $task --data-dir $dir --optimizers sam,ssam-f,delta-sam --rho $default --out $out/$task-full-rho$default")
   fi
-  cells+=("--task $task --data-dir $dir --optimizers delta-sam --estimator logit --out $out/$task-full-delta-logit")
+  cells+=("--task $task --data-dir $dir --optimizers delta-sam --estimator logit --rho $default --out $out/$task-full-logit-rho$default")
 done
 
 printf '%s\n' "${cells[@]}" | xargs -P "$parallel" -I{} sh -c "$samopt glue-compare {} --seeds 3 --no-progress > /dev/null 2>&1 || echo 'failed: {}'"

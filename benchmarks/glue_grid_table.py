@@ -7,9 +7,9 @@ the cells it has, each with its number of seeds) and prints, per task:
   AdamW's beside it and the majority-class score of the dev set, then each cell's difference from AdamW paired
   by seed;
 - the full-size table: every run on the whole training set at the GLUE default rho (or none: AdamW), so under
-  PROTOCOL=cpu the ``OUT/<task>-full*`` cells, under PROTOCOL=full the grid's AdamW and rho 0.01 cells with the
-  δ-SAM logit cell; final and best score, per-seed finals, the final score's difference from AdamW's paired by
-  seed, time per epoch relative to AdamW.
+  PROTOCOL=cpu the ``OUT/<task>-full*`` cells, under PROTOCOL=full the grid's AdamW cell and its cells at the
+  default rho with the δ-SAM logit cell; final and best score, per-seed finals, the final score's difference
+  from AdamW's paired by seed, time per epoch relative to AdamW.
 
 Usage::
 
