@@ -336,7 +336,7 @@ def test_glue_dry_run_prints_the_settings_and_the_plan_and_writes_nothing(tmp_pa
     assert "--task mrpc " in printed[0] and "--no-download " in printed[0]
     steps = 408 // 32  # the last partial batch is dropped
     assert printed[1] == (
-        f"plan: GLUE mrpc, all-MiniLM-L6-v2, sam at rho 0.01: 3 epochs x {steps} steps of batch 32 = {3 * steps} "
+        f"plan: GLUE mrpc, all-MiniLM-L6-v2, sam at rho 0.005: 3 epochs x {steps} steps of batch 32 = {3 * steps} "
         f"steps on cpu; results in {out} (--epochs or --train-subset change it)"
     )
     assert len(printed) == 2 and not out.exists()

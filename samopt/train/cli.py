@@ -85,7 +85,7 @@ _HELP = {
     "adaptive": "the SAM family: scale the perturbation element-wise by |w| + --eta, as ASAM (Kwon et al., ICML "
     "2021; asam always does); its rho is on ASAM's scale, about ten times SAM's",
     "base": "base optimizer of the SAM family: any torch.optim class name (sgd, adamw, ...)",
-    "rho": "perturbation radius (default 0.05, on GLUE 0.01; 0.5 and 0.1 for asam and sam-on; 3 for msam, which "
+    "rho": "perturbation radius (default 0.05, on GLUE 0.005; 0.5 and 0.05 for asam and sam-on; 3 for msam, which "
     "needs it on GLUE; see `samopt optimizers`)",
     "mask_interval": "epochs between mask updates (ssam-f, ssam-d)",
     "num_samples": "examples in SSAM-F's Fisher estimate",

@@ -49,7 +49,7 @@ class RunConfig:
     nesterov: bool = False
     weight_decay: float = 5e-4
     max_grad_norm: float | None = None
-    rho: float | None = None  # None: the optimizer's (samopt optimizers): 0.05, 0.5 for asam; on GLUE 0.01 and 0.1
+    rho: float | None = None  # None: the optimizer's (samopt optimizers): 0.05, 0.5 for asam; on GLUE 0.005 and 0.05
     adaptive: bool = False  # the SAM family: ASAM's element-wise scaling of e (asam: always)
     eta: float = 0.01  # ASAM's eta
     bn: str = "first"
