@@ -12,8 +12,8 @@
 # full size, whose cells at the GLUE default rho are also the table's. PROTOCOL=cpu: the grid at the reduced protocol
 # of docs/benchmarks.md (1,000 training pairs, batch 16, lr 1e-4), then the table's runs at full size in
 # OUT/T-full-*, one thread per process (PARALLEL defaults to the number of cores). The table's rho is given
-# explicitly (the runs' summaries record it), read from samopt.train.optimizers.GLUE_RHO. On a 2-core CPU a full-size MRPC run of SAM
-# takes about 30 minutes, δ-SAM's probe estimator twice that.
+# explicitly (the runs' summaries record it), read from samopt.train.optimizers.GLUE_RHO. On a 2-core CPU a
+# full-size MRPC run of SAM takes about 30 minutes, δ-SAM's probe estimator twice that.
 set -euo pipefail
 out=${1:?usage: [PROTOCOL=full|cpu] benchmarks/glue_grid.sh OUT [PARALLEL] [GLUE_DIR]}
 glue=${3:-../shared/data/glue}

@@ -83,12 +83,13 @@ def grid(task: str, cells: dict[str, dict[str, list[dict[str, Any]]]]) -> list[s
         f"AdamW: {cell(adamw) if adamw else 'not run'}",
         "",
     ]
+    header = ["| optimizer | " + " | ".join(f"rho {rho:g}" for rho in rhos) + " |", "|---" * (1 + len(rhos)) + "|"]
     if rhos:
-        lines += ["| optimizer | " + " | ".join(f"rho {rho:g}" for rho in rhos) + " |", "|---" * (1 + len(rhos)) + "|"]
+        lines += header
     for name, row in sorted(by.items()):
         lines.append(f"| {name} | " + " | ".join(cell(row[rho]) if rho in row else "" for rho in rhos) + " |")
     if rhos and adamw:
-        lines += ["", "Final minus AdamW's, paired by seed, points:", "", lines[4], lines[5]]
+        lines += ["", "Final minus AdamW's, paired by seed, points:", "", *header]
         for name, row in sorted(by.items()):
             lines.append(
                 f"| {name} | " + " | ".join(paired(row[rho], adamw) if rho in row else "" for rho in rhos) + " |"

@@ -194,11 +194,11 @@ def config_args(parser: argparse.ArgumentParser, kind: type[RunConfig] = TrainCo
     helps = {**_HELP, **(_GLUE_HELP if glue else {})}
     hidden = {**_NO_FLAG.get(kind, {}), **({"optimizer": "this command runs several: --optimizers"} if several else {})}
     if isinstance(parser, Parser):
-        parser.absent.update({"--" + k.replace("_", "-"): why for k, why in _NOT_HERE.get(kind, {}).items()})
+        parser.absent.update(
+            {"--" + k.replace("_", "-"): why for k, why in {**hidden, **_NOT_HERE.get(kind, {})}.items()}
+        )
     for f in dataclasses.fields(kind):
         if f.name in hidden:
-            if isinstance(parser, Parser):
-                parser.absent["--" + f.name.replace("_", "-")] = hidden[f.name]
             continue
         flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": helps.get(f.name)}
