@@ -656,6 +656,12 @@ def test_the_reading_of_a_comparison_says_what_its_numbers_show():
     assert "(the machine's load average during the runs: 1.0 to 3.5)" in text
     three["sam"] = [_summary(s, [0.6 + d]) for s, d in enumerate((0.0, 0.02, 0.04))]  # 2 points up, spread 2
     assert "+2.00 points from sgd's: not more than twice the largest seed spread (2.00 points)" in reading(three)
+    alone = reading({"adamw": three["sgd"]})  # one optimizer: a spread, and no comparison with itself
+    assert "over 3 seeds. One optimizer, so nothing is compared; its seed spread is 1.00 points." in alone
+    assert "highest" not in alone and "from sgd's" not in alone
+    single = reading({"sgd": one["sgd"]})
+    assert "One seed and one optimizer: nothing is compared and no spread is measured; --seeds 3 measures it." in single
+    assert "highest" not in single
 
 
 def test_fashion_mnist_without_a_recipe_is_cpu_sized_and_a_dry_run_prints_its_plan(tmp_path, capsys):
