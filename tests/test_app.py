@@ -321,6 +321,7 @@ def test_run_outputs(tmp_path):
     out = tmp_path / "run"
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
     assert summary["epochs"] == 2 and len(summary["history"]) == 2 and summary["config"]["optimizer"] == "ssam-d"
+    assert tiny(tmp_path).rho is None and summary["config"]["rho"] == 0.05  # the default it ran at, recorded
     assert summary["score"] == "test_acc" and summary["final_score"] == summary["history"][-1]["test_acc"]
     assert summary["best_score"] == max(r["test_acc"] for r in summary["history"]) and summary["peak_memory_mib"] > 0
     assert summary["seconds_per_step"] == pytest.approx(summary["seconds_per_epoch"] / 4)
@@ -575,6 +576,22 @@ def test_a_setting_missing_from_an_older_checkpoint_counts_as_its_default():
     saved = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "sync"}  # written before --sync existed
     assert config.config_differences(saved, cfg) == []
     assert config.config_differences(saved, cfg.replace(sync="local")) == ["sync: checkpoint 'global', now 'local'"]
+
+
+def test_a_run_records_the_rho_it_uses_and_a_changed_default_is_a_difference():
+    sam, glue_sam = TrainConfig(optimizer="sam"), GlueConfig(optimizer="sam")
+    assert (config.saved_config(sam)["rho"], config.saved_config(glue_sam)["rho"]) == (0.05, 0.005)  # the defaults
+    assert config.saved_config(sam.replace(rho=0.2))["rho"] == 0.2 and config.saved_config(TrainConfig())["rho"] is None
+    assert config.saved_config(GlueConfig(optimizer="msam"))["rho"] is None  # no GLUE default: validate refuses it
+    saved = config.saved_config(glue_sam)
+    assert config.config_differences(saved, glue_sam) == []
+    assert config.config_differences(saved, glue_sam.replace(rho=0.005)) == []  # the default, given: the same run
+    older = saved | {"rho": 0.01}  # a run at an older samopt's default, resumed after the default changed
+    assert config.config_differences(older, glue_sam) == ["rho: checkpoint 0.01, now 0.005"]
+    assert config.config_differences(older, glue_sam.replace(rho=0.01)) == []  # giving the old value resumes it
+    unknown = dataclasses.asdict(glue_sam)  # written before the rho was recorded: counts as today's default
+    assert unknown["rho"] is None and config.config_differences(unknown, glue_sam) == []
+    assert config.config_differences(unknown, glue_sam.replace(rho=0.01)) == ["rho: checkpoint None, now 0.01"]
 
 
 def test_compare_under_torchrun_is_refused_with_the_way_out(monkeypatch, capsys):

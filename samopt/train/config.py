@@ -20,7 +20,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Self
 
-from samopt.train.optimizers import OPTIMIZERS, SAM_FAMILY
+from samopt.train.optimizers import OPTIMIZERS, SAM_FAMILY, run_rho
 
 __all__ = [
     "DATASET_DEFAULTS",
@@ -32,6 +32,8 @@ __all__ = [
     "TrainConfig",
     "config_differences",
     "resolve",
+    "saved_config",
+    "task_kind",
     "to_flags",
 ]
 
@@ -379,15 +381,36 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 
-def config_differences(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
-    """The settings of ``cfg`` that differ from the ``saved`` ones, except those a resumed run may change.
+def task_kind(cfg: RunConfig) -> str:
+    """``"glue"`` or ``"image"``: the kind of task ``cfg`` runs, as the optimizer registry names them."""
+    return "glue" if isinstance(cfg, GlueConfig) else "image"
 
-    A setting missing from ``saved`` (written before it existed) counts as its default.
+
+def saved_config(cfg: RunConfig) -> dict[str, Any]:
+    """``cfg``'s settings as a checkpoint and ``summary.json`` keep them: ``rho`` is the one the run uses (``--rho``,
+    or its optimizer's default for the task), so a run records its rho even where a later samopt changes a default.
+
+    Example::
+
+        saved_config(GlueConfig(optimizer="sam"))["rho"]  # 0.005, GLUE's default
+    """
+    return dataclasses.asdict(cfg) | {"rho": run_rho(cfg, task_kind(cfg))}
+
+
+def config_differences(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """The settings of ``cfg`` that differ from the ``saved`` ones (:func:`saved_config`), except those a resumed
+    run may change; ``rho`` is compared as the run uses it, so a default that changed since ``saved`` is a difference.
+
+    A setting missing from ``saved`` (written before it existed) counts as its default, and a ``rho`` of ``None``
+    where ``cfg`` gives none (written before the default was recorded) as today's default.
     """
     defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
+    now = saved_config(cfg)
+    if saved.get("rho") is None and cfg.rho is None:
+        now["rho"] = None
     return [
         f"{k}: checkpoint {saved.get(k, defaults.get(k))!r}, now {v!r}"
-        for k, v in dataclasses.asdict(cfg).items()
+        for k, v in now.items()
         if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != v
     ]
 

@@ -61,7 +61,7 @@ from samopt import distributed as D
 from samopt import validation
 from samopt.masks import GRANULARITIES
 from samopt.train import glue, vision
-from samopt.train.config import GlueConfig, RunConfig, config_differences
+from samopt.train.config import GlueConfig, RunConfig, config_differences, saved_config, task_kind
 from samopt.train.launch import Ranks, Shard, setup
 from samopt.train.lock import DirectoryLock
 from samopt.train.optimizers import (
@@ -111,7 +111,7 @@ class CheckpointError(RuntimeError):
 
 def validate(cfg: RunConfig) -> None:
     """Check the shared settings that no library call checks, before any work is done."""
-    kind = _kind(cfg)
+    kind = task_kind(cfg)
     if kind not in spec(cfg.optimizer).tasks:
         raise ValueError(f"optimizer {cfg.optimizer!r} does not run on {kind} tasks")
     if spec(cfg.optimizer).sam_family:
@@ -201,11 +201,6 @@ def _validate_ascend(cfg: RunConfig) -> None:
 def _true_weights(opt: torch.optim.Optimizer) -> contextlib.AbstractContextManager[None]:
     """The optimizer's true weights in place (:meth:`samopt.MSAM.true_weights`); a no-op for the others."""
     return opt.true_weights() if isinstance(opt, samopt.MSAM) else contextlib.nullcontext()
-
-
-def _kind(cfg: RunConfig) -> str:
-    """``"glue"`` or ``"image"``: the kind of task ``cfg`` runs, as the optimizer registry names them."""
-    return "glue" if isinstance(cfg, GlueConfig) else "image"
 
 
 def _task_module(cfg: RunConfig) -> Any:
@@ -624,7 +619,7 @@ def plan(cfg: RunConfig, steps_per_epoch: int, device: torch.device, resumed: in
     are its checkpoint's."""
     glue = isinstance(cfg, GlueConfig)
     what = f"GLUE {cfg.task}" if glue else cfg.dataset  # type: ignore[attr-defined]
-    rho = run_rho(cfg, "glue" if glue else "image")
+    rho = run_rho(cfg, task_kind(cfg))
     optimizer = cfg.optimizer if rho is None else f"{cfg.optimizer} at rho {rho:g}"
     steps = cfg.epochs * steps_per_epoch
     line = (
@@ -742,7 +737,7 @@ def _train(cfg: RunConfig, ranks: Ranks, device: torch.device, out: Path) -> dic
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     net: nn.Module = model if ddp is None else ddp
     opt = build_optimizer(
-        cfg, model, steps_per_epoch, fisher, task.loss_fn, ddp=ddp, world=ranks.world, kind=_kind(cfg)
+        cfg, model, steps_per_epoch, fisher, task.loss_fn, ddp=ddp, world=ranks.world, kind=task_kind(cfg)
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, steps_per_epoch))
 
@@ -766,7 +761,7 @@ def _train(cfg: RunConfig, ranks: Ranks, device: torch.device, out: Path) -> dic
             payload = {
                 "format": CHECKPOINT_FORMAT,
                 "samopt_version": samopt.__version__,
-                "config": dataclasses.asdict(cfg),
+                "config": saved_config(cfg),
                 "model": model.state_dict(),
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
@@ -893,7 +888,7 @@ def _train(cfg: RunConfig, ranks: Ranks, device: torch.device, out: Path) -> dic
         "out": str(out),
         "parameters": sum(p.numel() for p in model.parameters()),
         "history": history,
-        "config": dataclasses.asdict(cfg),
+        "config": saved_config(cfg),
     }
     if ranks.main:
         _atomic_write(out / "summary.json", lambda f: json.dump(summary, f, indent=1), "w")
