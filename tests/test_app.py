@@ -381,14 +381,14 @@ def test_checkpoint_errors(tmp_path):
     run(cfg)
     with pytest.raises(CheckpointError, match="already holds a checkpoint: pass --resume"):
         run(cfg)
-    with pytest.raises(CheckpointError, match=r"does not match in model: checkpoint 'resnet-small', now 'wrn16-4'"):
+    with pytest.raises(CheckpointError, match=r"does not match in model: saved 'resnet-small', now 'wrn16-4'"):
         run(cfg.replace(resume=True, model="wrn16-4"))
     peak = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["peak"]
     again = run(cfg.replace(resume=True, progress=True, workers=2))  # allowed changes; nothing left to train
     assert len(again["history"]) == 1 and again["peak_memory_mib"] >= peak > 0  # the training process's peak counts
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     torch.save({**ckpt, "device_type": "cuda"}, tmp_path / "run" / "checkpoint.pt")
-    with pytest.raises(CheckpointError, match="does not match in device type: checkpoint 'cuda', now 'cpu'"):
+    with pytest.raises(CheckpointError, match="does not match in device type: saved 'cuda', now 'cpu'"):
         run(cfg.replace(resume=True))
     (tmp_path / "run" / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match=r"cannot be read .*corrupt or not a samopt checkpoint"):
@@ -552,7 +552,7 @@ def test_compare_runs_tables_plots_and_skips_finished_runs(tmp_path):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "plots: " in r.stdout and str(out / "accuracy.png") in r.stdout
     r = samopt_cli("compare", "--optimizers", "sgd", "--seeds", "1", *flags, "--lr", "0.5")
-    assert r.returncode == 2 and "holds a finished run with other settings (lr: checkpoint 0.05, now 0.5)" in r.stderr
+    assert r.returncode == 2 and "holds a finished run with other settings (lr: saved 0.05, now 0.5)" in r.stderr
     r = samopt_cli("compare", "--optimizers", "sam,sam", *flags)
     assert r.returncode == 2 and "--optimizers names ['sam'] more than once" in r.stderr
     r = samopt_cli("compare", "--optimizers", "sgd,sam", *flags, "--epochs", "0")
@@ -575,7 +575,7 @@ def test_a_setting_missing_from_an_older_checkpoint_counts_as_its_default():
     cfg = TrainConfig()
     saved = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "sync"}  # written before --sync existed
     assert config.config_differences(saved, cfg) == []
-    assert config.config_differences(saved, cfg.replace(sync="local")) == ["sync: checkpoint 'global', now 'local'"]
+    assert config.config_differences(saved, cfg.replace(sync="local")) == ["sync: saved 'global', now 'local'"]
 
 
 def test_a_run_records_the_rho_it_uses_and_a_changed_default_is_a_difference():
@@ -587,11 +587,11 @@ def test_a_run_records_the_rho_it_uses_and_a_changed_default_is_a_difference():
     assert config.config_differences(saved, glue_sam) == []
     assert config.config_differences(saved, glue_sam.replace(rho=0.005)) == []  # the default, given: the same run
     older = saved | {"rho": 0.01}  # a run at an older samopt's default, resumed after the default changed
-    assert config.config_differences(older, glue_sam) == ["rho: checkpoint 0.01, now 0.005"]
+    assert config.config_differences(older, glue_sam) == ["rho: saved 0.01, now 0.005"]
     assert config.config_differences(older, glue_sam.replace(rho=0.01)) == []  # giving the old value resumes it
     unknown = dataclasses.asdict(glue_sam)  # written before the rho was recorded: counts as today's default
     assert unknown["rho"] is None and config.config_differences(unknown, glue_sam) == []
-    assert config.config_differences(unknown, glue_sam.replace(rho=0.01)) == ["rho: checkpoint None, now 0.01"]
+    assert config.config_differences(unknown, glue_sam.replace(rho=0.01)) == ["rho: saved None, now 0.01"]
 
 
 def test_compare_under_torchrun_is_refused_with_the_way_out(monkeypatch, capsys):

@@ -409,7 +409,7 @@ def config_differences(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
     if saved.get("rho") is None and cfg.rho is None:
         now["rho"] = None
     return [
-        f"{k}: checkpoint {saved.get(k, defaults.get(k))!r}, now {v!r}"
+        f"{k}: saved {saved.get(k, defaults.get(k))!r}, now {v!r}"
         for k, v in now.items()
         if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != v
     ]

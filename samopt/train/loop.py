@@ -350,7 +350,7 @@ def load_checkpoint(path: Path, cfg: RunConfig, device: torch.device) -> dict[st
         )
     diff = config_differences(ckpt["config"], cfg)
     if ckpt["device_type"] != device.type:
-        diff.append(f"device type: checkpoint {ckpt['device_type']!r}, now {device.type!r}")
+        diff.append(f"device type: saved {ckpt['device_type']!r}, now {device.type!r}")
     if diff:
         raise CheckpointError(
             f"checkpoint {path} was written by a different run; it does not match in "
