@@ -58,7 +58,7 @@ def paired(group: list[dict[str, Any]], ref: list[dict[str, Any]]) -> str:
     mean ± std of the per-seed differences in points, then the differences."""
     base = {r["config"]["seed"]: r["final_score"] for r in ref}
     diffs = [100 * (r["final_score"] - base[r["config"]["seed"]]) for r in group if r["config"]["seed"] in base]
-    return f"{mean_std(diffs, 1)} ({', '.join(f'{d:+.2f}' for d in diffs)})" if diffs else ""
+    return f"{mean_std(diffs, 1, '+.2f', '.2f')} ({', '.join(f'{d:+.2f}' for d in diffs)})" if diffs else ""
 
 
 def grid(task: str, cells: dict[str, dict[str, list[dict[str, Any]]]]) -> list[str]:
