@@ -225,8 +225,8 @@ class OptimizerSpec:
     build: Callable[[_Build], torch.optim.Optimizer]
     #: ``rho`` when ``--rho`` is not given; ``None`` for optimizers outside the SAM family.
     rho: float | None = None
-    #: ``rho`` of GLUE fine-tuning when ``--rho`` is not given; ``None`` in the SAM family: none is measured, so a
-    #: GLUE run must give ``--rho``.
+    #: ``rho`` of GLUE fine-tuning when ``--rho`` is not given; ``None`` outside the SAM family and for MSAM, whose
+    #: rho is on another scale and has no measured GLUE value, so a GLUE run of it must give ``--rho``.
     glue_rho: float | None = None
     #: Whether it needs SSAM-F's Fisher data stream.
     fisher: bool = False
