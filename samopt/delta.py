@@ -186,6 +186,12 @@ class DeltaWeights(AroundAscent):
         )
 
 
+_STEP_ONLY = (
+    "DeltaSAM builds its ascent gradient from per-example losses, which only step(closure) computes; "
+    "drive it with opt.step(closure) (the closure returns the per-example losses without backward)"
+)
+
+
 class DeltaSAM(SAM):
     """δ-SAM: the ascent gradient is that of ``sum_i lambda_i l_i``, weights from per-example norm estimates.
 
@@ -465,7 +471,7 @@ class DeltaSAM(SAM):
                 self.last_scores, self.last_weights = scores, lam
                 objective = (lam.to(losses.dtype) * losses).sum()
             self._backward(objective, scaler)
-        with self.perturbed(scaler=scaler) as ascending:
+        with SAM.perturbed(self, scaler=scaler) as ascending:  # the engine's; DeltaSAM's own refuses users
             if ascending:
                 with torch.enable_grad():
                     perturbed, _ = self._losses(closure(), need_logits=False)
@@ -484,10 +490,12 @@ class DeltaSAM(SAM):
     def first_step(self, zero_grad: bool = True, scaler: torch.amp.GradScaler | None = None) -> bool:
         """Not for δ-SAM: its ascent gradient is that of the weighted per-example losses, which only
         :meth:`step` computes; through the two-phase API it would silently be plain SAM."""
-        raise TypeError(
-            "DeltaSAM builds its ascent gradient from per-example losses, which only step(closure) computes; "
-            "drive it with opt.step(closure) (the closure returns the per-example losses without backward)"
-        )
+        raise TypeError(_STEP_ONLY)
+
+    def perturbed(self, scaler: torch.amp.GradScaler | None = None, zero_grad: bool = False) -> Any:
+        """Not for δ-SAM, as :meth:`first_step`: the gradients a loop of one's own leaves in ``.grad`` are those
+        of the unweighted loss."""
+        raise TypeError(_STEP_ONLY)
 
 
 class _RNG:

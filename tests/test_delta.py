@@ -436,4 +436,11 @@ def test_the_two_phase_api_is_refused_because_it_would_be_plain_sam():
     with pytest.raises(TypeError, match=r"DeltaSAM builds its ascent gradient from per-example losses, which only "
                        r"step\(closure\) computes"):  # fmt: skip
         opt.first_step()
+    w = weights(model)
+    with (  # the context-manager form of the same two phases
+        pytest.raises(TypeError, match=r"DeltaSAM builds its ascent gradient from per-example losses"),
+        opt.perturbed(),
+    ):
+        pass
+    assert all(torch.equal(a, b) for a, b in zip(weights(model), w, strict=True))  # nothing moved or stepped
     assert opt.per_example and not samopt.SAM(model.parameters(), lr=0.1).per_example
