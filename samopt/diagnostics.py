@@ -93,7 +93,8 @@ class Eigenvalues:
 
 @dataclass(frozen=True)
 class Estimate:
-    """A Monte Carlo estimate: its mean, its standard error and the samples it averages."""
+    """A Monte Carlo estimate: its mean, its standard error, the samples it averages (for Hutch++ the Hutchinson
+    third's) and the Hessian-vector products it took."""
 
     value: float
     stderr: float
@@ -225,7 +226,7 @@ def hvp(
     ``benchmarks/sharpness_cost.py`` times them. ``scaled_dot_product_attention`` runs on
     its math backend meanwhile: its fused kernels have no second derivative.
     """
-    validation.choice("hvp_method", method, HVP_METHODS)
+    validation.choice("method", method, HVP_METHODS)
     out = [torch.zeros_like(p) for p in params]
     for batch in batches:
         hv: Sequence[Tensor | None]
@@ -464,7 +465,7 @@ def hessian_trace(
                 g = deflate(rademacher())
                 samples.append(_dot(g, deflate(h(g))))
     values = torch.tensor(samples, dtype=torch.float64)
-    return Estimate(exact + float(values.mean()), float(values.std() / math.sqrt(len(samples))), probes, probes)
+    return Estimate(exact + float(values.mean()), float(values.std() / math.sqrt(len(samples))), len(samples), probes)
 
 
 def _unflatten(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
