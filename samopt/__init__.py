@@ -5,11 +5,11 @@ restore, BatchNorm-safe second pass, fp16/bf16 mixed precision, gradient
 accumulation, clipping and bit-exact resume. The math lives in
 :mod:`samopt.functional`, the BatchNorm bookkeeping in :mod:`samopt.bn`.
 Sparse SAM's perturbation masks are in :mod:`samopt.masks` (``SAM(..., mask=)``),
-with :class:`SSAMF` and :class:`SSAMD` as ready-made configurations. δ-SAM
+with :func:`SSAMF` and :func:`SSAMD` as ready-made configurations. δ-SAM
 (:class:`DeltaSAM`) reweights the examples of the batch in the ascent direction;
 :class:`PerInstanceSAM` is the per-instance / m-sharpness reference it approximates.
 :mod:`samopt.schedules` decides which steps ascend (periodic, random, adaptive, late
-phase); :class:`LookSAM` reuses SAM's extra direction between them; :attr:`SAM.work`
+phase); :func:`LookSAM` reuses SAM's extra direction between them; :attr:`SAM.work`
 counts the passes the updates cost. :class:`MSAM` perturbs along the momentum at the cost of
 the base optimizer. Published variants on the seams: :func:`GSAM`, :func:`FriendlySAM`,
 :func:`VaSSO` and :func:`WSAM`. :mod:`samopt.diagnostics` measures the curvature a run reached.

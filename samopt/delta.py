@@ -195,6 +195,9 @@ _STEP_ONLY = (
 class DeltaSAM(SAM):
     """δ-SAM: the ascent gradient is that of ``sum_i lambda_i l_i``, weights from per-example norm estimates.
 
+    Zhou, Liu, Zhang and Chen, Findings of EMNLP 2022, arXiv:2112.08772; the form of the
+    weights is derived in this module's docstring (the paper's public text does not fix it).
+
     The optimizer owns the backward passes: the closure runs the forward and
     returns the per-example losses, shape ``(batch,)``, without calling
     ``backward()`` (or ``(losses, logits)`` for the ``"logit"`` estimator). One

@@ -33,7 +33,7 @@ __all__ = ["FriendlyDirection", "FriendlySAM"]
 
 class FriendlyDirection(DirectionAscent):
     """Friendly-SAM's ascent: along ``g_t - sigma m_{t-1}``, ``m`` the EMA (factor ``lmbda`` in ``[0, 1)``) of the
-    raw clean gradients; ``sigma >= 0`` (0: SAM)."""
+    raw clean gradients; ``sigma >= 0`` (0: SAM). Li et al., CVPR 2024, arXiv:2403.12350."""
 
     def __init__(self, sigma: float = 1.0, lmbda: float = 0.9) -> None:
         super().__init__()
@@ -66,5 +66,11 @@ def FriendlySAM(
     **kwargs: Any,
 ) -> SAM:
     """Friendly-SAM: ``SAM(params, base_optimizer, rho, ascent=FriendlyDirection(sigma, lmbda), ...)``, with the
-    official class's defaults (``rho = 0.05``, ``sigma = 1``, ``lmbda = 0.9``)."""
+    official class's defaults (``rho = 0.05``, ``sigma = 1``, ``lmbda = 0.9``). Li et al., CVPR 2024,
+    arXiv:2403.12350; official code nblt/F-SAM.
+
+    Example::
+
+        opt = samopt.FriendlySAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+    """
     return SAM(params, base_optimizer, rho, ascent=FriendlyDirection(sigma, lmbda), **kwargs)

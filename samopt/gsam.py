@@ -49,6 +49,8 @@ EPS = 1e-12
 class SurrogateGap(Descent):
     """GSAM's descent: ``g_p - alpha g_perp``, ``g_perp`` the part of the clean gradient orthogonal to ``g_p``.
 
+    Zhuang et al., ICLR 2022, arXiv:2203.08065.
+
     Args:
         alpha: the weight of the orthogonal part (>= 0; 0: SAM's ``g_p``).
     """
@@ -82,7 +84,8 @@ class SurrogateGap(Descent):
 
 class RhoFollowsLR(AroundAscent):
     """``inner``'s ascent with each group's ``rho`` set from its learning rate before every perturbation:
-    ``rho_t = rho_min + (rho_max - rho_min)(lr_t - lr_min) / (lr_max - lr_min)`` (GSAM's schedule).
+    ``rho_t = rho_min + (rho_max - rho_min)(lr_t - lr_min) / (lr_max - lr_min)`` (GSAM's schedule: Zhuang et al.,
+    ICLR 2022, arXiv:2203.08065).
 
     ``rho_max`` and ``lr_max`` are each group's ``rho`` and ``lr`` when the optimizer is
     built (kept in the state dict); ``group["rho"]`` shows the current ``rho_t``.
@@ -171,6 +174,11 @@ def GSAM(
     ``rho`` is ``rho_max``; ``rho_min=None`` keeps ``rho`` constant (the official CIFAR
     example: ``rho_max = rho_min``). ``alpha = 0.2`` is the official PyTorch example's;
     the authors' ViT-B/32 ImageNet setting is ``rho`` 0.6 to 0.1 with ``alpha = 0.6``.
+    Zhuang et al., ICLR 2022, arXiv:2203.08065; official code juntang-zhuang/GSAM.
+
+    Example::
+
+        opt = samopt.GSAM(model.parameters(), torch.optim.SGD, rho=0.1, rho_min=0.01, alpha=0.2, lr=0.1)
     """
     ascent = None if rho_min is None else RhoFollowsLR(rho_min, lr_min, inner=kwargs.pop("ascent", None))
     return SAM(params, base_optimizer, rho, descent=SurrogateGap(alpha), ascent=ascent, **kwargs)

@@ -49,7 +49,8 @@ def reuse_orthogonal_reference(clean: Tensor, perturbed: Tensor) -> Tensor:
 
 class ReuseOrthogonal(Descent):
     """LookSAM's descent policy: SAM's ``g_p`` on an ascending step (caching ``g_v``), ``g + alpha ||g|| / ||g_v||
-    g_v`` on the others (the plain ``g`` before the first cache, or when ``g_v = 0``).
+    g_v`` on the others (the plain ``g`` before the first cache, or when ``g_v = 0``). Liu et al., CVPR 2022,
+    arXiv:2203.02714.
 
     The cache (one tensor per parameter, as much memory as the weights) is in
     :meth:`state_dict`, so a resumed run reuses what the uninterrupted one would.
@@ -125,7 +126,11 @@ def LookSAM(
     ``SAM(params, base_optimizer, rho, descent=ReuseOrthogonal(alpha), schedule=EveryK(k), ...)``;
     ``k`` defaults to 5 (the paper reports ``k >= 5``); give ``schedule=`` (for example
     :class:`~samopt.schedules.AdaptiveAscent`: AE-LookSAM) instead of ``k`` to choose the
-    refresh steps another way. ``k = 1`` is SAM.
+    refresh steps another way. ``k = 1`` is SAM. Liu et al., CVPR 2022, arXiv:2203.02714.
+
+    Example::
+
+        opt = samopt.LookSAM(model.parameters(), torch.optim.SGD, rho=0.1, k=5, alpha=0.7, lr=0.1)
     """
     if kwargs.get("schedule") is not None and k is not None:
         raise ValueError("give k or schedule=, not both: k makes the schedule EveryK(k)")

@@ -92,7 +92,7 @@ def keep_count(numel: int, sparsity: float, factor: float = 1.0) -> int:
 
     Example::
 
-        keep_count(10, 0.7)   # 3 (float arithmetic would give floor(2.9999999999999996) = 2)
+        keep_count(10, 0.8)   # 2 (float arithmetic would give floor(1.9999999999999996) = 1)
     """
     return math.floor(numel * (1 - Fraction(repr(float(sparsity)))) * Fraction(factor))
 

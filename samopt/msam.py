@@ -1,6 +1,6 @@
 """Momentum-SAM (Becker, Altrock and Risse, "Momentum-SAM: Sharpness Aware Minimization without Computational
-Overhead", arXiv:2401.12033; official code MarlonBecker/MSAM): SAM's perturbation along the momentum, at the
-cost of the base optimizer.
+Overhead", arXiv preprint 2024, arXiv:2401.12033; official code MarlonBecker/MSAM): SAM's perturbation along
+the momentum, at the cost of the base optimizer.
 
 The weights rest at the perturbed point ``w~ = w - rho v / ||v||`` between updates, with
 ``v`` the base optimizer's momentum (SGD's ``momentum_buffer``, Adam's and AdamW's first
@@ -59,7 +59,9 @@ class MSAM(torch.optim.Optimizer):
 
     Use it as any torch optimizer (``loss.backward(); opt.step()``, a GradScaler's
     ``scaler.step(opt)``, clipping before the step, LR schedulers on it); evaluate and
-    save inside :meth:`true_weights`. ``rho = 0`` is the base optimizer, bit for bit.
+    save inside :meth:`true_weights`. ``rho = 0`` is the base optimizer, bit for bit. Becker, Altrock and
+    Risse, arXiv preprint 2024, arXiv:2401.12033; official code MarlonBecker/MSAM. The module's docstring
+    shows a training loop.
 
     Args:
         params: parameters or groups.

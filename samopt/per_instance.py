@@ -41,6 +41,9 @@ IndexClosure = Callable[[Tensor | None], Tensor]
 class PerInstanceSAM(torch.optim.Optimizer):
     """SAM with one perturbation per micro-batch of ``m`` examples (``m = 1``: per-instance SAM).
 
+    Foret et al., ICLR 2021, arXiv:2010.01412, section 4.1; Andriushchenko & Flammarion, ICML 2022,
+    arXiv:2206.06232.
+
     The update gradient is ``sum_j (n_j / n) grad L_j(w + e_j)``, where ``L_j`` is the
     mean loss of micro-batch ``j`` (``n_j`` examples, consecutive in the batch) and
     ``e_j = rho * grad L_j(w) / ||grad L_j(w)||`` (ASAM with ``adaptive=True``). The

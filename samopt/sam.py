@@ -15,7 +15,7 @@ wires together the parts that do each job:
 
 The protocol is public: :meth:`SAM.step` drives it with a closure, and a training loop
 of one's own drives it with :meth:`SAM.perturbed` (or :meth:`SAM.first_step` and
-:meth:`SAM.second_step`); the README's "The engine" section is the user guide.
+:meth:`SAM.second_step`); the user guide is docs/methods/sam.md.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ Closure = Callable[..., Any]
 class NonFiniteGradientError(RuntimeError, FloatingPointError):
     """A non-finite gradient (or δ-SAM norm estimate) without a GradScaler to skip the step; the weights are at ``w``.
 
-    A ``RuntimeError`` (as before it had a name) and a ``FloatingPointError`` (so
+    A ``RuntimeError`` (so ``except RuntimeError`` handlers still catch it) and a ``FloatingPointError`` (so
     ``samopt train`` reports it as a diverged run, not a crash). :attr:`step` is the
     step it happened in (``opt.work.steps`` then), or ``None`` when it is the current one.
     """
@@ -355,7 +355,7 @@ class SAM(torch.optim.Optimizer):
     2022, arXiv:2210.05177, :mod:`samopt.masks`); any other ascent, descent or schedule
     policy from :mod:`samopt.seams`. BatchNorm statistics are those of the clean pass
     (``bn="first"``); fp16 overflows skip the update with a ``scaler``; the return to
-    ``w`` is exact. The README's "The engine" section describes every argument.
+    ``w`` is exact. docs/methods/sam.md describes every argument.
 
     Args:
         params: parameters or groups (a group may carry its own ``rho``, ``adaptive``, ``eta``).
@@ -372,7 +372,7 @@ class SAM(torch.optim.Optimizer):
         check: ``"deferred"`` (no read-back from the device in a step: a non-finite
             gradient without a GradScaler skips the update on the device and is raised
             by a later step or :meth:`check_finite`) or ``"eager"`` (read in the step,
-            raised at once, and an overflow skips the perturbed pass); see the README.
+            raised at once, and an overflow skips the perturbed pass); see docs/methods/sam.md.
         sync, ddp, average_grads, process_group: several ranks (:mod:`samopt.sync`).
         **base_kwargs: the base optimizer's arguments (``lr``, ``momentum``, ...). torch's
             SGD, Adam and AdamW (:data:`FUSABLE`) are built with ``fused=True`` over plain

@@ -11,7 +11,7 @@ step ascend on every rank if it does on any.
   ``interval``; its method card advises scaling ``rho`` with ``k``, e.g. ``rho=0.5``
   at ``k=10``).
 - :class:`RandomAscent`: with probability ``p_t``, constant or along a half cosine
-  (SS-SAM / RST, Zhao, Zhang and Hu, arXiv:2203.09962).
+  (SS-SAM / RST, Zhao, Zhang and Hu, arXiv preprint 2022, arXiv:2203.09962).
 - :class:`AdaptiveAscent`: when ``||g||^2`` is large against its running mean and
   spread (AE-SAM, Jiang, Yang, Zhang and Kwok, ICLR 2023, arXiv:2304.14647).
 - :class:`LatePhase`: the base optimizer until a step, SAM from then on (Zhou, Wang,
@@ -65,7 +65,7 @@ class EveryK(Schedule):
 
 
 class RandomAscent(Schedule):
-    """Ascend with probability ``p_t`` (SS-SAM / RST, Zhao, Zhang and Hu, arXiv:2203.09962).
+    """Ascend with probability ``p_t`` (SS-SAM / RST, Zhao, Zhang and Hu, arXiv preprint 2022, arXiv:2203.09962).
 
     ``p_t = p`` (constant), or with ``p_end`` a half cosine from ``p`` at step 0 to
     ``p_end`` at ``total_steps`` (held there after): ``p_t = p_end + (p - p_end) (1 +
@@ -118,8 +118,8 @@ class AdaptiveAscent(Schedule):
     with ``c_t`` linear from ``lambda1`` at step 0 to ``lambda2`` at ``total_steps``. If
     ``||g||^2`` were normal, ``c = -1`` would ascend on about 84% of the steps and
     ``c = 1`` on 16%, about half over a run with the defaults; the paper reports about
-    half its steps as SAM steps. [inferred] the default ``decay``, ``lambda1`` and
-    ``lambda2`` are ours: our brief records the rule, not the paper's values.
+    half its steps as SAM steps. [inferred] The defaults of ``decay``, ``lambda1`` and
+    ``lambda2`` are samopt's choice: the rule is the paper's, these values are not taken from it.
 
     A non-finite norm (an fp16 overflow, which the step then skips) leaves the statistics
     unchanged. Under ``sync="local"`` each rank keeps statistics of its own gradient.

@@ -42,7 +42,13 @@ def SSAMF(params: ParamsT, base_optimizer: type[torch.optim.Optimizer] = torch.o
     ``SAM(params, base_optimizer, mask=FisherMask(model, fisher_data, loss_fn, ...), ...)``:
     the :class:`~samopt.masks.FisherMask` keywords (``model``, ``fisher_data``,
     ``loss_fn``, ``sparsity``, ``num_samples``, ``update_interval``, ...) build the mask,
-    the rest (``rho``, ``adaptive``, ``bn``, ``lr``, ...) the optimizer.
+    the rest (``rho``, ``adaptive``, ``bn``, ``lr``, ...) the optimizer. Mi et al., NeurIPS 2022,
+    arXiv:2210.05177.
+
+    Example::
+
+        opt = samopt.SSAMF(model.parameters(), torch.optim.SGD, model=model, fisher_data=train_loader,
+                           loss_fn=F.cross_entropy, rho=0.1, sparsity=0.5, lr=0.05, momentum=0.9)
     """
     return _with_mask(FisherMask, params, base_optimizer, kwargs)
 
@@ -53,6 +59,10 @@ def SSAMD(params: ParamsT, base_optimizer: type[torch.optim.Optimizer] = torch.o
     ``SAM(params, base_optimizer, mask=DynamicSparseMask(..., total_steps=...), ...)``:
     the :class:`~samopt.masks.DynamicSparseMask` keywords (``sparsity``,
     ``total_steps``, ``drop_rate``, ``drop``, ``grow``, ``update_interval``, ...) build the
-    mask, the rest the optimizer.
+    mask, the rest the optimizer. Mi et al., NeurIPS 2022, arXiv:2210.05177.
+
+    Example::
+
+        opt = samopt.SSAMD(model.parameters(), torch.optim.SGD, rho=0.1, sparsity=0.5, total_steps=78000, lr=0.05)
     """
     return _with_mask(DynamicSparseMask, params, base_optimizer, kwargs)

@@ -30,6 +30,8 @@ __all__ = ["SubBatchAscent"]
 class SubBatchAscent(AroundAscent):
     """The ascent of ``inner`` (SAM's, or a mask's) from the gradient of the first ``1 / m`` of the batch.
 
+    Bahri, Mobahi and Tay, ACL 2022, arXiv:2110.08529.
+
     Only the closure can cut the batch: with :meth:`samopt.SAM.step` it must take the
     :class:`~samopt.seams.Pass` argument; with the two-phase API, run the clean pass on
     ``1 / m`` of the batch yourself. ``m = 1`` is ``inner``. The steps always ascend (a

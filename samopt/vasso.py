@@ -29,7 +29,10 @@ __all__ = ["EMADirection", "VaSSO"]
 
 
 class EMADirection(DirectionAscent):
-    """VaSSO's ascent: along ``d_t = (1 - theta) d_{t-1} + theta g_t`` (``d_1 = g_1``); ``theta`` in ``(0, 1]``."""
+    """VaSSO's ascent: along ``d_t = (1 - theta) d_{t-1} + theta g_t`` (``d_1 = g_1``); ``theta`` in ``(0, 1]``.
+
+    Li and Giannakis, NeurIPS 2023.
+    """
 
     def __init__(self, theta: float = 0.9) -> None:
         super().__init__()
@@ -60,5 +63,11 @@ def VaSSO(
     **kwargs: Any,
 ) -> SAM:
     """VaSSO: ``SAM(params, base_optimizer, rho, ascent=EMADirection(theta), ...)``; the defaults are the official
-    code's (``rho = 0.05``, ``theta = 0.9``; its CIFAR-100 script uses ``rho = 0.2``)."""
+    code's (``rho = 0.05``, ``theta = 0.9``; its CIFAR-100 script uses ``rho = 0.2``). Li and Giannakis,
+    NeurIPS 2023; official code BingcongLi/VaSSO.
+
+    Example::
+
+        opt = samopt.VaSSO(model.parameters(), torch.optim.SGD, rho=0.2, theta=0.9, lr=0.1, momentum=0.9)
+    """
     return SAM(params, base_optimizer, rho, ascent=EMADirection(theta), **kwargs)

@@ -36,6 +36,8 @@ __all__ = ["WSAM", "WeightedSharpness"]
 class WeightedSharpness(Descent):
     """WSAM's descent: the sharpness term ``g_p - g`` weighted by ``alpha = gamma / (1 - gamma)``.
 
+    Yue et al., KDD 2023.
+
     Args:
         gamma: the weight, in ``[0, 1)`` (0.9 in the official code; 0.5 coupled is SAM).
         decouple: step with ``g``, then move by ``-lr alpha (g_p - g)`` (True, the paper's); or step with
@@ -100,5 +102,11 @@ def WSAM(
     **kwargs: Any,
 ) -> SAM:
     """WSAM: ``SAM(params, base_optimizer, rho, descent=WeightedSharpness(gamma, decouple), ...)``, with the
-    official code's defaults (``rho = 0.05``, ``gamma = 0.9``, decoupled; its example script uses ``rho = 0.2``)."""
+    official code's defaults (``rho = 0.05``, ``gamma = 0.9``, decoupled; its example script uses ``rho = 0.2``).
+    Yue et al., KDD 2023; official code in dlrover (``atorch/atorch/optimizers/wsam.py``).
+
+    Example::
+
+        opt = samopt.WSAM(model.parameters(), torch.optim.SGD, rho=0.2, gamma=0.9, lr=0.1, momentum=0.9)
+    """
     return SAM(params, base_optimizer, rho, descent=WeightedSharpness(gamma, decouple), **kwargs)
