@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from samopt.train import cli, config, loop
+from samopt.train import cli, config, loop, vision
 from samopt.train.config import RECIPES, GlueConfig, TrainConfig, resolve
 from samopt.train.loop import CheckpointError, lr_factor, run
 from samopt.train.models import MODELS
@@ -195,12 +195,32 @@ def test_bf16_autocast_run_on_cpu_and_fp16_needs_cuda(tmp_path, monkeypatch):
         ({"warmup_epochs": 3}, "warmup_epochs must be at most epochs"),
         ({"milestones": [5, 2]}, "milestones must be increasing"),
         ({"lr": -1.0}, "lr must be a finite real number >= 0"),
+        # the optimizer's own checks, made by building it over a stand-in model before the data is loaded
+        ({"optimizer": "sam", "rho": -1.0}, "rho must be a finite real number >= 0, got -1.0"),
+        ({"optimizer": "ssam-f", "sparsity": 2.0}, r"sparsity must be a real number in \[0, 1\), got 2.0"),
+        ({"optimizer": "sam", "base": "lion"}, "unknown base optimizer 'lion'; choose a torch.optim class"),
+        ({"optimizer": "delta-sam", "num_probes": 0}, "num_probes must be an integer >= 1, got 0"),
     ],
 )
-def test_bad_settings_fail_before_any_work(tmp_path, bad, message):
+def test_bad_settings_fail_before_any_work(tmp_path, monkeypatch, bad, message):
+    def load(*_):
+        raise AssertionError("the data were loaded before the settings were checked")
+
+    monkeypatch.setattr(vision, "build_task", load)
     with pytest.raises(ValueError, match=message):
         run(tiny(tmp_path, **bad))
     assert not (tmp_path / "run").exists()
+
+
+def test_checking_the_optimizer_settings_leaves_the_random_state_alone(tmp_path, capsys):
+    state = torch.get_rng_state()
+    for name in ("sam-on", "ssam-d", "delta-sam", "msam"):
+        loop.validate(TrainConfig(optimizer=name))
+    assert torch.equal(torch.get_rng_state(), state)
+    out = tmp_path / "c"  # compare checks every run's settings before it starts the first
+    args = ["compare", "--optimizers", "sgd,sam", "--dataset", "synthetic", "--rho", "nan", "--out", str(out)]
+    assert cli.main(args) == 2
+    assert "rho must be a finite real number >= 0, got nan" in capsys.readouterr().err and not out.exists()
 
 
 @pytest.mark.parametrize(
@@ -768,8 +788,6 @@ def test_the_demo_recipe_runs_a_smoke_epoch_with_label_noise(tmp_path):
 
 
 def test_msam_runs_evaluate_and_save_the_true_weights(tmp_path, monkeypatch):
-    from samopt.train import vision
-
     optimizers, tasks, checks = [], [], []
     real_build, real_task = loop.build_optimizer, vision.build_task
 
@@ -784,7 +802,7 @@ def test_msam_runs_evaluate_and_save_the_true_weights(tmp_path, monkeypatch):
 
         def recording(model, amp):
             now = [p.detach().clone() for p in model.parameters()]
-            with optimizers[0].true_weights():  # w: a no-op if evaluate already runs inside true_weights()
+            with optimizers[-1].true_weights():  # w: a no-op if evaluate already runs inside true_weights()
                 checks.append(all(torch.equal(a, p) for a, p in zip(now, model.parameters(), strict=True)))
             return evaluate(model, amp)
 
@@ -795,8 +813,8 @@ def test_msam_runs_evaluate_and_save_the_true_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(vision, "build_task", build_task)
     summary = run(tiny(tmp_path, optimizer="msam", epochs=1))
     assert summary["passes_per_step"] == 1.0  # one forward/backward per step
-    assert checks == [True]
-    opt = optimizers[0]
+    assert checks == [True] and len(optimizers) == 2  # the stand-in validate() builds, then the run's
+    opt = optimizers[-1]
     assert opt._swap.moved  # the weights rest at w~ ...
     saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]
     with opt.true_weights():  # ... and the checkpoint holds w

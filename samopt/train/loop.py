@@ -110,7 +110,8 @@ class CheckpointError(RuntimeError):
 
 
 def validate(cfg: RunConfig) -> None:
-    """Check the shared settings that no library call checks, before any work is done."""
+    """Check the settings before any work is done: the shared ones that no library call checks, then the
+    optimizer's, by building it over a stand-in model (the global RNG is left as it was)."""
     kind = task_kind(cfg)
     if kind not in spec(cfg.optimizer).tasks:
         raise ValueError(f"optimizer {cfg.optimizer!r} does not run on {kind} tasks")
@@ -144,6 +145,9 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"warmup_epochs must be at most epochs ({cfg.epochs}), got {cfg.warmup_epochs}")
     if sorted(cfg.milestones) != list(cfg.milestones) or any(m < 1 for m in cfg.milestones):
         raise ValueError(f"milestones must be increasing epoch numbers >= 1, got {cfg.milestones}")
+    with torch.random.fork_rng(devices=[]):  # the optimizer's own checks (rho, --base, masks, ...) on a stand-in
+        stand_in = nn.Sequential(nn.Linear(1, 1), nn.LayerNorm(1))  # a normalisation layer for SAM-ON's mask
+        build_optimizer(cfg, stand_in, steps_per_epoch=1, fisher_data=(), kind=kind)
 
 
 def _validate_ascend(cfg: RunConfig) -> None:
