@@ -68,6 +68,7 @@ def test_bad_sharpness_requests_are_refused_naming_the_argument(tmp_path):
         ([run_dir, "--examples", "4096"], "--examples (4096) must be at most the run's training examples (256)"),
         ([run_dir, "--rho", "0"], "--rho must be a finite number > 0, got 0.0"),
         ([run_dir, "--steps", "0"], "--steps must be an integer >= 1, got 0"),
+        ([run_dir, "--measures", "none"], "--measures none with neither --landscape nor --interpolate"),
         (
             [run_dir, "--measures", "trace", "--trace-estimator", "hutch++", "--probes", "4"],
             "--probes must be a multiple of 3 and at least 6 with --trace-estimator hutch++, got 4",
@@ -117,6 +118,23 @@ def test_the_sharpness_settings_refuse_bad_values_by_flag_name():
         Settings(autocast="fp8")
     with pytest.raises(ValueError, match=r"unknown measure\(s\) \[\] in --measures"):
         Settings(measures=())
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--sharpness", "eigenvalue", "--sharpness-rho", "-1"], "--sharpness-rho must be a finite number > 0"),
+        (["--sharpness", "flatness"], "unknown measure(s) ['flatness'] in --sharpness; choose from"),
+        (
+            ["--sharpness", "m-sharpness", "--sharpness-m", "64", "--sharpness-examples", "32"],
+            "--sharpness-m (64) must be at most --sharpness-examples (32)",
+        ),
+    ],
+)
+def test_compare_names_a_bad_sharpness_setting_by_its_own_flag(tmp_path, capsys, flags, message):
+    out = tmp_path / "c"  # compare's --rho is the optimizer's: the message must not send the user there
+    assert cli.main(["compare", "--optimizers", "sgd", "--dataset", "synthetic", *flags, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
 
 
 def test_sharpness_draws_landscapes_and_the_line_to_another_run(tmp_path):

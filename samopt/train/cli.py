@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import difflib
 import os
+import re
 import sys
 import typing
 from collections.abc import Callable, Sequence
@@ -301,13 +302,26 @@ def sharpness_args(parser: argparse.ArgumentParser, prefix: str = "") -> None:
         )
 
 
-def settings_from(args: argparse.Namespace, measures: str) -> Settings:
-    """The :class:`Settings` of the flags :func:`sharpness_args` added, measuring ``measures`` (comma-separated)."""
+def settings_from(args: argparse.Namespace, measures: str, prefix: str = "") -> Settings:
+    """The :class:`Settings` of the flags :func:`sharpness_args` added with ``prefix``, measuring ``measures``
+    (comma-separated); a refused setting is named by its flag as the command spells it (``--sharpness-rho`` under
+    compare, whose ``--sharpness`` gives the measures)."""
     values = {k.removeprefix("sharpness_"): v for k, v in vars(args).items() if k.startswith("sharpness_")}
-    return Settings(measures=tuple(measures.split(",")), **values)
+    try:
+        return Settings(measures=tuple(measures.split(",")), **values)
+    except ValueError as e:
+        if not prefix:
+            raise
+
+        def flag(m: re.Match[str]) -> str:
+            return "--" + (prefix.rstrip("-") if m[1] == "measures" else prefix + m[1])
+
+        raise ValueError(re.sub(r"--([a-z][a-z-]*)", flag, str(e))) from None
 
 
 def _sharpness(args: argparse.Namespace) -> None:
+    if args.measures == "none" and args.landscape is None and args.interpolate is None:
+        raise ValueError("--measures none with neither --landscape nor --interpolate: there is nothing to do")
     measures = "eigenvalue" if args.measures == "none" else args.measures  # the settings still need checking
     settings = dataclasses.replace(settings_from(args, measures), progress=not args.no_progress)
     for run_dir in map(Path, args.run_dirs):
@@ -457,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
         else:
             command = "glue" if kind is GlueConfig else "train"
-            sharpness = None if args.sharpness is None else settings_from(args, args.sharpness)
+            sharpness = None if args.sharpness is None else settings_from(args, args.sharpness, "sharpness-")
             compare(recipe, _explicit(args, kind), args.optimizers.split(","), args.seeds, command, sharpness)
     except (ValueError, CheckpointError, DirectoryInUseError, ImportError, OSError, FloatingPointError) as e:
         print(f"samopt {args.command}: error: {e}", file=sys.stderr)
