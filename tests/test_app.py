@@ -498,6 +498,13 @@ def test_cli_errors_name_the_valid_choices(tmp_path):
          "both)"),
         ("glue-compare --task mrcp", "samopt glue-compare: error: argument --task: invalid choice: 'mrcp' (choose "
          "from cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte); did you mean 'mrpc'?"),
+        ("glue --recipe fmnist-demo", "samopt glue: error: unrecognized arguments: --recipe fmnist-demo (recipes are "
+         "the image presets of `samopt train` and `compare`; `samopt glue` starts from the BERT fine-tuning "
+         "defaults)"),
+        ("train --milestones 60,x", "samopt train: error: argument --milestones: expected comma-separated integers "
+         "(60,120,160), got '60,x'"),
+        ("compare --max-grad-norm big", "samopt compare: error: argument --max-grad-norm: expected float or none, "
+         "got 'big'"),
     ],
 )  # fmt: skip
 def test_cli_errors_are_two_lines_with_the_values_and_a_suggestion(capsys, argv, first_line):

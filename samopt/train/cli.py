@@ -62,10 +62,14 @@ _IMAGE_CHOICES = {
 _NO_FLAG: dict[type[RunConfig], dict[str, str]] = {GlueConfig: {"bn": "GLUE's transformers have no BatchNorm"}}
 #: Settings of other kinds of run that a kind refuses, and why (label noise is for the image data sets only).
 _NOT_HERE: dict[type[RunConfig], dict[str, str]] = {
-    GlueConfig: dict.fromkeys(
-        ("label_noise", "label_noise_mode", "label_noise_seed"),
-        "label noise is for the image data sets of `samopt train` and `compare`; GLUE tasks take none",
-    )
+    GlueConfig: {
+        **dict.fromkeys(
+            ("label_noise", "label_noise_mode", "label_noise_seed"),
+            "label noise is for the image data sets of `samopt train` and `compare`; GLUE tasks take none",
+        ),
+        "recipe": "recipes are the image presets of `samopt train` and `compare`; `samopt glue` starts from the "
+        "BERT fine-tuning defaults",
+    }
 }
 _GLUE_CHOICES = {"task": tuple(TASKS)}
 _GLUE_HELP = {
@@ -130,14 +134,19 @@ _HELP = {
 
 def _none_or(kind: type) -> Any:
     def parse(text: str) -> Any:
-        return None if text.lower() == "none" else kind(text)
+        try:
+            return None if text.lower() == "none" else kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__} or none, got {text!r}") from None
 
-    parse.__name__ = kind.__name__
     return parse
 
 
 def _int_list(text: str) -> list[int]:
-    return [int(t) for t in text.split(",") if t.strip()]
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers (60,120,160), got {text!r}") from None
 
 
 def _did_you_mean(word: str, names: Sequence[str]) -> str:
