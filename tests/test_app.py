@@ -760,6 +760,13 @@ def test_a_run_prints_its_plan_and_after_a_few_steps_its_time(tmp_path, capsys, 
     ]
 
 
+def test_the_plan_counts_one_epoch_and_one_step_in_the_singular(tmp_path):
+    line = loop.plan(tiny(tmp_path).replace(epochs=1), 1, torch.device("cpu"))
+    assert line.startswith("plan: synthetic, resnet-small, sgd: 1 epoch x 1 step of batch 64 = 1 step on cpu; ")
+    line = loop.plan(tiny(tmp_path).replace(epochs=1000), 20, torch.device("cpu"))
+    assert ": 1,000 epochs x 20 steps of batch 64 = 20,000 steps on cpu; " in line
+
+
 def test_a_noisy_compare_reports_the_memorisation_of_each_run(tmp_path):
     out = tmp_path / "cmp"
     flags = config.to_flags({**TINY, "epochs": 1, "out": str(out), "label_noise": 0.25})

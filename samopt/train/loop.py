@@ -626,9 +626,13 @@ def plan(cfg: RunConfig, steps_per_epoch: int, device: torch.device, resumed: in
     rho = run_rho(cfg, task_kind(cfg))
     optimizer = cfg.optimizer if rho is None else f"{cfg.optimizer} at rho {rho:g}"
     steps = cfg.epochs * steps_per_epoch
+
+    def count(n: int, noun: str) -> str:
+        return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
     line = (
-        f"plan: {what}, {cfg.model}, {optimizer}: {cfg.epochs} epochs x {steps_per_epoch} steps of batch "  # type: ignore[attr-defined]
-        f"{cfg.batch_size} = {steps:,} steps on {device}; results in {cfg.out or cfg.default_out()}"
+        f"plan: {what}, {cfg.model}, {optimizer}: {count(cfg.epochs, 'epoch')} x {count(steps_per_epoch, 'step')} "  # type: ignore[attr-defined]
+        f"of batch {cfg.batch_size} = {count(steps, 'step')} on {device}; results in {cfg.out or cfg.default_out()}"
     )
     if resumed is not None:
         return line + f" (resumed: {resumed:,} of {steps:,} steps left)"
