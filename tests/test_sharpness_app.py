@@ -129,6 +129,11 @@ def test_the_sharpness_settings_refuse_bad_values_by_flag_name():
             ["--sharpness", "m-sharpness", "--sharpness-m", "64", "--sharpness-examples", "32"],
             "--sharpness-m (64) must be at most --sharpness-examples (32)",
         ),
+        (
+            ["--sharpness-rho", "0.1", "--sharpness-m", "64"],
+            "--sharpness-rho, --sharpness-m set how sharpness is measured, but nothing is measured without "
+            "--sharpness MEASURES",
+        ),
     ],
 )
 def test_compare_names_a_bad_sharpness_setting_by_its_own_flag(tmp_path, capsys, flags, message):

@@ -305,7 +305,7 @@ def sharpness_args(parser: argparse.ArgumentParser, prefix: str = "") -> None:
             dest="sharpness_" + f.name,
             type=kind,
             choices=choices,
-            default=f.default,
+            default=argparse.SUPPRESS,  # Settings' own default; compare must see which were given
             metavar=metavar,
             help=f"{_SHARPNESS_HELP[f.name]} (default {f.default})",
         )
@@ -480,6 +480,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
         else:
             command = "glue" if kind is GlueConfig else "train"
+            given = [k.removeprefix("sharpness_").replace("_", "-") for k in vars(args) if k.startswith("sharpness_")]
+            if args.sharpness is None and given:
+                raise ValueError(
+                    f"{', '.join('--sharpness-' + g for g in given)} set how sharpness is measured, but nothing is "
+                    "measured without --sharpness MEASURES (e.g. --sharpness eigenvalue,trace)"
+                )
             sharpness = None if args.sharpness is None else settings_from(args, args.sharpness, "sharpness-")
             compare(recipe, _explicit(args, kind), args.optimizers.split(","), args.seeds, command, sharpness)
     except (ValueError, CheckpointError, DirectoryInUseError, ImportError, OSError, FloatingPointError) as e:
