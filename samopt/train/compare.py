@@ -162,14 +162,14 @@ def reading(results: dict[str, list[dict[str, Any]]]) -> str:
     ]
     if seeds > 1:
         spread = max(statistics.stdev([r["final_score"] for r in runs]) for runs in results.values())
-        gap = means[top] - means[ref_name]
-        verdict = "more than" if gap > 2 * spread else "not more than"
-        compared = (
-            f"The highest final {score} is {top}'s, {100 * gap:+.2f} points from {ref_name}'s: {verdict} twice the "
-            f"largest seed spread ({100 * spread:.2f} points)."
-            if len(results) > 1
-            else f"One optimizer, so nothing is compared; its seed spread is {100 * spread:.2f} points."
-        )
+        compared = f"One optimizer, so nothing is compared; its seed spread is {100 * spread:.2f} points."
+        if len(results) > 1:
+            gap = means[top] - means[ref_name]
+            verdict = "more than" if gap > 2 * spread else "not more than"
+            compared = (
+                f"The highest final {score} is {top}'s, {100 * gap:+.2f} points from {ref_name}'s: {verdict} twice "
+                f"the largest seed spread ({100 * spread:.2f} points)."
+            )
         text.append(f"Each figure is the mean ± standard deviation over {seeds} seeds. {compared}")
     elif len(results) == 1:
         text.append("One seed and one optimizer: nothing is compared and no spread is measured; --seeds 3 measures it.")
