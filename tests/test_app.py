@@ -224,6 +224,39 @@ def test_checking_the_optimizer_settings_leaves_the_random_state_alone(tmp_path,
 
 
 @pytest.mark.parametrize(
+    "argv, line",
+    [
+        ("train --dataset synthetic --batch-size 0",
+         "samopt train: error: --batch-size must be an integer >= 1, got 0"),
+        ("train --dataset synthetic --optimizer delta-sam --num-probes 0",
+         "samopt train: error: --num-probes must be an integer >= 1, got 0"),
+        ("train --dataset synthetic --optimizer ssam-f --sparsity 1.5",
+         "samopt train: error: --sparsity must be a real number in [0, 1), got 1.5"),
+        ("train --dataset synthetic --cutout -1",
+         "samopt train: error: --cutout and --crop-padding must be >= 0, got -1"),
+        ("compare --dataset synthetic --optimizers sgd,sam --label-smoothing 2",
+         "samopt compare: error: --label-smoothing must be a real number in [0, 1], got 2.0"),
+    ],
+)  # fmt: skip
+def test_the_command_line_names_a_refused_setting_by_its_flag(tmp_path, capsys, argv, line):
+    assert cli.main([*argv.split(), "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.startswith(line) and not (tmp_path / "run").exists()
+
+
+def test_as_flags_renames_only_the_settings_named_as_fields():
+    message = (
+        "num_probes must be >= 1; checkpoint /tmp/batch_size/c.pt holds batch_size 64 and lr 0.1 (fisher_labels "
+        "'batch_size', label_smoothing=0.1); --label-noise applies; model 'x'; seeds_per_run 2"
+    )
+    assert cli.as_flags(message, GlueConfig) == (
+        "--num-probes must be >= 1; checkpoint /tmp/batch_size/c.pt holds --batch-size 64 and lr 0.1 (--fisher-labels "
+        "'batch_size', --label-smoothing=0.1); --label-noise applies; model 'x'; seeds_per_run 2"
+    )
+    assert cli.as_flags("rho must be >= 0", TrainConfig) == "--rho must be >= 0"
+    assert cli.as_flags("rhos must be >= 0", TrainConfig) == "rhos must be >= 0"  # not a setting
+
+
+@pytest.mark.parametrize(
     "bad, message",
     [
         ({"label_smoothing": 1.5}, r"label_smoothing must be a real number in \[0, 1\], got 1.5"),

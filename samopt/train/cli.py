@@ -446,6 +446,21 @@ def build_parser() -> Parser:
     return parser
 
 
+def as_flags(message: str, kind: type[RunConfig]) -> str:
+    """``message`` with the settings it names as fields of ``kind`` (``batch_size``, the name a config or a Python
+    caller uses) named by their flags (``--batch-size``), as the command line's user types them.
+
+    A name in quotes (a value, such as ``'last_scores'``), in a path or already a flag is left as it is; a name
+    without an underscore is a flag only where it opens the message (``rho must be ...``), not in prose."""
+    fields = {f.name for f in dataclasses.fields(kind)}
+
+    def flag(m: re.Match[str]) -> str:
+        return "--" + m[0].replace("_", "-") if m[0] in fields else m[0]
+
+    message = re.sub(r"(?<![-\w.'\"/])[a-z][a-z0-9]*(?:_[a-z0-9]+)+(?![-\w'\"/])", flag, message)
+    return re.sub(r"^[a-z][a-z0-9]*(?= must | and )", flag, message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     if args.command in ("recipes", "optimizers"):
@@ -489,7 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sharpness = None if args.sharpness is None else settings_from(args, args.sharpness, "sharpness-")
             compare(recipe, _explicit(args, kind), args.optimizers.split(","), args.seeds, command, sharpness)
     except (ValueError, CheckpointError, DirectoryInUseError, ImportError, OSError, FloatingPointError) as e:
-        print(f"samopt {args.command}: error: {e}", file=sys.stderr)
+        print(f"samopt {args.command}: error: {as_flags(str(e), kind)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C (or one before training started): stop at once, quietly
         again = "run the same command again" if args.command.endswith("compare") else "add --resume"
