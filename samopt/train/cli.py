@@ -30,7 +30,7 @@ from samopt.masks import DROP_SCORES, FISHER_LABELS, GRANULARITIES, GROW_SCORES
 from samopt.sam import BN_MODES, SYNC_MODES
 from samopt.train import data as datasets
 from samopt.train.compare import compare
-from samopt.train.config import RECIPES, GlueConfig, RunConfig, TrainConfig, resolve, to_flags
+from samopt.train.config import RECIPES, GlueConfig, RunConfig, TrainConfig, flag, resolve, to_flags
 from samopt.train.glue import TASKS
 from samopt.train.lock import DirectoryInUseError
 from samopt.train.loop import EXIT_INTERRUPTED, SCHEDULES, CheckpointError, dry_run, run
@@ -204,13 +204,11 @@ def config_args(parser: argparse.ArgumentParser, kind: type[RunConfig] = TrainCo
     helps = {**_HELP, **(_GLUE_HELP if glue else {})}
     hidden = {**_NO_FLAG.get(kind, {}), **({"optimizer": "this command runs several: --optimizers"} if several else {})}
     if isinstance(parser, Parser):
-        parser.absent.update(
-            {"--" + k.replace("_", "-"): why for k, why in {**hidden, **_NOT_HERE.get(kind, {})}.items()}
-        )
+        parser.absent.update({flag(k): why for k, why in {**hidden, **_NOT_HERE.get(kind, {})}.items()})
     for f in dataclasses.fields(kind):
         if f.name in hidden:
             continue
-        flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
+        hint = hints[f.name]
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": helps.get(f.name)}
         args = typing.get_args(hint)
         if hint is bool or (bool in args):
@@ -229,7 +227,7 @@ def config_args(parser: argparse.ArgumentParser, kind: type[RunConfig] = TrainCo
             kw["help"] = f"default {_shown(default)}"
         elif "default" not in kw["help"]:
             kw["help"] += f" (default {_shown(default)})"
-        group.add_argument(flag, **kw)
+        group.add_argument(flag(f.name), **kw)
 
 
 def _explicit(ns: argparse.Namespace, kind: type[RunConfig] = TrainConfig) -> dict[str, Any]:
@@ -298,10 +296,9 @@ def sharpness_args(parser: argparse.ArgumentParser, prefix: str = "") -> None:
             "autocast": ("none", "bf16"),
             "trace_estimator": ("hutchinson", "hutch++"),
         }.get(f.name)
-        flag = "--" + prefix + f.name.replace("_", "-")
         metavar = None if choices else f.name.upper()
         group.add_argument(
-            flag,
+            "--" + prefix + f.name.replace("_", "-"),
             dest="sharpness_" + f.name,
             type=kind,
             choices=choices,
@@ -322,10 +319,10 @@ def settings_from(args: argparse.Namespace, measures: str, prefix: str = "") -> 
         if not prefix:
             raise
 
-        def flag(m: re.Match[str]) -> str:
+        def prefixed(m: re.Match[str]) -> str:
             return "--" + (prefix.rstrip("-") if m[1] == "measures" else prefix + m[1])
 
-        raise ValueError(re.sub(r"--([a-z][a-z-]*)", flag, str(e))) from None
+        raise ValueError(re.sub(r"--([a-z][a-z-]*)", prefixed, str(e))) from None
 
 
 def _sharpness(args: argparse.Namespace) -> None:
@@ -454,11 +451,11 @@ def as_flags(message: str, kind: type[RunConfig]) -> str:
     without an underscore is a flag only where it opens the message (``rho must be ...``), not in prose."""
     fields = {f.name for f in dataclasses.fields(kind)}
 
-    def flag(m: re.Match[str]) -> str:
-        return "--" + m[0].replace("_", "-") if m[0] in fields else m[0]
+    def renamed(m: re.Match[str]) -> str:
+        return flag(m[0]) if m[0] in fields else m[0]
 
-    message = re.sub(r"(?<![-\w.'\"/])[a-z][a-z0-9]*(?:_[a-z0-9]+)+(?![-\w'\"/])", flag, message)
-    return re.sub(r"^[a-z][a-z0-9]*(?= must | and )", flag, message)
+    message = re.sub(r"(?<![-\w.'\"/])[a-z][a-z0-9]*(?:_[a-z0-9]+)+(?![-\w'\"/])", renamed, message)
+    return re.sub(r"^[a-z][a-z0-9]*(?= must | and )", renamed, message)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,6 +31,7 @@ __all__ = [
     "RunConfig",
     "TrainConfig",
     "config_differences",
+    "flag",
     "resolve",
     "saved_config",
     "task_kind",
@@ -415,15 +416,19 @@ def config_differences(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
     ]
 
 
+def flag(name: str) -> str:
+    """The command-line flag of the setting ``name``: ``flag("batch_size") == "--batch-size"``."""
+    return "--" + name.replace("_", "-")
+
+
 def to_flags(settings: dict[str, Any]) -> list[str]:
     """Command-line flags that reproduce ``settings`` (the inverse of the command line's parsing)."""
     flags = []
     for k, v in settings.items():
-        flag = "--" + k.replace("_", "-")
         if isinstance(v, bool):
-            flags.append(flag if v else "--no-" + k.replace("_", "-"))
+            flags.append(flag(k) if v else flag("no_" + k))
         elif isinstance(v, list):
-            flags += [flag, ",".join(map(str, v))]
+            flags += [flag(k), ",".join(map(str, v))]
         else:
-            flags += [flag, "none" if v is None else str(v)]
+            flags += [flag(k), "none" if v is None else str(v)]
     return flags

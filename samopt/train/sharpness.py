@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from samopt import diagnostics
 from samopt.train import glue, vision
-from samopt.train.config import GlueConfig, RunConfig, TrainConfig
+from samopt.train.config import GlueConfig, RunConfig, TrainConfig, flag
 from samopt.train.loop import CHECKPOINT_FORMAT, device_named, progress_bar
 from samopt.train.task import Task
 
@@ -98,7 +98,7 @@ class Settings:
         for name in ("examples", "m", "top_k", "max_iter", "probes", "steps", "samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+                raise ValueError(f"{flag(name)} must be an integer >= 1, got {value!r}")
         for name in ("tol", "rho", "sigma"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):

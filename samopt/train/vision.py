@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from samopt import validation
 from samopt.train import data as datasets
-from samopt.train.config import TrainConfig
+from samopt.train.config import TrainConfig, flag
 from samopt.train.loader import FolderLoader, TensorLoader, fixed_subset
 from samopt.train.models import MODELS, build
 from samopt.train.optimizers import Amp, spec
@@ -38,11 +38,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.cutout < 0 or (cfg.crop_padding is not None and cfg.crop_padding < 0):
         raise ValueError(f"cutout and crop_padding must be >= 0, got {cfg.cutout} and {cfg.crop_padding}")
     if cfg.dataset == "imagenet":
-        unused = [
-            f"--{k.replace('_', '-')}"
-            for k in ("train_subset", "test_subset", "crop_padding")
-            if getattr(cfg, k) is not None
-        ]
+        unused = [flag(k) for k in ("train_subset", "test_subset", "crop_padding") if getattr(cfg, k) is not None]
         unused += ["--cutout"] if cfg.cutout else []
         if unused:
             raise ValueError(
