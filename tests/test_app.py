@@ -236,6 +236,8 @@ def test_checking_the_optimizer_settings_leaves_the_random_state_alone(tmp_path,
          "samopt train: error: --cutout and --crop-padding must be >= 0, got -1"),
         ("compare --dataset synthetic --optimizers sgd,sam --label-smoothing 2",
          "samopt compare: error: --label-smoothing must be a real number in [0, 1], got 2.0"),
+        ("train --dataset synthetic --max-grad-norm -1",
+         "samopt train: error: --max-grad-norm must be none or a finite real number > 0, got -1.0"),
     ],
 )  # fmt: skip
 def test_the_command_line_names_a_refused_setting_by_its_flag(tmp_path, capsys, argv, line):
@@ -254,6 +256,8 @@ def test_as_flags_renames_only_the_settings_named_as_fields():
     )
     assert cli.as_flags("rho must be >= 0", TrainConfig) == "--rho must be >= 0"
     assert cli.as_flags("rhos must be >= 0", TrainConfig) == "rhos must be >= 0"  # not a setting
+    none = "max_grad_norm must be None or a real number > 0, got None"  # the command line's word for None
+    assert cli.as_flags(none, TrainConfig) == "--max-grad-norm must be none or a real number > 0, got None"
 
 
 @pytest.mark.parametrize(

@@ -448,12 +448,14 @@ def as_flags(message: str, kind: type[RunConfig]) -> str:
     caller uses) named by their flags (``--batch-size``), as the command line's user types them.
 
     A name in quotes (a value, such as ``'last_scores'``), in a path or already a flag is left as it is; a name
-    without an underscore is a flag only where it opens the message (``rho must be ...``), not in prose."""
+    without an underscore is a flag only where it opens the message (``rho must be ...``), not in prose. The
+    allowed ``None`` becomes ``none``, the word the command line takes for it (``--max-grad-norm none``)."""
     fields = {f.name for f in dataclasses.fields(kind)}
 
     def renamed(m: re.Match[str]) -> str:
         return flag(m[0]) if m[0] in fields else m[0]
 
+    message = message.replace(" must be None or ", " must be none or ")
     message = re.sub(r"(?<![-\w.'\"/])[a-z][a-z0-9]*(?:_[a-z0-9]+)+(?![-\w'\"/])", renamed, message)
     return re.sub(r"^[a-z][a-z0-9]*(?= must | and )", renamed, message)
 
